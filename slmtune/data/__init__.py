@@ -1,0 +1,57 @@
+"""Training data: read and validate JSONL, tokenize with the model's template, pack into rows."""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass
+
+from slmtune.data.formats import DataError, Record, read_records
+from slmtune.data.tokenize import Example, encode
+
+
+@dataclass
+class Datasets:
+    format: str
+    train: list[Example]
+    validation: list[Example]
+    train_records: list[Record]
+
+
+def tokenize_records(fmt: str, records: list[Record], tokenizer, max_length: int, system_prompt: str | None,
+                     source: str) -> list[Example]:
+    examples, empty = [], []
+    for record in records:
+        example = encode(fmt, record.data, tokenizer, max_length, system_prompt)
+        if example.n_targets() == 0:
+            empty.append(record.line)
+        else:
+            examples.append(example)
+    if empty:
+        print(f"warning: {source}: {len(empty)} example(s) have no trainable tokens after truncation to "
+              f"{max_length} tokens and are skipped (lines {', '.join(map(str, empty[:10]))}"
+              f"{', ...' if len(empty) > 10 else ''})", file=sys.stderr)
+    if not examples:
+        raise DataError(f"{source}: no example has trainable tokens")
+    return examples
+
+
+def build_datasets(cfg, tokenizer, seed: int) -> Datasets:
+    """Read, validate and tokenize the recipe's `data` section."""
+    fmt, records = read_records(cfg.train, cfg.format)
+    val_records: list[Record] = []
+    if cfg.validation:
+        val_fmt, val_records = read_records(cfg.validation, cfg.format)
+        if val_fmt != fmt:
+            raise DataError(f"{cfg.validation}: validation data is {val_fmt} but training data is {fmt}")
+    elif cfg.validation_split:
+        shuffled = records[:]
+        random.Random(seed).shuffle(shuffled)
+        n_val = max(1, round(len(records) * cfg.validation_split))
+        if n_val >= len(records):
+            raise DataError(f"{cfg.train}: too few examples to hold out {cfg.validation_split:.0%} for validation")
+        val_records, records = shuffled[:n_val], sorted(shuffled[n_val:], key=lambda r: r.line)
+    train = tokenize_records(fmt, records, tokenizer, cfg.max_length, cfg.system_prompt, cfg.train)
+    validation = (tokenize_records(fmt, val_records, tokenizer, cfg.max_length, cfg.system_prompt,
+                                   cfg.validation or f"{cfg.train} (validation split)") if val_records else [])
+    return Datasets(fmt, train, validation, records)

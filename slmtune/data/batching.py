@@ -1,0 +1,96 @@
+"""Rows and micro-batches: packing short examples together, and collating rows into tensors.
+
+A packed row holds several examples back to back. Each keeps its own position ids (restarting
+at 0) and attends only to itself through an explicit 4D block-diagonal causal mask: sdpa and
+eager attention honour such a mask, while position ids alone would let attention leak across
+examples. Unpacked rows use an ordinary 2D padding mask.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+import torch
+
+from slmtune.data.tokenize import IGNORE, Example
+
+
+def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing of example lengths into rows of at most max_length tokens.
+    Returns lists of example indices. O(n log n): free space is kept sorted."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row index), ascending
+    for i in order:
+        need = min(lengths[i], max_length)
+        at = bisect.bisect_left(free, (need, -1))
+        if at < len(free):
+            space, row = free.pop(at)
+            rows[row].append(i)
+            space -= need
+        else:
+            rows.append([i])
+            row, space = len(rows) - 1, max_length - need
+        if space > 0:
+            bisect.insort(free, (space, row))
+    return rows
+
+
+def should_pack(lengths: list[int], max_length: int) -> bool:
+    """Packing pays off when a row can hold about two or more examples."""
+    return bool(lengths) and sum(lengths) / len(lengths) <= max_length / 2
+
+
+def make_rows(examples: list[Example], max_length: int, packing: bool) -> list[list[int]]:
+    if packing:
+        return pack_rows([len(e) for e in examples], max_length)
+    return [[i] for i in range(len(examples))]
+
+
+def micro_batches(rows: list[list[int]], micro_batch_size: int, seed: int, epoch: int) -> list[list[list[int]]]:
+    """The epoch's micro-batches: rows shuffled with a generator seeded by (seed, epoch), so a resumed
+    run sees exactly the order an uninterrupted run would."""
+    generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    order = torch.randperm(len(rows), generator=generator).tolist()
+    shuffled = [rows[i] for i in order]
+    return [shuffled[i : i + micro_batch_size] for i in range(0, len(shuffled), micro_batch_size)]
+
+
+def steps_per_epoch(n_rows: int, micro_batch_size: int, gradient_accumulation_steps: int) -> int:
+    return math.ceil(math.ceil(n_rows / micro_batch_size) / gradient_accumulation_steps)
+
+
+def collate(rows: list[list[Example]], pad_id: int, packed: bool, attn_implementation: str = "sdpa") -> dict:
+    """Tensors for one micro-batch of rows; each row is a list of examples."""
+    width = max(sum(len(e) for e in row) for row in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    targets = torch.full((batch, width), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((batch, width), dtype=torch.long)
+    segment = torch.full((batch, width), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        at = 0
+        for s, example in enumerate(row):
+            n = len(example)
+            input_ids[b, at : at + n] = torch.tensor(example.input_ids)
+            targets[b, at : at + n] = torch.tensor(example.targets)
+            position_ids[b, at : at + n] = torch.arange(n)
+            segment[b, at : at + n] = s
+            at += n
+    real = segment >= 0
+    out = {"input_ids": input_ids, "targets": targets, "position_ids": position_ids,
+           "n_tokens": int(real.sum()), "n_targets": int((targets != IGNORE).sum())}
+    if not packed:
+        out["attention_mask"] = real.long()
+        return out
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = (segment[:, :, None] == segment[:, None, :]) & real[:, None, :] & causal
+    # Padding queries attend to themselves so no softmax row is empty (an empty row gives NaN).
+    allowed |= torch.eye(width, dtype=torch.bool) & ~real[:, :, None]
+    mask = allowed[:, None, :, :]
+    if attn_implementation == "eager":
+        # Eager attention adds the mask to the scores, so it needs 0 / -inf-like floats.
+        mask = torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, torch.finfo(torch.float32).min)
+    out["attention_mask"] = mask
+    return out

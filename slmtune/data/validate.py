@@ -1,0 +1,162 @@
+"""Checks on a training file before any compute is spent, in the spirit of OpenAI's fine-tuning
+file validation. Every finding has a stable code and the file:line it came from.
+
+    slmtune data validate train.jsonl [--model smollm2-135m-instruct] [--max-length 1024]
+
+Codes (errors unless marked):
+  invalid_encoding      line is not UTF-8
+  invalid_json          line is not a JSON value
+  not_an_object         line is JSON but not an object
+  unknown_format        object has none of messages / prompt+completion / text
+  mixed_formats         object's format differs from the file's first example
+  missing_messages      `messages` is missing, not a list, or empty
+  invalid_message       a message is not an object
+  unknown_role          role is not system, user or assistant
+  empty_content         content is missing, not a string, or blank
+  no_assistant_message  a chat example has no assistant turn to learn from
+  bad_weight            `weight` is not 0 or 1, or is set on a non-assistant turn
+  missing_field         prompt/completion/text missing, not a string, or empty
+  too_few_examples      fewer than 10 examples in the file
+  too_long (warning)    with a model: example exceeds max_length; says how many tokens are cut
+  no_trainable_tokens   with a model: nothing in the example reaches the loss
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slmtune.data.formats import ROLES, detect_format, iter_jsonl
+
+MIN_EXAMPLES = 10
+
+
+@dataclass
+class Issue:
+    code: str
+    path: str
+    line: int | None
+    message: str
+    severity: str = "error"
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        return f"{where}: {self.severity} {self.code}: {self.message}"
+
+
+@dataclass
+class Report:
+    path: str
+    format: str | None = None
+    n_examples: int = 0
+    issues: list[Issue] = field(default_factory=list)
+    total_tokens: int = 0
+    tokens_cut: int = 0
+
+    @property
+    def errors(self) -> list[Issue]:
+        return [i for i in self.issues if i.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Issue]:
+        return [i for i in self.issues if i.severity == "warning"]
+
+
+def _nonblank_str(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def check_example(fmt: str, data: dict) -> list[tuple[str, str]]:
+    """Problems with one example of a known format, as (code, message) pairs."""
+    problems = []
+    if fmt == "chat":
+        messages = data.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return [("missing_messages", "`messages` must be a non-empty list")]
+        has_assistant = False
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, dict):
+                problems.append(("invalid_message", f"messages[{i}] is not an object"))
+                continue
+            role = msg.get("role")
+            if role not in ROLES:
+                problems.append(("unknown_role", f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}"))
+            if not _nonblank_str(msg.get("content")):
+                problems.append(("empty_content", f"messages[{i}].content is missing or empty"))
+            if "weight" in msg:
+                if role != "assistant":
+                    problems.append(("bad_weight", f"messages[{i}].weight is only allowed on assistant messages"))
+                elif msg["weight"] not in (0, 1) or isinstance(msg["weight"], bool):
+                    problems.append(("bad_weight", f"messages[{i}].weight is {msg['weight']!r}; expected 0 or 1"))
+            has_assistant |= role == "assistant"
+        if not has_assistant:
+            problems.append(("no_assistant_message", "the example has no assistant message to learn from"))
+    elif fmt == "prompt_completion":
+        for key in ("prompt", "completion"):
+            if not _nonblank_str(data.get(key)):
+                problems.append(("missing_field", f"`{key}` is missing, not a string, or empty"))
+    elif fmt == "text":
+        if not _nonblank_str(data.get("text")):
+            problems.append(("missing_field", "`text` is missing, not a string, or empty"))
+    return problems
+
+
+def validate_file(
+    path: str | Path,
+    *,
+    fmt: str = "auto",
+    min_examples: int = MIN_EXAMPLES,
+    tokenizer=None,
+    max_length: int | None = None,
+    system_prompt: str | None = None,
+) -> Report:
+    """Validate a JSONL training file; with a tokenizer, also measure lengths and truncation."""
+    path = str(path)
+    report = Report(path=path, format=None if fmt == "auto" else fmt)
+    good: list[tuple[int, dict]] = []
+    for line, err, data in iter_jsonl(path):
+        if err == "invalid_encoding":
+            report.issues.append(Issue(err, path, line, "line is not valid UTF-8"))
+            continue
+        if err == "invalid_json":
+            report.issues.append(Issue(err, path, line, "line is not valid JSON"))
+            continue
+        if not isinstance(data, dict):
+            report.issues.append(Issue("not_an_object", path, line, f"expected a JSON object, got {type(data).__name__}"))
+            continue
+        found = detect_format(data)
+        if found is None:
+            report.issues.append(Issue("unknown_format", path, line,
+                                       "expected `messages`, `prompt`+`completion` or `text`"))
+            continue
+        if report.format is None:
+            report.format = found
+        elif found != report.format:
+            report.issues.append(Issue("mixed_formats", path, line, f"{found} example in a {report.format} file"))
+            continue
+        problems = check_example(report.format, data)
+        report.issues.extend(Issue(code, path, line, msg) for code, msg in problems)
+        if not problems:
+            good.append((line, data))
+    report.n_examples = len(good)
+    if report.n_examples < min_examples:
+        report.issues.append(Issue("too_few_examples", path, None,
+                                   f"{report.n_examples} valid example(s); at least {min_examples} are required"))
+    if tokenizer is not None and good:
+        from slmtune.data.tokenize import encode
+
+        for line, data in good:
+            example = encode(report.format, data, tokenizer, max_length=None, system_prompt=system_prompt)
+            n = len(example.input_ids)
+            report.total_tokens += n
+            if max_length and n > max_length:
+                cut = n - max_length
+                report.tokens_cut += cut
+                report.issues.append(Issue("too_long", path, line,
+                                           f"{n} tokens > max_length {max_length}: {cut} tokens would be cut",
+                                           severity="warning"))
+            if example.n_targets(max_length) == 0:
+                report.issues.append(Issue("no_trainable_tokens", path, line,
+                                           "no token of this example reaches the loss (weights 0, or cut by max_length)"))
+    return report

@@ -1,0 +1,184 @@
+"""`run(recipe)`: the one fine-tuning pipeline. The CLI and the service worker both call it.
+
+    from slmtune.config import load_recipe
+    from slmtune.run import run
+    result = run(load_recipe("recipes/quickstart/support_assistant.yaml"))
+
+A run directory ends up holding exactly:
+    recipe.yaml      the resolved recipe (written first, so a crashed run can be resumed)
+    metrics.jsonl    one JSON object per logged step / evaluation
+    checkpoints/     only when train.save_every > 0 or a run was interrupted: step-N/ with adapter,
+                     optimizer, scheduler, RNG and data position
+    adapter/         the trained weights (PEFT format for adapter methods)
+    summary.json     tokens, time, throughput, peak memory, final losses
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from slmtune.config import Recipe, RecipeError
+from slmtune.data import build_datasets
+from slmtune.data.batching import collate, make_rows, should_pack
+from slmtune.data.tokenize import check_end_of_turn
+from slmtune.methods import METHODS
+from slmtune.models import end_of_turn_ids, load_model, load_tokenizer
+from slmtune.train import TrainState, latest_checkpoint, peak_rss_mb, train
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prepare_run_dir(recipe: Recipe, resume: bool) -> tuple[Path, Path | None]:
+    run_dir = Path(recipe.output.dir)
+    checkpoint = None
+    if resume:
+        checkpoint = latest_checkpoint(run_dir)
+        if (run_dir / "summary.json").exists():
+            raise RecipeError(f"{run_dir}: this run already finished (summary.json exists); nothing to resume")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if not recipe.output.overwrite:
+            raise RecipeError(
+                f"{run_dir}: output directory exists and is not empty; resume it with "
+                f"`slmtune train --resume {run_dir}`, choose another output.dir, or set output.overwrite=true"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, checkpoint
+
+
+class MetricsLog:
+    """Appends step and eval events to metrics.jsonl; on resume, drops lines past the checkpoint."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            _atomic_write(path, "".join(line + "\n" for line in kept))
+        elif resume_step is None:
+            path.write_text("")
+        self.file = path.open("a")
+
+    def __call__(self, event: dict) -> None:
+        if event["type"] in ("step", "eval"):
+            self.file.write(json.dumps({k: v for k, v in event.items() if k != "type"} | {"kind": event["type"]}) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def run(
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    on_event: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Fine-tune as the recipe says and write the run directory. Raises RecipeError, DataError,
+    ModelError or TemplateError with a message meant for the user."""
+    wall_start = time.perf_counter()
+    run_dir, checkpoint = _prepare_run_dir(recipe, resume)
+    _atomic_write(run_dir / "recipe.yaml", recipe.to_yaml())
+    cfg = recipe.train
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+
+    tokenizer = load_tokenizer(recipe.model.name)
+    model = load_model(recipe.model.name, attn_implementation=recipe.model.attn_implementation)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    data = build_datasets(recipe.data, tokenizer, cfg.seed)
+    if data.format == "chat":
+        check_end_of_turn(data.train_records[0].data["messages"], tokenizer, end_of_turn_ids(model, tokenizer))
+
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    method = METHODS[recipe.method.name]
+    model = method.prepare(model, recipe.method)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    lengths = [len(e) for e in data.train]
+    packed = should_pack(lengths, recipe.data.max_length) if cfg.packing == "auto" else cfg.packing
+    rows = make_rows(data.train, recipe.data.max_length, packed)
+    val_rows = make_rows(data.validation, recipe.data.max_length, packed)
+    pad_id = tokenizer.pad_token_id
+    eval_batches = [
+        collate([[data.validation[i] for i in row] for row in val_rows[at : at + cfg.micro_batch_size]],
+                pad_id, packed, recipe.model.attn_implementation)
+        for at in range(0, len(val_rows), cfg.micro_batch_size)
+    ]
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=None if not resume else
+                         (json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0))
+
+    def emit(event: dict) -> None:
+        metrics(event)
+        if event["type"] == "eval" and progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"step {event['step']}: eval_loss {event['eval_loss']:.4f}", file=sys.stderr)
+        if on_event is not None:
+            on_event(event)
+
+    if progress:
+        print(f"{len(data.train)} training examples ({data.format}), {len(data.validation)} validation; "
+              f"{len(rows)} rows ({'packed' if packed else 'unpacked'}); trainable parameters "
+              f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)", file=sys.stderr, flush=True)
+    try:
+        state: TrainState = train(
+            model, method, data.train, rows, eval_batches, cfg, run_dir=run_dir, pad_id=pad_id, packed=packed,
+            attn_implementation=recipe.model.attn_implementation, resume_from=checkpoint, emit=emit,
+            progress=progress,
+        )
+    finally:
+        metrics.close()
+
+    tmp = run_dir / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    method.save_trained(model, tmp)
+    shutil.rmtree(run_dir / "adapter", ignore_errors=True)
+    os.replace(tmp, run_dir / "adapter")
+    summary = {
+        "model": recipe.model.name,
+        "method": recipe.method.name,
+        "steps": state.step,
+        "train_examples": len(data.train),
+        "validation_examples": len(data.validation),
+        "packed": packed,
+        "train_tokens": state.train_tokens,
+        "target_tokens": state.target_tokens,
+        "train_seconds": round(state.train_seconds, 3),
+        "tokens_per_second": round(state.train_tokens / state.train_seconds, 1) if state.train_seconds else None,
+        "wall_seconds": round(time.perf_counter() - wall_start, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "final_train_loss": state.last_loss,
+        "eval_loss": state.last_eval_loss,
+        "trainable_params": trainable,
+        "total_params": total,
+        "threads": torch.get_num_threads(),
+    }
+    _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if on_event is not None:
+        on_event({"type": "end", **summary})
+    return RunResult(run_dir, summary)

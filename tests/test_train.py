@@ -1,0 +1,115 @@
+import json
+
+import pytest
+import torch
+
+from slmtune.config import recipe_from_dict
+from slmtune.data.batching import collate
+from slmtune.data.tokenize import encode
+from slmtune.methods import lora
+from slmtune.models import load_model, load_tokenizer
+from slmtune.run import run
+from slmtune.train import accumulate_gradients
+from tests.conftest import chat_example, write_jsonl
+
+
+def make_recipe(model_dir, data, out, **train):
+    return recipe_from_dict({
+        "model": {"name": str(model_dir)},
+        "method": {"name": "lora", "lora_r": 4, "lora_alpha": 8},
+        "data": {"train": str(data), "max_length": 128},
+        "train": {"micro_batch_size": 4, "learning_rate": 5e-3, "seed": 3, "precision": "fp32", **train},
+        "output": {"dir": str(out)},
+    })
+
+
+def test_accumulation_4x2_equals_one_batch_of_8(tiny_llama_dir):
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    examples = [encode("chat", chat_example(f"Question {i}?" * (1 + i % 3), f"Answer {i}" * (1 + i % 2)),
+                       tokenizer, None) for i in range(8)]
+    pad = tokenizer.pad_token_id
+
+    def grads(groups):
+        torch.manual_seed(0)
+        model = lora.prepare(load_model(str(tiny_llama_dir)), lora.Config(lora_r=4, lora_dropout=0.0))
+        # LoRA's B starts at zero, which would make A's gradients vanish; give it values.
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        batches = [collate([[e] for e in group], pad, False) for group in groups]
+        loss = accumulate_gradients(model, batches, None)
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss_8, grads_8 = grads([examples])
+    loss_4x2, grads_4x2 = grads([examples[i : i + 2] for i in range(0, 8, 2)])
+    assert loss_4x2 == pytest.approx(loss_8, rel=1e-6)
+    for name in grads_8:
+        torch.testing.assert_close(grads_4x2[name], grads_8[name], rtol=1e-5, atol=1e-7)
+
+
+def test_only_lora_parameters_change_and_loss_goes_down(tiny_model_dir, chat_file, tmp_path):
+    before = load_model(str(tiny_model_dir)).state_dict()
+    recipe = make_recipe(tiny_model_dir, chat_file, tmp_path / "run", max_steps=30, learning_rate=1e-2)
+    recipe.method.lora_r, recipe.method.lora_alpha = 16, 32
+    result = run(recipe, progress=False)
+    steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [s["loss"] for s in steps if s["kind"] == "step"]
+    assert losses[-1] < losses[0] - 0.5  # from ln(vocab) ~ 6.0
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), str(result.run_dir / "adapter"))
+    changed = set()
+    for name, value in model.named_parameters():
+        base_name = name.replace("base_model.model.", "").replace(".base_layer", "")
+        if "lora_" in name:
+            changed.add(name)
+            continue
+        torch.testing.assert_close(value, before[base_name], rtol=0, atol=0)
+    assert changed and all("lora_A" in n or "lora_B" in n for n in changed)
+    lora_b = [v for n, v in model.named_parameters() if "lora_B" in n]
+    assert any(v.abs().sum() > 0 for v in lora_b)
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_llama_dir, chat_file, tmp_path):
+    straight = run(make_recipe(tiny_llama_dir, chat_file, tmp_path / "a", max_steps=6, save_every=3), progress=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_first_checkpoint(event):
+        if event["type"] == "checkpoint":
+            raise Crash
+
+    recipe = make_recipe(tiny_llama_dir, chat_file, tmp_path / "b", max_steps=6, save_every=3)
+    with pytest.raises(Crash):
+        run(recipe, on_event=crash_after_first_checkpoint, progress=False)
+    assert not (tmp_path / "b" / "summary.json").exists()
+    resumed = run(recipe, resume=True, progress=False)
+    assert resumed.summary["steps"] == 6
+    assert resumed.summary["final_train_loss"] == pytest.approx(straight.summary["final_train_loss"], rel=1e-5)
+    lines_a = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lines_b = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines_b] == [l["step"] for l in lines_a]
+    for x, y in zip(lines_a, lines_b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+
+
+def test_run_refuses_to_overwrite_an_existing_run(tiny_llama_dir, chat_file, tmp_path):
+    from slmtune.config import RecipeError
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "keep.txt").write_text("mine")
+    with pytest.raises(RecipeError, match="--resume"):
+        run(make_recipe(tiny_llama_dir, chat_file, tmp_path / "c", max_steps=1), progress=False)
+    assert (tmp_path / "c" / "keep.txt").read_text() == "mine"
+
+
+def test_validation_split_and_eval_loss(tiny_llama_dir, chat_file, tmp_path):
+    recipe = make_recipe(tiny_llama_dir, chat_file, tmp_path / "v", max_steps=4, eval_every=2)
+    recipe.data.validation_split = 0.25
+    result = run(recipe, progress=False)
+    assert result.summary["validation_examples"] == 6 and result.summary["train_examples"] == 18
+    evals = [json.loads(l) for l in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert result.summary["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-5)
