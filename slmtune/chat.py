@@ -21,12 +21,18 @@ from slmtune.models import end_of_turn_ids, load_model, load_tokenizer
 def load_for_inference(target: str):
     """A run directory (base model from its recipe + adapter/) or any model name `models.resolve` takes."""
     run_dir = Path(target)
+    if (run_dir / "recipe.yaml").is_file() and (run_dir / "model").is_dir():
+        target = str(run_dir / "model")  # full fine-tuning: a complete model
     if (run_dir / "recipe.yaml").is_file() and (run_dir / "adapter").is_dir():
         from slmtune.config import load_recipe
 
+        from slmtune.methods import METHODS
+
         recipe = load_recipe(run_dir / "recipe.yaml")
+        method = METHODS[recipe.method.name]
         tokenizer = load_tokenizer(recipe.model.name)
-        model = load_model(recipe.model.name)
+        # An adapter trained on a quantized base (QLoRA) runs on the same quantized base.
+        model = load_model(recipe.model.name, **(method.load_kwargs(recipe.method) if hasattr(method, "load_kwargs") else {}))
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(run_dir / "adapter"))

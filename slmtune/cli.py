@@ -6,6 +6,7 @@
     slmtune models pull smollm2-135m-instruct | slmtune models list
     slmtune data validate train.jsonl [--model smollm2-135m-instruct]
     slmtune chat runs/mine [--prompt TEXT] [--system TEXT]
+    slmtune export runs/mine --merge exports/mine
 """
 
 from __future__ import annotations
@@ -112,6 +113,13 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from slmtune.export import merge
+
+    print(merge(args.run_dir, args.merge))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slmtune", description="Fine-tune and serve small language models.")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -145,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--max-length", type=int, default=1024)
     val.add_argument("--format", default="auto", choices=["auto", "chat", "prompt_completion", "text"])
     p.set_defaults(func=cmd_data)
+
+    p = verbs.add_parser("export", help="write a run as a standalone model")
+    p.add_argument("run_dir")
+    p.add_argument("--merge", metavar="OUT", required=True, help="folder for the merged HF model")
+    p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("chat", help="chat with a model or a fine-tuned run")
     p.add_argument("target", help="run directory or model")

@@ -181,12 +181,14 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_model(name: str, *, attn_implementation: str = "sdpa", dtype: str = "float32"):
-    """Load a causal LM in float32 master weights (autocast supplies bf16 compute where it helps)."""
+def load_model(name: str, *, attn_implementation: str = "sdpa", dtype: str = "float32", **kwargs):
+    """Load a causal LM in float32 master weights (autocast supplies bf16 compute where it helps).
+    Extra keyword arguments go to from_pretrained (e.g. a method's quantization_config)."""
     from transformers import AutoModelForCausalLM
 
     return _from_hub_or_local(
-        AutoModelForCausalLM.from_pretrained, resolve(name), dtype=dtype, attn_implementation=attn_implementation
+        AutoModelForCausalLM.from_pretrained, resolve(name), dtype=dtype, attn_implementation=attn_implementation,
+        **kwargs,
     )
 
 

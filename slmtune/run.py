@@ -9,7 +9,8 @@ A run directory ends up holding exactly:
     metrics.jsonl    one JSON object per logged step / evaluation
     checkpoints/     only when train.save_every > 0 or a run was interrupted: step-N/ with adapter,
                      optimizer, scheduler, RNG and data position
-    adapter/         the trained weights (PEFT format for adapter methods)
+    adapter/         the trained weights in PEFT format (adapter methods), or
+    model/           a complete HF model (full fine-tuning)
     summary.json     tokens, time, throughput, peak memory, final losses
 """
 
@@ -103,9 +104,13 @@ def run(
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
 
+    method = METHODS[recipe.method.name]
+    load_kwargs = method.load_kwargs(recipe.method) if hasattr(method, "load_kwargs") else {}
+    if torch.cuda.is_available() and load_kwargs:
+        load_kwargs["device_map"] = {"": 0}  # quantized weights are placed while loading
     tokenizer = load_tokenizer(recipe.model.name)
-    model = load_model(recipe.model.name, attn_implementation=recipe.model.attn_implementation)
-    if torch.cuda.is_available():
+    model = load_model(recipe.model.name, attn_implementation=recipe.model.attn_implementation, **load_kwargs)
+    if torch.cuda.is_available() and not load_kwargs:
         model.to("cuda")
     data = build_datasets(recipe.data, tokenizer, cfg.seed)
     if data.format == "chat":
@@ -113,13 +118,19 @@ def run(
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    method = METHODS[recipe.method.name]
-    model = method.prepare(model, recipe.method)
+    try:
+        model = method.prepare(model, recipe.method)
+    except ValueError as err:
+        raise RecipeError(f"method {recipe.method.name}: {err}") from None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
     lengths = [len(e) for e in data.train]
     packed = should_pack(lengths, recipe.data.max_length) if cfg.packing == "auto" else cfg.packing
+    if packed and not getattr(method, "PACKING", True):
+        if cfg.packing is True:
+            raise RecipeError(f"method {recipe.method.name} cannot train on packed rows; set train.packing: false")
+        packed = False
     rows = make_rows(data.train, recipe.data.max_length, packed)
     val_rows = make_rows(data.validation, recipe.data.max_length, packed)
     pad_id = tokenizer.pad_token_id
@@ -154,11 +165,14 @@ def run(
     finally:
         metrics.close()
 
-    tmp = run_dir / ".adapter.tmp"
+    artifact = run_dir / method.ARTIFACT
+    tmp = run_dir / f".{method.ARTIFACT}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    method.save_trained(model, tmp)
-    shutil.rmtree(run_dir / "adapter", ignore_errors=True)
-    os.replace(tmp, run_dir / "adapter")
+    method.save_trained(model, tmp, final=True)
+    if method.ARTIFACT == "model":
+        tokenizer.save_pretrained(tmp)  # a complete, standalone model directory
+    shutil.rmtree(artifact, ignore_errors=True)
+    os.replace(tmp, artifact)
     summary = {
         "model": recipe.model.name,
         "method": recipe.method.name,

@@ -62,6 +62,9 @@ def target_loss_sum(model, batch: dict, amp_dtype: torch.dtype | None) -> torch.
     device = next(model.parameters()).device
     targets = batch["targets"].to(device)
     select = targets != IGNORE
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        return _prompt_learning_loss_sum(model, batch, targets, select, amp_dtype)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         hidden = base.get_decoder()(
             input_ids=batch["input_ids"].to(device),
@@ -90,6 +93,17 @@ def accumulate_gradients(model, batches: list[dict], amp_dtype: torch.dtype | No
         loss.backward()
         total += loss.item()
     return total
+
+
+def _prompt_learning_loss_sum(model, batch, targets, select, amp_dtype) -> torch.Tensor:
+    """Prompt and prefix tuning inject virtual tokens inside PeftModel.forward, so they need the
+    full forward (and an unpacked 2D mask); logits of virtual positions come first and are dropped."""
+    device = targets.device
+    input_ids = batch["input_ids"].to(device)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
+    logits = logits[:, -input_ids.shape[1]:][select].float()
+    return F.cross_entropy(logits, targets[select], reduction="sum")
 
 
 @torch.no_grad()
@@ -141,7 +155,7 @@ def save_checkpoint(run_dir: Path, method, model, optimizer, scheduler, state: T
     tmp = root / f".tmp-step-{state.step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    method.save_trained(model, tmp / "adapter")
+    method.save_trained(model, tmp / method.ARTIFACT)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -161,7 +175,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, method, model, optimizer, scheduler) -> TrainState:
-    method.load_trained(model, path / "adapter")
+    method.load_trained(model, path / method.ARTIFACT)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng = torch.load(path / "rng.pt", weights_only=False)
