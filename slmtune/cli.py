@@ -4,9 +4,14 @@
     slmtune train --model smollm2-135m-instruct --data train.jsonl --epochs 3 --output runs/mine
     slmtune train --resume runs/mine
     slmtune models pull smollm2-135m-instruct | slmtune models list
-    slmtune data validate train.jsonl [--model smollm2-135m-instruct]
+    slmtune data validate train.jsonl [--model smollm2-135m-instruct] [--task ner]
+    slmtune data convert --from alpaca|sharegpt|csv|hf-datasets IN OUT [--task T] [--map FIELD=COLUMN]
+    slmtune eval runs/mine --data test.jsonl [--task T] [--limit N] [--batch-size B] [--output eval.json]
     slmtune chat runs/mine [--prompt TEXT] [--system TEXT]
+    slmtune serve --model smollm2-135m-instruct --adapter support=runs/mine [--port 8000]
+    slmtune adapters add|remove|list [NAME [RUN_DIR]] --url http://127.0.0.1:8000
     slmtune export runs/mine --merge exports/mine
+    slmtune plan --model qwen2.5-1.5b --hardware 1x24GB --seq-len 2048 [--measure]
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import sys
 import time
 import warnings
 from pathlib import Path
+
+from slmtune.tasks import TASK_NAMES  # standard library only: keeps `slmtune --help` fast
 
 
 def _user_errors():
@@ -89,20 +96,49 @@ def cmd_models(args) -> int:
 def cmd_data(args) -> int:
     from slmtune.data.validate import validate_file
 
+    if args.data_verb == "convert":
+        return cmd_data_convert(args)
     tokenizer = None
     if args.model:
         from slmtune.models import load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
-    report = validate_file(args.file, fmt=args.format, tokenizer=tokenizer, max_length=args.max_length)
+    report = validate_file(args.file, fmt=args.format, tokenizer=tokenizer, max_length=args.max_length,
+                           task=args.task)
     for issue in report.issues:
         print(issue)
-    summary = f"{args.file}: {report.n_examples} valid example(s), format {report.format or 'unknown'}"
+    summary = (f"{args.file}: {report.n_examples} valid example(s), "
+               + (f"task {args.task}" if args.task else f"format {report.format or 'unknown'}"))
     if tokenizer is not None:
         summary += f", {report.total_tokens} tokens, {report.tokens_cut} would be cut at max_length {args.max_length}"
     summary += f"; {len(report.errors)} error(s), {len(report.warnings)} warning(s)"
     print(summary)
     return 1 if report.errors else 0
+
+
+def cmd_data_convert(args) -> int:
+    from slmtune.config import RecipeError
+    from slmtune.data.convert import convert
+
+    mapping = {}
+    for item in args.map:
+        field, sep, column = item.partition("=")
+        if not sep or not field.strip() or not column.strip():
+            raise RecipeError(f"--map {item!r}: use FIELD=COLUMN")
+        mapping[field.strip()] = column.strip()
+    result = convert(args.source, args.input, args.output, task=args.task, mapping=mapping, split=args.split)
+    print(f"{result.path}: {result.n_rows} row(s), {result.format}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from slmtune.evaluate import evaluate, format_table
+
+    result = evaluate(args.target, args.data, task=args.task, limit=args.limit, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, output=args.output, progress=not args.no_progress)
+    print(format_table(result.report))
+    print(f"wrote {result.path}" if result.path else "(not saved: give --output FILE)", file=sys.stderr)
+    return 0
 
 
 def cmd_chat(args) -> int:
@@ -113,11 +149,97 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    import uvicorn
+
+    from slmtune.serve.adapters import AdapterError
+    from slmtune.serve.app import create_app
+    from slmtune.serve.engine import Engine
+
+    adapters = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            print(f"error: --adapter {item!r}: use NAME=RUN_DIR", file=sys.stderr)
+            return 2
+        adapters[name] = path
+    if min(args.max_loaded_adapters, args.max_batch_size, args.default_max_tokens) < 1:
+        print("error: --max-loaded-adapters, --max-batch-size and --default-max-tokens must be at least 1",
+              file=sys.stderr)
+        return 2
+    try:
+        engine = Engine.load(args.model, adapters, base_name=args.served_model_name,
+                             max_loaded_adapters=args.max_loaded_adapters, max_batch_size=args.max_batch_size,
+                             batch_wait_ms=args.batch_wait_ms, default_max_tokens=args.default_max_tokens)
+    except AdapterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    token = args.admin_token or os.environ.get("SLMTUNE_ADMIN_TOKEN") or None
+    print(f"Serving {', '.join(engine.model_names())} at http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(create_app(engine, admin_token=token), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_adapters(args) -> int:
+    import os
+
+    from slmtune.serve.client import AdminClient, ClientError
+
+    client = AdminClient(args.url, token=args.admin_token or os.environ.get("SLMTUNE_ADMIN_TOKEN") or None)
+    try:
+        if args.adapters_verb == "add":
+            # The server opens the path, so send it absolute: relative to where this command runs.
+            added = client.add(args.name, str(Path(args.path).expanduser().resolve()))
+            print(f"registered {added['name']} -> {added['path']}")
+        elif args.adapters_verb == "remove":
+            client.remove(args.name)
+            print(f"removed {args.name}")
+        else:
+            for entry in client.list():
+                print(f"{entry['name']:24} {'loaded' if entry['loaded'] else '':7} {entry['path']}")
+    except ClientError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_export(args) -> int:
     from slmtune.export import merge
 
     print(merge(args.run_dir, args.merge))
     return 0
+
+
+def cmd_plan(args) -> int:
+    from slmtune import plan
+
+    try:
+        rows, best, why, hw = plan.plan_table(args.model, args.hardware, args.seq_len, args.micro_batch,
+                                              args.lora_r, args.gradient_checkpointing)
+    except ValueError as err:
+        from slmtune.config import RecipeError
+
+        raise RecipeError(str(err)) from None
+    print(plan.format_plan(args.model, rows, best, why, hw))
+    if args.measure:
+        from slmtune.models import resolve
+
+        methods = ["lora", "qlora", "dora", "full"]
+        print(f"\nMeasuring {args.steps} real steps per method on this machine (seq_len {args.seq_len}, "
+              f"micro_batch {args.micro_batch})...", flush=True)
+        measured = plan.measure(resolve(args.model), methods, args.seq_len, args.micro_batch, steps=args.steps,
+                                lora_r=args.lora_r, gradient_checkpointing=args.gradient_checkpointing)
+        single = {e.method: e for e in rows if e.strategy == "none"}
+        print(f"{'method':8} {'estimated GB':>12} {'measured GB':>12} {'error':>7}")
+        for method in methods:
+            est, got = single[method].total, measured[method]
+            print(f"{method:8} {est / plan.GB:12.2f} {got / plan.GB:12.2f} {100 * (est - got) / got:+6.0f}%")
+    return 0
+
+
+TASK_CHOICES = list(TASK_NAMES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,12 +274,43 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--model", help="also tokenize with this model and report lengths")
     val.add_argument("--max-length", type=int, default=1024)
     val.add_argument("--format", default="auto", choices=["auto", "chat", "prompt_completion", "text"])
+    val.add_argument("--task", choices=TASK_CHOICES, help="check rows as this task's data (slmtune/tasks)")
+    conv = dv.add_parser("convert", help="convert alpaca / sharegpt / csv / a datasets folder to JSONL")
+    conv.add_argument("--from", dest="source", required=True, choices=["alpaca", "sharegpt", "csv", "hf-datasets"])
+    conv.add_argument("input", help="input file (folder for hf-datasets)")
+    conv.add_argument("output", help="JSONL file to write")
+    conv.add_argument("--task", choices=TASK_CHOICES, help="csv / hf-datasets: write this task's format")
+    conv.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN",
+                      help="csv / hf-datasets: the column holding FIELD; repeatable")
+    conv.add_argument("--split", help="hf-datasets: the split of a DatasetDict (default train)")
     p.set_defaults(func=cmd_data)
+
+    p = verbs.add_parser("eval", help="score a model or a run on task data; writes eval.json")
+    p.add_argument("target", help="run directory or model")
+    p.add_argument("--data", required=True, help="JSONL file of task rows")
+    p.add_argument("--task", choices=TASK_CHOICES, help="default: the run's data.task, else from the rows")
+    p.add_argument("--limit", type=int, help="evaluate the first N rows")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, help="generation budget (default: the task's)")
+    p.add_argument("--output", help="eval.json path (default: RUN_DIR/eval.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
 
     p = verbs.add_parser("export", help="write a run as a standalone model")
     p.add_argument("run_dir")
     p.add_argument("--merge", metavar="OUT", required=True, help="folder for the merged HF model")
     p.set_defaults(func=cmd_export)
+
+    p = verbs.add_parser("plan", help="estimate memory per method and recommend one")
+    p.add_argument("--model", required=True, help="catalog/table name (e.g. qwen2.5-7b) or a directory with config.json")
+    p.add_argument("--hardware", default="cpu:24GB", help="1x24GB, 2x80GB or cpu:32GB")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--measure", action="store_true", help="train a few real steps per method and compare")
+    p.add_argument("--steps", type=int, default=3, help="steps per method with --measure")
+    p.set_defaults(func=cmd_plan)
 
     p = verbs.add_parser("chat", help="chat with a model or a fine-tuned run")
     p.add_argument("target", help="run directory or model")
@@ -166,6 +319,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.set_defaults(func=cmd_chat)
+
+    p = verbs.add_parser("serve", help="serve a model and its adapters over an OpenAI-compatible API")
+    p.add_argument("--model", required=True, help="base model: catalog name, directory, .gguf file or hub id")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_DIR",
+                   help="register an adapter (run directory or PEFT adapter directory); repeatable")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="the base model's id in requests (default: its name)")
+    p.add_argument("--max-loaded-adapters", type=int, default=4, help="adapters kept loaded; least recently used go")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests generated together")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long to collect requests into a batch")
+    p.add_argument("--default-max-tokens", type=int, default=512, help="chat max_tokens when a request gives none")
+    p.add_argument("--admin-token", help="require this bearer token on /admin (default $SLMTUNE_ADMIN_TOKEN)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+    p = verbs.add_parser("adapters", help="register or remove adapters on a running server")
+    av = p.add_subparsers(dest="adapters_verb", required=True)
+    add = av.add_parser("add", help="register NAME for a run directory or PEFT adapter directory")
+    add.add_argument("name")
+    add.add_argument("path")
+    remove = av.add_parser("remove", help="unregister (and unload) NAME")
+    remove.add_argument("name")
+    av.add_parser("list", help="registered adapters and which are loaded")
+    for sub in av.choices.values():
+        sub.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default %(default)s)")
+        sub.add_argument("--admin-token", help="bearer token (default $SLMTUNE_ADMIN_TOKEN)")
+    p.set_defaults(func=cmd_adapters)
     return parser
 
 

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from slmtune.methods import METHOD_CONFIGS
+from slmtune.tasks import TASK_NAMES
 
 
 class RecipeError(ValueError):
@@ -42,6 +43,14 @@ class DataSection(Section):
         0.0, ge=0.0, lt=0.5, description="Fraction of `train` held out for validation when no file is given."
     )
     format: Literal["auto", "chat", "prompt_completion", "text"] = "auto"
+    task: Literal[TASK_NAMES] | None = Field(  # type: ignore[valid-type]
+        None, description="Rows are task data (slmtune/tasks/<task>.py), turned into chat/text examples "
+        "by the task's template before tokenization; null: the files are chat/prompt_completion/text."
+    )
+    max_examples: int | None = Field(
+        None, ge=1, description="Use a seeded random sample of at most this many training examples, and "
+        "as many validation examples at most; null: all of them."
+    )
     max_length: int = Field(1024, ge=16, description="Tokens per example; longer examples are cut.")
     system_prompt: str | None = Field(None, description="Prepended to chat examples that have no system message.")
 
@@ -49,6 +58,8 @@ class DataSection(Section):
     def _one_validation_source(self) -> "DataSection":
         if self.validation and self.validation_split:
             raise ValueError("give either data.validation or data.validation_split, not both")
+        if self.task and self.format != "auto":
+            raise ValueError("data.task sets the format; leave data.format at auto")
         return self
 
 

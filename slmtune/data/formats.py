@@ -60,11 +60,13 @@ def detect_format(data: Any) -> str | None:
     return None
 
 
-def read_records(path: str | Path, fmt: str = "auto") -> tuple[str, list[Record]]:
-    """Read a training file after validating it; raises DataError listing every problem with its line."""
+def read_records(path: str | Path, fmt: str = "auto", task: str | None = None) -> tuple[str, list[Record]]:
+    """Read a training file after validating it; raises DataError listing every problem with its line.
+    With `task`, the records are the task's rows as written (slmtune.data.convert_task_records turns
+    them into examples) and the returned format is the one the task's examples have."""
     from slmtune.data.validate import validate_file
 
-    report = validate_file(path, fmt=fmt, min_examples=1)
+    report = validate_file(path, fmt=fmt, min_examples=1, task=task)
     if report.errors:
         shown = "\n".join(str(issue) for issue in report.errors[:20])
         more = f"\n... and {len(report.errors) - 20} more" if len(report.errors) > 20 else ""

@@ -19,6 +19,12 @@ Codes (errors unless marked):
   too_few_examples      fewer than 10 examples in the file
   too_long (warning)    with a model: example exceeds max_length; says how many tokens are cut
   no_trainable_tokens   with a model: nothing in the example reaches the loss
+  unknown_task          --task names no task in slmtune/tasks
+
+With `--task T` (or data.task in a recipe) every row is checked as task data instead, with the
+task's `check` (codes in slmtune/tasks/common.py: missing_field naming the field, invalid_field,
+length_mismatch, invalid_tag, and the warnings invalid_iob2 and no_format_spec); with a model,
+rows are measured after the task's template turned them into training examples.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class Issue:
 class Report:
     path: str
     format: str | None = None
+    task: str | None = None
     n_examples: int = 0
     issues: list[Issue] = field(default_factory=list)
     total_tokens: int = 0
@@ -110,11 +117,23 @@ def validate_file(
     tokenizer=None,
     max_length: int | None = None,
     system_prompt: str | None = None,
+    task: str | None = None,
 ) -> Report:
-    """Validate a JSONL training file; with a tokenizer, also measure lengths and truncation."""
+    """Validate a JSONL training file; with a tokenizer, also measure lengths and truncation.
+    With `task`, rows are that task's data (see slmtune/tasks) and are checked by the task."""
     path = str(path)
-    report = Report(path=path, format=None if fmt == "auto" else fmt)
+    report = Report(path=path, format=None if fmt == "auto" else fmt, task=task)
     good: list[tuple[int, dict]] = []
+    task_module = None
+    if task is not None:
+        from slmtune.tasks import TASKS
+
+        task_module = TASKS.get(task)
+        if task_module is None:
+            report.issues.append(Issue("unknown_task", path, None,
+                                       f"unknown task {task!r}; expected one of {', '.join(TASKS)}"))
+            return report
+        report.format = task_module.FORMAT
     for line, err, data in iter_jsonl(path):
         if err == "invalid_encoding":
             report.issues.append(Issue(err, path, line, "line is not valid UTF-8"))
@@ -124,6 +143,12 @@ def validate_file(
             continue
         if not isinstance(data, dict):
             report.issues.append(Issue("not_an_object", path, line, f"expected a JSON object, got {type(data).__name__}"))
+            continue
+        if task_module is not None:
+            problems = [Issue(p[0], path, line, p[1], *p[2:]) for p in task_module.check(data)]
+            report.issues.extend(problems)
+            if not any(p.severity == "error" for p in problems):
+                good.append((line, data))
             continue
         found = detect_format(data)
         if found is None:
@@ -146,6 +171,9 @@ def validate_file(
     if tokenizer is not None and good:
         from slmtune.data.tokenize import encode
 
+        if task_module is not None:
+            context = task_module.context([data for _, data in good])
+            good = [(line, task_module.to_example(data, **context)) for line, data in good]
         for line, data in good:
             example = encode(report.format, data, tokenizer, max_length=None, system_prompt=system_prompt)
             n = len(example.input_ids)

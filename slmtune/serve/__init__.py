@@ -1,0 +1,8 @@
+"""Serve one base model and its fine-tuned adapters over an OpenAI-compatible HTTP API.
+
+    slmtune serve --model smollm2-135m-instruct --adapter support=runs/quickstart --port 8000
+
+adapters.py  the allow-list of adapter names and the LRU of adapters loaded on the model
+engine.py    the engine thread: request queue, batched generation, sampling, stop conditions
+app.py       the FastAPI app: /v1/models, /v1/chat/completions, /v1/completions, /admin/...
+"""

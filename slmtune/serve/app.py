@@ -1,0 +1,429 @@
+"""The HTTP API, shaped like OpenAI's so its clients work unchanged.
+
+    app = create_app(Engine.load("smollm2-135m-instruct", {"support": "runs/quickstart"}))
+    uvicorn.run(app, port=8000)     # what `slmtune serve` does
+
+    GET    /v1/models                 the base model and every registered adapter (with "loaded")
+    POST   /v1/chat/completions       messages -> reply; "stream": true for server-sent events
+    POST   /v1/completions            prompt (or a list of prompts) -> continuation
+    GET    /admin/adapters            registered adapters, which are loaded
+    POST   /admin/adapters            {"name", "path"}: register a run directory or PEFT adapter
+    DELETE /admin/adapters/{name}     unregister (and unload) an adapter
+    GET    /admin/stats               requests, batch sizes, adapter loads and evictions
+    GET    /health
+
+Routes only translate: they validate the body, build engine Requests and shape the answer.
+Errors are always {"error": {"message", "type", "param", "code"}} with OpenAI's status codes.
+With an admin token, the /admin routes need `Authorization: Bearer TOKEN`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException
+
+from slmtune.serve.adapters import AdapterError, UnknownModel
+from slmtune.serve.engine import Engine, Request, RequestError, SamplingParams
+
+
+# --- request bodies --------------------------------------------------------------------------
+class _Body(BaseModel):
+    # Unknown parameters are errors, as with OpenAI: a silently ignored setting is worse.
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Generation(_Body):
+    model: str
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=8)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted and ignored, as it only labels the caller
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalties(cls, value):
+        if value:
+            raise ValueError("penalties are not supported by this server; leave them at 0")
+        return value
+
+    def sampling(self, max_tokens: int | None, index: int) -> SamplingParams:
+        # With n > 1 and a seed, each choice gets its own (still reproducible) seed.
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            stop=list(self.stop or []),
+            seed=None if self.seed is None else self.seed + index,
+        )
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def plain(self) -> dict:
+        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content or [])
+        # Chat templates know "system"; "developer" is OpenAI's newer name for the same role.
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: Literal[False] | None = None
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for /v1/completions
+    echo: Literal[False] = False
+    logprobs: None = None
+    suffix: None = None
+
+
+class AdapterBody(_Body):
+    name: str
+    path: str
+
+
+# --- errors ----------------------------------------------------------------------------------
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(err.message, err.type, err.param, err.code), status_code=err.status)
+
+
+def _as_api_error(err: Exception) -> ApiError:
+    if isinstance(err, ApiError):
+        return err
+    if isinstance(err, UnknownModel):
+        return ApiError(404, str(err), param="model", code="model_not_found")
+    if isinstance(err, RequestError):
+        return ApiError(400, str(err), param=err.param, code=err.code)
+    if isinstance(err, AdapterError):
+        return ApiError(500, str(err), type="server_error", code="adapter_load_failed")
+    return ApiError(500, f"The server had an error while processing your request: {type(err).__name__}",
+                    type="server_error")
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "TextPart", "ChatMessage", "StreamOptions"}
+_VALIDATION_CODES = {"extra_forbidden": "unknown_parameter", "missing": "missing_required_parameter",
+                     "json_invalid": "invalid_json"}
+
+
+def _validation_error(err: RequestValidationError) -> ApiError:
+    first = err.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # pydantic puts union members' type names ("str", "list[TextPart]") into the location; they mean
+    # nothing to a client.
+    loc = [p for p in loc if p not in _TYPE_TAGS and not p.startswith(("list[", "function-", "literal["))] or loc
+    param = ".".join(loc) or None
+    if first["type"] == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {param}"
+    elif first["type"] == "json_invalid":
+        message, param = "We could not parse the JSON body of your request.", None
+    else:
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+    return ApiError(400, message, param=param, code=_VALIDATION_CODES.get(first["type"], "invalid_value"))
+
+
+# --- running requests --------------------------------------------------------------------------
+class _Batch:
+    """The engine requests behind one HTTP request (n choices x prompts), delivering their events
+    into one asyncio queue; engine callbacks hop onto the event loop with call_soon_threadsafe."""
+
+    def __init__(self, engine: Engine, model: str, prompts: list[list[int]], body: _Generation,
+                 max_tokens: int | None):
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.prompts = prompts
+        self.requests: list[Request] = []
+        for p, prompt_ids in enumerate(prompts):
+            for j in range(body.n):
+                index = p * body.n + j
+                self.requests.append(engine.make_request(
+                    model, prompt_ids, body.sampling(max_tokens, index),
+                    on_text=self._callback("text", index), on_done=self._callback("done", index)))
+        self.engine = engine
+
+    def _callback(self, kind: str, index: int):
+        def deliver(value):
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, index, value))
+        return deliver
+
+    def submit(self) -> None:
+        for r in self.requests:
+            self.engine.submit(r)
+
+    def cancel(self) -> None:
+        for r in self.requests:
+            r.cancelled = True
+
+    async def wait(self) -> list[Request]:
+        remaining = len(self.requests)
+        try:
+            while remaining:
+                kind, _, _ = await self.events.get()
+                remaining -= kind == "done"
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        for r in self.requests:
+            if r.error is not None:
+                raise r.error
+        return self.requests
+
+    def usage(self) -> dict:
+        prompt = sum(len(p) for p in self.prompts)
+        completion = sum(r.completion_tokens for r in self.requests)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(data) -> str:
+    return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n"
+
+
+def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
+    """The app serving `engine`; starts the engine thread on startup if it is not running."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Stop the engine on shutdown only if this app started it (an engine may outlive an app).
+        started_here = not engine.running
+        engine.start()
+        yield
+        if started_here:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="slmtune", lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: HttpRequest, err: ApiError):
+        return _error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: HttpRequest, err: RequestValidationError):
+        return _error_response(_validation_error(err))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: HttpRequest, err: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return JSONResponse(error_body(str(err.detail), "invalid_request_error", None, code),
+                            status_code=err.status_code, headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: HttpRequest, err: Exception):
+        return _error_response(_as_api_error(err))
+
+    def require_admin(request: HttpRequest) -> None:
+        if admin_token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {admin_token}".encode()):
+            raise ApiError(401, "Admin endpoints need `Authorization: Bearer <admin token>`.",
+                           type="invalid_request_error", code="invalid_api_key")
+
+    def model_card(name: str, loaded: bool, parent: str | None = None) -> dict:
+        return {"id": name, "object": "model", "created": engine.created, "owned_by": "slmtune",
+                "parent": parent, "loaded": loaded}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models():
+        loaded = set(engine.registry.loaded())
+        cards = [model_card(engine.base_name, True)]
+        cards += [model_card(n, n in loaded, engine.base_name) for n in engine.registry.names()]
+        return {"object": "list", "data": cards}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str):
+        try:
+            engine.check_model(name)
+        except UnknownModel as err:
+            raise _as_api_error(err) from None
+        loaded = name == engine.base_name or name in engine.registry.loaded()
+        return model_card(name, loaded, None if name == engine.base_name else engine.base_name)
+
+    def start(body: _Generation, prompts: list[list[int]], max_tokens: int | None) -> _Batch:
+        try:
+            batch = _Batch(engine, body.model, prompts, body, max_tokens)
+        except (UnknownModel, RequestError) as err:
+            raise _as_api_error(err) from None
+        batch.submit()
+        return batch
+
+    async def answer(batch: _Batch, shape) -> dict:
+        try:
+            requests = await batch.wait()
+        except (UnknownModel, RequestError, AdapterError) as err:
+            raise _as_api_error(err) from None
+        return {"choices": [shape(i, r.text, r.finish_reason) for i, r in enumerate(requests)],
+                "usage": batch.usage()}
+
+    async def stream(batch: _Batch, body: _Generation, meta: dict, shape, opening=None) -> StreamingResponse:
+        """Server-sent events: `opening` chunks, text chunks, one finish chunk per choice, usage, [DONE]."""
+        # An error before the first token (e.g. an adapter that fails to load) still gets a proper
+        # HTTP status, since nothing has been sent yet.
+        try:
+            first = await batch.events.get()
+        except asyncio.CancelledError:
+            batch.cancel()
+            raise
+        if first[0] == "done" and first[2].error is not None:
+            batch.cancel()
+            raise _as_api_error(first[2].error)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events():
+            pending, remaining = first, len(batch.requests)
+            try:
+                for i in range(len(batch.requests) if opening else 0):
+                    yield _sse(meta | {"choices": [opening(i)]})
+                while remaining:
+                    kind, index, value = pending if pending is not None else await batch.events.get()
+                    pending = None
+                    if kind == "text":
+                        yield _sse(meta | {"choices": [shape(index, value, None)]})
+                        continue
+                    remaining -= 1
+                    if value.error is not None:
+                        err = _as_api_error(value.error)
+                        yield _sse(error_body(err.message, err.type, err.param, err.code))
+                        break
+                    yield _sse(meta | {"choices": [shape(index, "", value.finish_reason)]})
+                if include_usage:
+                    yield _sse(meta | {"choices": [], "usage": batch.usage()})
+                yield _sse("[DONE]")
+            finally:
+                batch.cancel()  # no effect on finished requests; stops generating for a client that left
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        messages = [m.plain() for m in body.messages]
+        try:
+            prompt = await asyncio.to_thread(engine.encode_chat, messages)
+        except RequestError as err:
+            raise _as_api_error(err) from None
+        batch = start(body, [prompt], body.max_completion_tokens or body.max_tokens)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
+                "system_fingerprint": None}
+        if not body.stream:
+            def choice(index, text, finish):
+                return {"index": index, "message": {"role": "assistant", "content": text},
+                        "finish_reason": finish, "logprobs": None}
+
+            return meta | {"object": "chat.completion"} | await answer(batch, choice)
+
+        def chunk(index, text, finish):
+            return {"index": index, "delta": {"content": text} if text else {}, "finish_reason": finish,
+                    "logprobs": None}
+
+        def opening(index):
+            return {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                    "logprobs": None}
+
+        return await stream(batch, body, meta | {"object": "chat.completion.chunk"}, chunk, opening)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not texts:
+            raise ApiError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
+        prompts = [await asyncio.to_thread(engine.encode_text, t) for t in texts]
+        batch = start(body, prompts, body.max_tokens)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": body.model, "system_fingerprint": None}
+
+        def choice(index, text, finish):
+            return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+
+        if not body.stream:
+            return meta | await answer(batch, choice)
+        return await stream(batch, body, meta, choice)
+
+    @app.get("/admin/adapters")
+    async def list_adapters(request: HttpRequest):
+        require_admin(request)
+        return {"object": "list", "data": engine.registry.describe(), "loaded": engine.registry.loaded(),
+                "max_loaded": engine.registry.max_loaded}
+
+    @app.post("/admin/adapters", status_code=201)
+    async def add_adapter(body: AdapterBody, request: HttpRequest):
+        require_admin(request)
+        try:
+            source = await asyncio.to_thread(engine.add_adapter, body.name, body.path)
+        except AdapterError as err:
+            code = "adapter_exists" if "already registered" in str(err) else "invalid_adapter"
+            raise ApiError(409 if code == "adapter_exists" else 400, str(err), param="path", code=code) from None
+        return {"name": source.name, "path": source.given, "adapter_dir": str(source.path), "loaded": False}
+
+    @app.delete("/admin/adapters/{name}")
+    async def remove_adapter(name: str, request: HttpRequest):
+        require_admin(request)
+        try:
+            engine.remove_adapter(name)
+        except UnknownModel as err:
+            raise ApiError(404, f"No adapter named `{name}` is registered.", param="name",
+                           code="adapter_not_found") from err
+        return {"name": name, "deleted": True}
+
+    @app.get("/admin/stats")
+    async def stats(request: HttpRequest):
+        require_admin(request)
+        return engine.stats()
+
+    return app
