@@ -1,0 +1,165 @@
+"""The published fine-tuning results: base model vs fine-tuned, per task and method.
+
+    python benchmarks/results.py                                  # every task, LoRA, + methods on two tasks
+    python benchmarks/results.py --tasks classification qa --methods-on classification --test-limit 100
+
+For each task: score SmolLM2-135M-Instruct on the task's test split (validation for domain, which
+has no test split), fine-tune it with recipes/<task>/lora.yaml, score the run the same way. On the
+`--methods-on` tasks also QLoRA, DoRA and full fine-tuning with the same data and schedule.
+Training and scoring each run in their own process (`slmtune train`, `slmtune eval`), so peak RSS
+is per run. Writes docs/results.md (table + the command), docs/results/*.png (loss curves; base vs
+fine-tuned bars) and docs/results/results.json. Every number in the table comes from this run.
+
+Run it with the machine otherwise idle; the table records the thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "data"
+TASKS = ["classification", "ner", "translation", "qa", "creative", "domain", "chat"]
+# The metric the table leads with, and whether higher is better.
+HEADLINE = {
+    "classification": ("macro_f1", True), "ner": ("f1", True), "translation": ("chrf", True),
+    "qa": ("f1", True), "creative": ("format_adherence", True), "domain": ("perplexity", False),
+    "chat": ("rouge_l", True),
+}
+METHOD_SECTIONS = {
+    "qlora": ({"name": "qlora", "lora_r": 16, "lora_alpha": 32}, None),
+    "dora": ({"name": "dora", "lora_r": 16, "lora_alpha": 32}, None),
+    "full": ({"name": "full"}, 5e-5),
+}
+
+
+def slmtune(*args: str) -> None:
+    cmd = [sys.executable, "-m", "slmtune.cli", *args]
+    print("$ slmtune " + " ".join(args), file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+
+
+def test_file(task: str) -> Path:
+    return DATA / task / ("validation.jsonl" if task == "domain" else "test.jsonl")
+
+
+def evaluate(target: str, task: str, out: Path, limit: int) -> dict:
+    slmtune("eval", target, "--data", str(test_file(task)), "--task", task, "--limit", str(limit),
+            "--output", str(out), "--no-progress")
+    return json.loads(out.read_text())["metrics"]
+
+
+def train(task: str, method: str, out_dir: Path) -> Path:
+    recipe = yaml.safe_load((REPO / "recipes" / task / "lora.yaml").read_text())
+    if method != "lora":
+        section, lr = METHOD_SECTIONS[method]
+        recipe["method"] = dict(section)
+        if lr:
+            recipe["train"]["learning_rate"] = lr
+    recipe["output"] = {"dir": str(out_dir), "overwrite": True}
+    path = out_dir.parent / f"{out_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    slmtune("train", str(path), "--no-progress")
+    return out_dir
+
+
+def plots(rows: list[dict], runs: Path, figures: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures.mkdir(parents=True, exist_ok=True)
+    names = []
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for row in rows:
+        metrics = [json.loads(l) for l in (Path(row["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        steps = [m for m in metrics if m["kind"] == "step"]
+        ax.plot([m["step"] for m in steps], [m["loss"] for m in steps], label=f"{row['task']} {row['method']}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss (assistant tokens)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(figures / "loss_curves.png", dpi=120)
+    names.append("loss_curves.png")
+    lora = [r for r in rows if r["method"] == "lora"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    x = range(len(lora))
+    ax.bar([i - 0.2 for i in x], [r["base"] for r in lora], width=0.4, label="base")
+    ax.bar([i + 0.2 for i in x], [r["tuned"] for r in lora], width=0.4, label="LoRA fine-tuned")
+    ax.set_xticks(list(x), [f"{r['task']}\n{r['metric']}" for r in lora], fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(figures / "base_vs_finetuned.png", dpi=120)
+    names.append("base_vs_finetuned.png")
+    return names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="*", default=TASKS, choices=TASKS)
+    parser.add_argument("--methods-on", nargs="*", default=["classification", "qa"], choices=TASKS)
+    parser.add_argument("--test-limit", type=int, default=200)
+    parser.add_argument("--runs", default="runs/bench")
+    parser.add_argument("--out", default="docs/results.md")
+    args = parser.parse_args()
+
+    import torch
+
+    runs = REPO / args.runs
+    runs.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    rows = []
+    for task in args.tasks:
+        metric, higher = HEADLINE[task]
+        base = evaluate("smollm2-135m-instruct", task, runs / f"{task}-base.json", args.test_limit)
+        for method in ["lora"] + (list(METHOD_SECTIONS) if task in args.methods_on else []):
+            run_dir = train(task, method, runs / f"{task}-{method}")
+            tuned = evaluate(str(run_dir), task, runs / f"{task}-{method}-eval.json", args.test_limit)
+            summary = json.loads((run_dir / "summary.json").read_text())
+            better = tuned[metric] > base[metric] if higher else tuned[metric] < base[metric]
+            rows.append({"task": task, "method": method, "metric": metric, "base": base[metric],
+                         "tuned": tuned[metric], "better": better, "run_dir": str(run_dir),
+                         "train_examples": summary["train_examples"], "trainable_params": summary["trainable_params"],
+                         "peak_rss_mb": summary["peak_rss_mb"], "train_seconds": summary["train_seconds"],
+                         "tokens_per_second": summary["tokens_per_second"], "threads": summary["threads"]})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    figures = REPO / "docs" / "results"
+    figures.mkdir(parents=True, exist_ok=True)
+    (figures / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    images = plots(rows, runs, figures)
+    command = "python benchmarks/results.py " + " ".join(sys.argv[1:])
+    lines = [
+        "# Fine-tuning results: SmolLM2-135M-Instruct, base vs fine-tuned",
+        "",
+        f"Produced by `{command.strip()}` in {(time.time() - started) / 60:.0f} minutes on "
+        f"{os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads), scored on at most "
+        f"{args.test_limit} test rows per task (domain: validation split). Training sets are the seeded "
+        "samples given by each recipe's `data.max_examples` (recipes/<task>/lora.yaml).",
+        "",
+        "| task | method | metric | base | fine-tuned | better | train examples | trainable params | "
+        "peak RSS MB | train s | tokens/s |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['method']} | {r['metric']} | {r['base']:.4g} | {r['tuned']:.4g} | "
+                     f"{'yes' if r['better'] else '**no**'} | {r['train_examples']} | {r['trainable_params']:,} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['train_seconds']:.0f} | {r['tokens_per_second']:.0f} |")
+    lines += [""] + [f"![{name}](results/{name})" for name in images] + [""]
+    (REPO / args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

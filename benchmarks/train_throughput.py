@@ -1,0 +1,201 @@
+"""Training throughput and memory: slmtune vs TRL's SFTTrainer, side by side in one run.
+
+    .venv/bin/pip install "trl~=1.16.0"          # the comparison needs TRL; slmtune does not
+    python benchmarks/train_throughput.py --rows 400 --threads 2
+
+Both train SmolLM2-135M-Instruct with LoRA r=16, alpha=32, dropout 0 on all linear layers, one
+epoch over the first `--rows` conversations of ../shared/data/chat/train.jsonl, learning rate
+2e-4 with a linear schedule and no warmup, bf16 autocast, loss on assistant tokens only (TRL:
+conversational prompt/completion rows, its default completion-only loss). TRL uses its defaults
+otherwise (batch 8, padding, no packing); slmtune its defaults (packing short examples). Each
+trainer runs in its own process, so peak RSS is its own. Both adapters are then scored by the
+same function on the same validation conversations, so the losses are comparable.
+
+Run with the machine otherwise idle: on 2 cores a busy neighbour can slow PyTorch several-fold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CHAT = REPO.parent / "shared" / "data" / "chat"
+LR, RANK, ALPHA, MAX_LENGTH = 2e-4, 16, 32, 1024
+
+
+def first_rows(path: Path, n: int) -> list[dict]:
+    with path.open() as f:
+        return [json.loads(next(f)) for _ in range(n)]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_slmtune(model: str, train_file: str, out: Path) -> dict:
+    from slmtune.config import recipe_from_dict
+    from slmtune.run import run
+
+    recipe = recipe_from_dict({
+        "model": {"name": model},
+        "method": {"name": "lora", "lora_r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0},
+        "data": {"train": train_file, "max_length": MAX_LENGTH},
+        "train": {"epochs": 1, "micro_batch_size": 1, "learning_rate": LR, "schedule": "linear",
+                  "warmup_ratio": 0.0, "seed": 42},
+        "output": {"dir": str(out / "run"), "overwrite": True},
+    })
+    result = run(recipe, progress=False)
+    s = result.summary
+    return {"adapter": str(result.run_dir / "adapter"), "tokens": s["train_tokens"], "seconds": s["train_seconds"],
+            "steps": s["steps"], "examples": s["train_examples"], "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_trl(model: str, train_file: str, out: Path) -> dict:
+    import peft
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    rows = load_dataset("json", data_files=train_file, split="train")
+    rows = rows.map(lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]},
+                    remove_columns=["messages"])
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    net = AutoModelForCausalLM.from_pretrained(model, dtype="float32")
+    config = SFTConfig(output_dir=str(out / "trl"), num_train_epochs=1, learning_rate=LR,
+                       lr_scheduler_type="linear", warmup_steps=0, max_length=MAX_LENGTH, bf16=True,
+                       use_cpu=True, save_strategy="no", report_to=[], logging_steps=10, seed=42)
+    trainer = SFTTrainer(model=net, args=config, train_dataset=rows, processing_class=tokenizer,
+                         peft_config=peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
+    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    trainer.model.save_pretrained(out / "trl-adapter")
+    return {"adapter": str(out / "trl-adapter"), "tokens": tokens, "seconds": seconds,
+            "steps": trainer.state.global_step, "examples": len(rows), "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_eval(model: str, adapters: list[str], validation_file: str) -> dict:
+    """Validation loss of each adapter on assistant tokens, by slmtune's own (target-only) loss."""
+    from peft import PeftModel
+
+    from slmtune.config import DataSection
+    from slmtune.data import build_datasets
+    from slmtune.data.batching import collate
+    from slmtune.models import load_model, load_tokenizer
+    from slmtune.train import evaluate_loss
+
+    tokenizer = load_tokenizer(model)
+    data = build_datasets(DataSection(train=validation_file, max_length=MAX_LENGTH), tokenizer, 0)
+    batches = [collate([[e] for e in data.train[i:i + 8]], tokenizer.pad_token_id, False)
+               for i in range(0, len(data.train), 8)]
+    import torch
+
+    losses = {}
+    for adapter in adapters:
+        net = PeftModel.from_pretrained(load_model(model), adapter)
+        losses[adapter] = evaluate_loss(net, batches, torch.bfloat16)
+    return losses
+
+
+def matmul_gflops(dtype_name: str, size: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def lora_step_flops_per_token(model_dir: str, target_fraction: float) -> float:
+    """Forward 2N, backward ~2N (activation gradients through frozen weights; no weight gradients
+    except the small adapters), per token; the LM head only at target positions."""
+    from slmtune.plan import architecture
+
+    arch = architecture(model_dir)
+    body = arch.num_hidden_layers * arch.linear_params_per_layer()
+    head = arch.vocab_size * arch.hidden_size
+    return 4 * body + 4 * head * target_fraction
+
+
+def run_worker(kind: str, args, tmp: Path, extra: list[str]) -> dict:
+    # Offline: no hub look-ups (model cards, telemetry) that would stall on a closed network.
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--threads", str(args.threads),
+           "--tmp", str(tmp), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=400)
+    parser.add_argument("--validation-rows", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--worker")
+    parser.add_argument("--tmp")
+    parser.add_argument("--adapters", nargs="*")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        from slmtune.models import resolve
+
+        model, tmp = resolve(args.model), Path(args.tmp)
+        if args.worker == "eval":
+            print(json.dumps(worker_eval(model, args.adapters, str(tmp / "validation.jsonl"))))
+        else:
+            fn = worker_slmtune if args.worker == "slmtune" else worker_trl
+            print(json.dumps(fn(model, str(tmp / "train.jsonl"), tmp)))
+        return
+
+    tmp = Path(tempfile.mkdtemp(prefix="slmtune-bench-"))
+    for name, n, source in (("train", args.rows, "train"), ("validation", args.validation_rows, "validation")):
+        rows = first_rows(CHAT / f"{source}.jsonl", n)
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = {}
+    for kind in ("trl", "slmtune"):
+        print(f"training with {kind}...", file=sys.stderr, flush=True)
+        results[kind] = run_worker(kind, args, tmp, [])
+    losses = run_worker("eval", args, tmp, ["--adapters", results["trl"]["adapter"], results["slmtune"]["adapter"]])
+    for kind in results:
+        results[kind]["eval_loss"] = losses[results[kind]["adapter"]]
+
+    from slmtune.models import resolve
+
+    peak_bf16, peak_fp32 = matmul_gflops("bfloat16"), matmul_gflops("float32")
+    flops_per_token = lora_step_flops_per_token(resolve(args.model), target_fraction=0.5)
+    print(f"\nSmolLM2-135M-Instruct, LoRA r={RANK}, {args.rows} chat rows, 1 epoch, {args.threads} threads; "
+          f"machine: bf16 matmul {peak_bf16:.0f} GFLOP/s, fp32 {peak_fp32:.0f} GFLOP/s")
+    print(f"{'trainer':8} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'steps':>6} {'ex/step':>7} "
+          f"{'peak RSS MB':>11} {'eval loss':>9} {'MFU bf16':>8}")
+    for kind, r in results.items():
+        tps = r["tokens"] / r["seconds"]
+        mfu = tps * flops_per_token / (peak_bf16 * 1e9)
+        print(f"{kind:8} {r['tokens']:>8} {r['seconds']:>8.1f} {tps:>9.1f} {r['steps']:>6} "
+              f"{r['examples'] / r['steps']:>7.1f} {r['peak_rss_mb']:>11.0f} {r['eval_loss']:>9.4f} {100 * mfu:>7.1f}%")
+    s, t = results["slmtune"], results["trl"]
+    print(f"ratios slmtune/TRL: tokens/s {(s['tokens'] / s['seconds']) / (t['tokens'] / t['seconds']):.2f}x, "
+          f"peak RSS {s['peak_rss_mb'] / t['peak_rss_mb']:.2f}x, eval loss {s['eval_loss'] / t['eval_loss']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
