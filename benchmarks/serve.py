@@ -1,0 +1,223 @@
+"""Serving throughput and latency: concurrency, adapters, PyTorch vs ONNX Runtime, vs a naive loop.
+
+    python benchmarks/serve.py --threads 2 --max-tokens 64
+
+One run prints one table. Rows:
+  naive generate loop   one `model.generate` per request, sequentially, in this process
+  torch, base, C        `slmtune serve` with C concurrent clients (C = 1, 4, 16) on the base model
+  torch, 4 adapters     16 clients spread over 4 LoRA adapters (r=16, all linear layers) kept hot
+  onnx fp32 / int8      `slmtune serve --backend onnx` on the base exported by onnxruntime-genai's
+                        builder, 1 client; with greedy-token agreement against PyTorch
+Each client sends `--requests` chat requests one after another (greedy, max_tokens fixed);
+tokens/s is the sum of completion tokens (from `usage`) over the scenario's wall time.
+Run it with the machine otherwise idle; the thread count is printed with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CHAT_TEST = REPO.parent / "shared" / "data" / "chat" / "test.jsonl"
+
+
+def prompts(n: int) -> list[str]:
+    with CHAT_TEST.open() as f:
+        return [json.loads(next(f))["messages"][0]["content"] for _ in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_adapters(model_dir: str, root: Path, n: int) -> dict[str, str]:
+    """LoRA adapters with random (non-zero) weights: the compute of real ones, no training needed."""
+    import peft
+    import torch
+
+    from slmtune.models import load_model
+
+    out = {}
+    for i in range(n):
+        torch.manual_seed(i)
+        net = peft.get_peft_model(load_model(model_dir), peft.LoraConfig(
+            r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.002)
+        net.save_pretrained(root / f"adapter{i}")
+        out[f"adapter{i}"] = str(root / f"adapter{i}")
+    return out
+
+
+class Server:
+    def __init__(self, args: list[str], threads: int):
+        self.port = free_port()
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "slmtune.cli", "serve", *args, "--port", str(self.port),
+                                      "--log-level", "warning"], env=env)
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/models", timeout=2)
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise SystemExit("server exited during start-up")
+                time.sleep(1)
+        raise SystemExit("server did not start in 300 s")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def chat(url: str, model: str, prompt: str, max_tokens: int) -> tuple[str, int, float]:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}],
+                       "max_tokens": max_tokens, "temperature": 0}).encode()
+    request = urllib.request.Request(f"{url}/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    started = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=600) as response:
+        data = json.loads(response.read())
+    return data["choices"][0]["message"]["content"], data["usage"]["completion_tokens"], time.perf_counter() - started
+
+
+def load(url: str, models: list[str], clients: int, requests: int, texts: list[str], max_tokens: int) -> dict:
+    latencies, tokens, outputs = [], [], {}
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        for r in range(requests):
+            prompt = texts[(c * requests + r) % len(texts)]
+            text, n, seconds = chat(url, models[c % len(models)], prompt, max_tokens)
+            with lock:
+                latencies.append(seconds)
+                tokens.append(n)
+                outputs[prompt] = text
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    wall = time.perf_counter() - started
+    latencies.sort()
+    return {"tokens_per_second": sum(tokens) / wall, "p50": statistics.median(latencies),
+            "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], "outputs": outputs,
+            "requests": len(latencies)}
+
+
+def naive_loop(model_dir: str, texts: list[str], max_tokens: int) -> dict:
+    from slmtune.chat import generate_reply
+    from slmtune.models import load_model, load_tokenizer
+
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
+    n_tokens, latencies = 0, []
+    started = time.perf_counter()
+    for text in texts:
+        t = time.perf_counter()
+        reply = generate_reply(model, tokenizer, [{"role": "user", "content": text}], max_new_tokens=max_tokens)
+        latencies.append(time.perf_counter() - t)
+        n_tokens += len(tokenizer(reply, add_special_tokens=False)["input_ids"]) + 1
+    wall = time.perf_counter() - started
+    return {"tokens_per_second": n_tokens / wall, "p50": statistics.median(latencies), "p99": max(latencies)}
+
+
+def agreement(reference: dict[str, str], other: dict[str, str], tokenizer) -> float:
+    same = total = 0
+    for prompt, ref in reference.items():
+        a = tokenizer(ref, add_special_tokens=False)["input_ids"]
+        b = tokenizer(other.get(prompt, ""), add_special_tokens=False)["input_ids"]
+        prefix = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            prefix += 1
+        same += prefix
+        total += len(a)
+    return same / total if total else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=4, help="requests per client")
+    parser.add_argument("--skip-onnx", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from slmtune.models import load_tokenizer, resolve
+
+    model_dir = resolve(args.model)
+    tokenizer = load_tokenizer(model_dir)
+    texts = prompts(64)
+    work = Path(tempfile.mkdtemp(prefix="slmtune-serve-bench-"))
+    rows = []
+
+    naive = naive_loop(model_dir, texts[: args.requests * 2], args.max_tokens)
+    rows.append(("naive generate loop", 1, naive))
+
+    adapters = make_adapters(model_dir, work, 4)
+    flags = ["--model", model_dir, "--max-batch-size", "16"]
+    for name, path in adapters.items():
+        flags += ["--adapter", f"{name}={path}"]
+    server = Server(flags, args.threads)
+    try:
+        base_id = json.loads(urllib.request.urlopen(f"{server.url}/models").read())["data"][0]["id"]
+        single = None
+        for clients in (1, 4, 16):
+            result = load(server.url, [base_id], clients, args.requests, texts, args.max_tokens)
+            single = single or result
+            rows.append(("torch, base", clients, result))
+        rows.append(("torch, 4 adapters", 16, load(server.url, list(adapters), 16, args.requests, texts,
+                                                    args.max_tokens)))
+    finally:
+        server.close()
+
+    if not args.skip_onnx:
+        from slmtune.onnx_export import build_onnx
+
+        for precision in ("fp32", "int8"):
+            export = work / f"onnx-{precision}"
+            build_onnx(model_dir, export, precision, work_dir=work / f"build-{precision}")
+            server = Server(["--backend", "onnx", "--model", str(export)], args.threads)
+            try:
+                model_id = json.loads(urllib.request.urlopen(f"{server.url}/models").read())["data"][0]["id"]
+                result = load(server.url, [model_id], 1, args.requests, texts, args.max_tokens)
+                result["agreement"] = agreement(single["outputs"], result["outputs"], tokenizer)
+                rows.append((f"onnx {precision}", 1, result))
+            finally:
+                server.close()
+
+    print(f"\nServing {args.model}, greedy, max_tokens {args.max_tokens}, {args.requests} requests per client, "
+          f"{args.threads} threads")
+    print(f"{'scenario':22} {'clients':>7} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} {'vs torch x1':>11} {'agree':>6}")
+    for name, clients, r in rows:
+        ratio = r["tokens_per_second"] / single["tokens_per_second"]
+        agree = f"{100 * r['agreement']:.0f}%" if "agreement" in r else ""
+        print(f"{name:22} {clients:>7} {r['tokens_per_second']:>9.1f} {r['p50']:>7.2f} {r['p99']:>7.2f} "
+              f"{ratio:>10.2f}x {agree:>6}")
+
+
+if __name__ == "__main__":
+    main()
