@@ -3,6 +3,7 @@
     slmtune train recipes/quickstart/support_assistant.yaml train.epochs=2
     slmtune train --model smollm2-135m-instruct --data train.jsonl --epochs 3 --output runs/mine
     slmtune train --resume runs/mine
+    slmtune train recipe.yaml train.distributed.strategy=fsdp --nproc 2 [--nnodes 2 --node-rank 0 --master-addr HOST]
     slmtune models pull smollm2-135m-instruct | slmtune models list
     slmtune data validate train.jsonl [--model smollm2-135m-instruct] [--task ner]
     slmtune data convert --from alpaca|sharegpt|csv|hf-datasets IN OUT [--task T] [--map FIELD=COLUMN]
@@ -11,13 +12,18 @@
     slmtune serve --model smollm2-135m-instruct --adapter support=runs/mine [--port 8000]
     slmtune adapters add|remove|list [NAME [RUN_DIR]] --url http://127.0.0.1:8000
     slmtune export runs/mine --merge exports/mine
+    slmtune export runs/mine --format onnx [--precision fp32|int8|int4] --output exports/mine-onnx
+    slmtune serve --backend onnx --model exports/mine-onnx
     slmtune plan --model qwen2.5-1.5b --hardware 1x24GB --seq-len 2048 [--measure]
+    slmtune api [--db URL] [--workers N] [--models NAME=DIR] [--port 8000]   # the fine-tuning service
+    slmtune worker --db URL | slmtune keys create --tenant NAME [--db URL]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -37,14 +43,14 @@ def _user_errors():
 
 def cmd_train(args) -> int:
     from slmtune.config import RecipeError, apply_overrides, load_recipe, recipe_from_dict
-    from slmtune.run import run
 
     quick = {"model": args.model, "data": args.data, "validation": args.validation, "method": args.method,
              "epochs": args.epochs, "output": args.output}
     if args.resume:
-        if args.recipe or any(v is not None for v in quick.values()):
+        first_is_override = bool(args.recipe) and "=" in args.recipe  # argparse puts the first one there
+        if (args.recipe and not first_is_override) or any(v is not None for v in quick.values()):
             raise RecipeError("--resume RUN_DIR takes the run's own recipe.yaml; give only key=value overrides")
-        recipe = load_recipe(Path(args.resume) / "recipe.yaml", args.overrides)
+        recipe = load_recipe(Path(args.resume) / "recipe.yaml", [args.recipe] * first_is_override + args.overrides)
     elif args.recipe and "=" not in args.recipe:
         if any(v is not None for v in quick.values()):
             raise RecipeError("give a recipe file or the quick flags (--model/--data/...), not both; "
@@ -64,6 +70,10 @@ def cmd_train(args) -> int:
         }
         recipe = recipe_from_dict(apply_overrides(raw, overrides), "command line")
 
+    if args.nproc > 1 or args.nnodes > 1:  # the recipe is valid: run this command on every process
+        return _launch_train(args, recipe)
+    from slmtune.run import run
+
     on_event = None
     if args.json_events:
         def on_event(event):
@@ -71,10 +81,22 @@ def cmd_train(args) -> int:
 
     result = run(recipe, resume=bool(args.resume), on_event=on_event, progress=not args.no_progress)
     s = result.summary
+    if os.environ.get("RANK", "0") != "0":  # one of several processes: rank 0 reports
+        return 0
     print(f"Done: {result.run_dir}  (loss {s['final_train_loss']:.4f}"
           + (f", eval_loss {s['eval_loss']:.4f}" if s["eval_loss"] is not None else "")
           + f", {s['tokens_per_second']} tokens/s, peak RSS {s['peak_rss_mb']:.0f} MB)", file=sys.stderr)
     return 0
+
+
+def _launch_train(args, recipe) -> int:
+    """`slmtune train ... --nproc N`: run this same command on N processes through torchrun."""
+    from slmtune import distributed
+
+    argv = list(args.argv)
+    if args.model and not args.output:  # every process must use the same (time-stamped) default directory
+        argv += ["--output", recipe.output.dir]
+    return distributed.launch(argv, args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port)
 
 
 def cmd_models(args) -> int:
@@ -169,10 +191,20 @@ def cmd_serve(args) -> int:
         print("error: --max-loaded-adapters, --max-batch-size and --default-max-tokens must be at least 1",
               file=sys.stderr)
         return 2
+    if args.backend == "onnx" and adapters:
+        print("error: --backend onnx serves one exported model (adapter merged); it takes no --adapter",
+              file=sys.stderr)
+        return 2
     try:
-        engine = Engine.load(args.model, adapters, base_name=args.served_model_name,
-                             max_loaded_adapters=args.max_loaded_adapters, max_batch_size=args.max_batch_size,
-                             batch_wait_ms=args.batch_wait_ms, default_max_tokens=args.default_max_tokens)
+        if args.backend == "onnx":
+            from slmtune.serve.onnx_engine import OnnxEngine
+
+            engine = OnnxEngine.load(args.model, base_name=args.served_model_name, max_batch_size=args.max_batch_size,
+                                     batch_wait_ms=args.batch_wait_ms, default_max_tokens=args.default_max_tokens)
+        else:
+            engine = Engine.load(args.model, adapters, base_name=args.served_model_name,
+                                 max_loaded_adapters=args.max_loaded_adapters, max_batch_size=args.max_batch_size,
+                                 batch_wait_ms=args.batch_wait_ms, default_max_tokens=args.default_max_tokens)
     except AdapterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -206,9 +238,32 @@ def cmd_adapters(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from slmtune.config import RecipeError
     from slmtune.export import merge
 
-    print(merge(args.run_dir, args.merge))
+    fmt = args.format or "merged"
+    if args.merge and args.output:
+        raise RecipeError("give the output folder once: --output OUT (or --merge OUT for the merged format)")
+    if args.merge and fmt != "merged":
+        raise RecipeError("--merge OUT writes the merged format; use --output OUT with --format onnx")
+    out = args.merge or args.output
+    if not out:
+        raise RecipeError("slmtune export needs --output OUT (or --merge OUT)")
+    if fmt == "merged" and args.precision != "fp32":
+        raise RecipeError("--precision int8/int4 applies to --format onnx; the merged model is fp32 safetensors")
+    if fmt == "onnx":
+        from slmtune.onnx_export import export_onnx, format_parity
+
+        result = export_onnx(args.run_dir, out, args.precision, check_parity=not args.no_parity)
+        path, report = result.path, result.parity
+    else:
+        from slmtune.onnx_export import format_parity, parity
+
+        path = merge(args.run_dir, out)
+        report = None if args.no_parity else parity(args.run_dir, path, "merged")
+    if report is not None:
+        print(format_parity(report) + f"; details in {path / 'parity.json'}", file=sys.stderr)
+    print(path)
     return 0
 
 
@@ -239,6 +294,59 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _service_settings(args):
+    from slmtune.service.settings import Settings
+
+    overrides = {k: v for k, v in {"db": getattr(args, "db", None), "workers": getattr(args, "workers", None),
+                                   "max_upload_bytes": getattr(args, "max_upload_bytes", None)}.items()
+                 if v is not None}
+    models = {}
+    for item in getattr(args, "models", None) or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            from slmtune.config import RecipeError
+
+            raise RecipeError(f"--models {item!r}: use NAME=DIR (a model directory or catalog name)")
+        models[name] = path
+    if models:
+        overrides["models"] = models
+    return Settings(**overrides)
+
+
+def cmd_api(args) -> int:
+    import uvicorn
+
+    from slmtune.service.app import create_service_app
+
+    settings = _service_settings(args)
+    print(f"Fine-tuning service at http://{args.host}:{args.port}/v1 ({settings.workers} worker(s), "
+          f"base models: {', '.join(settings.models) or 'none'})", file=sys.stderr)
+    uvicorn.run(create_service_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from slmtune.service.worker import main as worker_main
+
+    return worker_main(_service_settings(args))
+
+
+def cmd_keys(args) -> int:
+    from slmtune.config import RecipeError
+    from slmtune.service.auth import create_key
+    from slmtune.service.store import Store
+
+    store = Store(_service_settings(args).db_url)
+    store.migrate()
+    try:
+        key = create_key(store, args.tenant)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
+    print(f"API key for tenant {args.tenant} (shown once; only its sha256 is stored):", file=sys.stderr)
+    print(key)
+    return 0
+
+
 TASK_CHOICES = list(TASK_NAMES)
 
 
@@ -258,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="run directory (quick mode; default runs/<model>-<method>-<time>)")
     p.add_argument("--json-events", action="store_true", help="print every training event as a JSON line on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    launch = p.add_argument_group("data parallelism (train.distributed.strategy; re-launched through torchrun)")
+    launch.add_argument("--nproc", type=int, default=1, help="processes on this node (GPUs, or CPU workers)")
+    launch.add_argument("--nnodes", type=int, default=1, help="nodes; run the same command on each")
+    launch.add_argument("--node-rank", type=int, default=0, help="this node's index, 0 to nnodes-1")
+    launch.add_argument("--master-addr", help="address of node 0 (several nodes)")
+    launch.add_argument("--master-port", type=int, help="port on node 0 (default 29500)")
     p.set_defaults(func=cmd_train)
 
     p = verbs.add_parser("models", help="pull and list local models")
@@ -298,7 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("export", help="write a run as a standalone model")
     p.add_argument("run_dir")
-    p.add_argument("--merge", metavar="OUT", required=True, help="folder for the merged HF model")
+    p.add_argument("--format", choices=["merged", "onnx"],
+                   help="merged: HF safetensors with the adapter merged (default); onnx: for ONNX Runtime GenAI")
+    p.add_argument("--output", metavar="OUT", help="folder to write (must not exist or be empty)")
+    p.add_argument("--merge", metavar="OUT", help="same as --format merged --output OUT")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"],
+                   help="ONNX weight precision (default fp32)")
+    p.add_argument("--no-parity", action="store_true",
+                   help="skip the greedy-generation parity check against the PyTorch model")
     p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("plan", help="estimate memory per method and recommend one")
@@ -321,7 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = verbs.add_parser("serve", help="serve a model and its adapters over an OpenAI-compatible API")
-    p.add_argument("--model", required=True, help="base model: catalog name, directory, .gguf file or hub id")
+    p.add_argument("--model", required=True, help="base model: catalog name, directory, .gguf file or hub id; "
+                   "with --backend onnx, a `slmtune export --format onnx` folder")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
+                   help="torch (default; adapters) or onnx (an exported model through onnxruntime-genai)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_DIR",
                    help="register an adapter (run directory or PEFT adapter directory); repeatable")
     p.add_argument("--host", default="127.0.0.1")
@@ -347,11 +471,35 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default %(default)s)")
         sub.add_argument("--admin-token", help="bearer token (default $SLMTUNE_ADMIN_TOKEN)")
     p.set_defaults(func=cmd_adapters)
+
+    p = verbs.add_parser("api", help="the fine-tuning service: OpenAI-shaped files / fine_tuning / chat API")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--db", help="SQLAlchemy URL (default: SQLite under $SLMTUNE_HOME/service; or $SLMTUNE_DB)")
+    p.add_argument("--workers", type=int, help="worker processes to start (default 1; 0 with external workers)")
+    p.add_argument("--models", action="append", metavar="NAME=DIR",
+                   help="a base model offered for fine-tuning; the first is also served; repeatable")
+    p.add_argument("--max-upload-bytes", type=int, help="upload size limit (default 50 MB)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_api)
+
+    p = verbs.add_parser("worker", help="a fine-tuning worker: runs queued jobs of the service's database")
+    p.add_argument("--db", help="SQLAlchemy URL, the same as the API server's")
+    p.set_defaults(func=cmd_worker)
+
+    p = verbs.add_parser("keys", help="API keys of the fine-tuning service")
+    kv = p.add_subparsers(dest="keys_verb", required=True)
+    kc = kv.add_parser("create", help="create a key for a tenant; prints the key on the last line")
+    kc.add_argument("--tenant", required=True)
+    kc.add_argument("--db", help="SQLAlchemy URL (default: as `slmtune api`)")
+    p.set_defaults(func=cmd_keys)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `train --nproc N` re-runs the same command under torchrun
     # Deprecation notices from transformers/peft internals are for us, not for users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:

@@ -27,13 +27,14 @@ from typing import Callable
 
 import torch
 
+from slmtune import distributed
 from slmtune.config import Recipe, RecipeError
 from slmtune.data import build_datasets
 from slmtune.data.batching import collate, make_rows, should_pack
 from slmtune.data.tokenize import check_end_of_turn
 from slmtune.methods import METHODS
 from slmtune.models import end_of_turn_ids, load_model, load_tokenizer
-from slmtune.train import TrainState, latest_checkpoint, peak_rss_mb, train
+from slmtune.train import TrainState, latest_checkpoint, peak_rss_mb, train, write_trained
 
 
 @dataclass
@@ -48,9 +49,10 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _prepare_run_dir(recipe: Recipe, resume: bool) -> tuple[Path, Path | None]:
+def _prepare_run_dir(recipe: Recipe, resume: bool, parallel) -> tuple[Path, Path | None]:
+    """Every rank checks; then rank 0 alone changes the directory."""
     run_dir = Path(recipe.output.dir)
-    checkpoint = None
+    checkpoint, wipe = None, False
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         if (run_dir / "summary.json").exists():
@@ -61,8 +63,13 @@ def _prepare_run_dir(recipe: Recipe, resume: bool) -> tuple[Path, Path | None]:
                 f"{run_dir}: output directory exists and is not empty; resume it with "
                 f"`slmtune train --resume {run_dir}`, choose another output.dir, or set output.overwrite=true"
             )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        wipe = True
+    parallel.barrier()
+    if parallel.is_main:
+        if wipe:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    parallel.barrier()
     return run_dir, checkpoint
 
 
@@ -95,10 +102,26 @@ def run(
     progress: bool = True,
 ) -> RunResult:
     """Fine-tune as the recipe says and write the run directory. Raises RecipeError, DataError,
-    ModelError or TemplateError with a message meant for the user."""
+    ModelError or TemplateError with a message meant for the user.
+
+    Under torchrun (`slmtune train --nproc N`) every process calls run(): they train together as
+    train.distributed says, and rank 0 alone writes files, prints and calls `on_event`."""
+    par = distributed.start(recipe.train)
+    try:
+        result = _run(recipe, par, resume=resume, on_event=on_event if par.is_main else None,
+                      progress=progress and par.is_main)
+    except BaseException:
+        par.shutdown(clean=False)
+        raise
+    par.shutdown()
+    return result
+
+
+def _run(recipe: Recipe, par, *, resume: bool, on_event: Callable[[dict], None] | None, progress: bool) -> RunResult:
     wall_start = time.perf_counter()
-    run_dir, checkpoint = _prepare_run_dir(recipe, resume)
-    _atomic_write(run_dir / "recipe.yaml", recipe.to_yaml())
+    run_dir, checkpoint = _prepare_run_dir(recipe, resume, par)
+    if par.is_main:
+        _atomic_write(run_dir / "recipe.yaml", recipe.to_yaml())
     cfg = recipe.train
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -107,11 +130,11 @@ def run(
     method = METHODS[recipe.method.name]
     load_kwargs = method.load_kwargs(recipe.method) if hasattr(method, "load_kwargs") else {}
     if torch.cuda.is_available() and load_kwargs:
-        load_kwargs["device_map"] = {"": 0}  # quantized weights are placed while loading
+        load_kwargs["device_map"] = {"": par.device.index or 0}  # quantized weights are placed while loading
     tokenizer = load_tokenizer(recipe.model.name)
     model = load_model(recipe.model.name, attn_implementation=recipe.model.attn_implementation, **load_kwargs)
     if torch.cuda.is_available() and not load_kwargs:
-        model.to("cuda")
+        model.to(par.device)
     data = build_datasets(recipe.data, tokenizer, cfg.seed)
     if data.format == "chat":
         check_end_of_turn(data.train_records[0].data["messages"], tokenizer, end_of_turn_ids(model, tokenizer))
@@ -141,9 +164,12 @@ def run(
     ]
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=None if not resume else
-                         (json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0))
+                         (json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0)
+                         ) if par.is_main else None
 
     def emit(event: dict) -> None:
+        if metrics is None:  # ranks other than 0 report nothing
+            return
         metrics(event)
         if event["type"] == "eval" and progress:
             from tqdm.auto import tqdm
@@ -160,19 +186,23 @@ def run(
         state: TrainState = train(
             model, method, data.train, rows, eval_batches, cfg, run_dir=run_dir, pad_id=pad_id, packed=packed,
             attn_implementation=recipe.model.attn_implementation, resume_from=checkpoint, emit=emit,
-            progress=progress,
+            progress=progress, parallel=par,
         )
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
 
-    artifact = run_dir / method.ARTIFACT
-    tmp = run_dir / f".{method.ARTIFACT}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    method.save_trained(model, tmp, final=True)
-    if method.ARTIFACT == "model":
-        tokenizer.save_pretrained(tmp)  # a complete, standalone model directory
-    shutil.rmtree(artifact, ignore_errors=True)
-    os.replace(tmp, artifact)
+    # Sharded weights (FSDP, ZeRO-3) are gathered; rank 0 writes the usual one-process format.
+    weights = par.trained_state_dict(model, trainable_only=method.ARTIFACT == "adapter")
+    if par.is_main:
+        artifact = run_dir / method.ARTIFACT
+        tmp = run_dir / f".{method.ARTIFACT}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_trained(method, model, tmp, weights, final=True)
+        if method.ARTIFACT == "model":
+            tokenizer.save_pretrained(tmp)  # a complete, standalone model directory
+        shutil.rmtree(artifact, ignore_errors=True)
+        os.replace(tmp, artifact)
     summary = {
         "model": recipe.model.name,
         "method": recipe.method.name,
@@ -191,8 +221,13 @@ def run(
         "trainable_params": trainable,
         "total_params": total,
         "threads": torch.get_num_threads(),
+        "strategy": par.strategy,
+        "offload": par.offload,
+        "world_size": par.world_size,
+        "state_bytes_per_rank": state.state_bytes_per_rank,
     }
-    _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if par.is_main:
+        _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     if on_event is not None:
         on_event({"type": "end", **summary})
     return RunResult(run_dir, summary)

@@ -2,7 +2,9 @@
 
 Read it top to bottom in `train()`. The loss of one optimizer step is the sum of token losses over
 every micro-batch it accumulates, divided by the number of target tokens in all of them, so 4
-micro-batches of 2 rows give exactly the loss and gradients of 1 micro-batch of 8 rows.
+micro-batches of 2 rows give exactly the loss and gradients of 1 micro-batch of 8 rows. With
+several processes (train.distributed, slmtune/distributed.py) a step takes world_size times as many
+micro-batches, each rank every world_size-th of them, with the same loss and updates as one process.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from slmtune.config import TrainSection
 from slmtune.data.batching import collate, micro_batches, steps_per_epoch
 from slmtune.data.tokenize import IGNORE, Example
+from slmtune.distributed import SingleProcess
 
 Event = dict
 EventSink = Callable[[Event], None]
@@ -80,19 +83,47 @@ def target_loss_sum(model, batch: dict, amp_dtype: torch.dtype | None) -> torch.
     return F.cross_entropy(logits, targets[select], reduction="sum")
 
 
-def accumulate_gradients(model, batches: list[dict], amp_dtype: torch.dtype | None) -> float:
+def accumulate_gradients(model, batches: list[dict], amp_dtype: torch.dtype | None, *,
+                         step_targets: int | None = None, parallel=None) -> float:
     """Backward over the micro-batches of one optimizer step; returns the step's mean token loss.
 
     Each micro-batch's summed loss is divided by the target tokens of *all* of them, so the
-    gradients equal those of one big batch however the step is split.
+    gradients equal those of one big batch however the step is split. In a data-parallel run
+    `batches` are this rank's share, `step_targets` counts the targets of the whole global step,
+    `parallel` runs each pass through the wrapped model, and the result is this rank's part of the
+    loss (the caller sums it over ranks).
     """
-    step_targets = max(sum(b["n_targets"] for b in batches), 1)
+    if step_targets is None:
+        step_targets = sum(b["n_targets"] for b in batches)
+    step_targets = max(step_targets, 1)
     total = 0.0
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        if parallel is not None:
+            total += parallel.forward_backward(batch, amp_dtype, step_targets, last=i == len(batches) - 1)
+            continue
         loss = target_loss_sum(model, batch, amp_dtype) / step_targets
         loss.backward()
         total += loss.item()
     return total
+
+
+class TargetLoss(torch.nn.Module):
+    """`target_loss_sum` as a module's forward: the one module DDP, FSDP and DeepSpeed wrap."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return target_loss_sum(self.model, batch, amp_dtype)
+
+
+def optimizer_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups, weight decay on matrices only; the same order under every strategy, so
+    optimizer states are indexed alike in every checkpoint."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
 
 
 def _prompt_learning_loss_sum(model, batch, targets, select, amp_dtype) -> torch.Tensor:
@@ -107,15 +138,20 @@ def _prompt_learning_loss_sum(model, batch, targets, select, amp_dtype) -> torch
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches: list[dict], amp_dtype) -> float | None:
+def evaluate_loss(model, batches: list[dict], amp_dtype, parallel=None) -> float | None:
+    """Mean token loss over `batches`; in a data-parallel run each rank evaluates its share."""
     if not batches:
         return None
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in batches:
-        total += target_loss_sum(model, batch, amp_dtype).item()
-        count += batch["n_targets"]
+    for batch, real in (parallel.share(batches) if parallel else [(b, True) for b in batches]):
+        loss = parallel.loss(batch, amp_dtype) if parallel else target_loss_sum(model, batch, amp_dtype)
+        if real:
+            total += loss.item()
+            count += batch["n_targets"]
+    if parallel is not None:
+        total, count = parallel.all_sum([total, count])
     model.train(was_training)
     return total / max(count, 1)
 
@@ -139,6 +175,16 @@ class TrainState:
     train_seconds: float = 0.0
     last_loss: float | None = None
     last_eval_loss: float | None = None
+    state_bytes_per_rank: list | None = None  # parameter/gradient/optimizer bytes held by each process
+    micro_batches_per_step: int | None = None  # gradient_accumulation_steps x processes
+
+
+def write_trained(method, model, path: Path, weights: dict | None, final: bool = False) -> None:
+    """method.save_trained, from `weights` (gathered full weights) when the model's own are sharded."""
+    if weights is None:
+        method.save_trained(model, path, final=final)
+    else:
+        method.save_trained(model, path, final=final, state_dict=weights)
 
 
 def _atomic_json(path: Path, data) -> None:
@@ -147,16 +193,23 @@ def _atomic_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, method, model, optimizer, scheduler, state: TrainState, keep: int) -> Path:
-    """Write checkpoints/step-N atomically (temp dir, then rename) and prune old ones."""
+def save_checkpoint(run_dir: Path, method, model, parallel, scheduler, state: TrainState, keep: int) -> Path | None:
+    """Write checkpoints/step-N atomically (temp dir, then rename) and prune old ones.
+
+    Always the one-process format (full trainable weights and optimizer states), so any number of
+    processes can resume it. In a data-parallel run every rank gathers, rank 0 writes (others get None)."""
+    weights = parallel.trained_state_dict(model, trainable_only=method.ARTIFACT == "adapter")
+    optimizer_state = parallel.optimizer_state_dict(state.step)
+    if not parallel.is_main:
+        return None
     root = run_dir / "checkpoints"
     root.mkdir(exist_ok=True)
     final = root / f"step-{state.step:06d}"
     tmp = root / f".tmp-step-{state.step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    method.save_trained(model, tmp / method.ARTIFACT)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    write_trained(method, model, tmp / method.ARTIFACT, weights)
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "rng.pt")
@@ -174,9 +227,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, method, model, optimizer, scheduler) -> TrainState:
-    method.load_trained(model, path / method.ARTIFACT)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+def load_checkpoint(path: Path, parallel, scheduler) -> TrainState:
+    """Optimizer, scheduler, RNG and loop state of a checkpoint; its weights went into the model
+    before it was wrapped (see train())."""
+    parallel.load_optimizer_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng = torch.load(path / "rng.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
@@ -229,37 +283,50 @@ def train(
     resume_from: Path | None = None,
     emit: EventSink = lambda event: None,
     progress: bool = True,
+    parallel: SingleProcess | None = None,
 ) -> TrainState:
-    """Train `model` in place. Returns the final state; the caller saves the result."""
+    """Train `model` in place. Returns the final state; the caller saves the result.
+
+    `parallel` (slmtune.distributed.start) is this process's part of a data-parallel run; the
+    default is one process. Every rank calls train(); `emit` and `progress` matter on rank 0 only."""
+    par = parallel or SingleProcess()
     device = next(model.parameters()).device
     amp_dtype = autocast_dtype(cfg.precision, device)
-    per_epoch = steps_per_epoch(len(train_rows), cfg.micro_batch_size, cfg.gradient_accumulation_steps)
+    per_step = cfg.gradient_accumulation_steps * par.world_size  # micro-batches per optimizer step, all ranks
+    per_epoch = steps_per_epoch(len(train_rows), cfg.micro_batch_size, per_step)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-    )
+    if resume_from is not None:  # full weights, loaded before any sharding
+        method.load_trained(model, resume_from / method.ARTIFACT)
+    optimizer = par.setup(TargetLoss(model), lambda module: optimizer_groups(module, cfg.weight_decay),
+                          lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
 
     state = TrainState()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, method, model, optimizer, scheduler)
+        state = load_checkpoint(resume_from, par, scheduler)
+        if state.micro_batches_per_step not in (None, per_step):
+            note = (f"the checkpoint's steps took {state.micro_batches_per_step} micro-batches, this run's take "
+                    f"{per_step} (gradient_accumulation_steps x processes); to continue exactly as before, set "
+                    f"train.gradient_accumulation_steps={state.micro_batches_per_step / par.world_size:g}")
+            emit({"type": "warning", "message": note})
+            if par.is_main:
+                print(f"warning: {note}", file=sys.stderr, flush=True)
     else:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
+    state.micro_batches_per_step = per_step
     emit({"type": "start", "total_steps": total_steps, "steps_per_epoch": per_epoch, "resumed_at": state.step,
-          "precision": "bf16" if amp_dtype else "fp32", "packed": packed, "threads": torch.get_num_threads()})
+          "precision": "bf16" if amp_dtype else "fp32", "packed": packed, "threads": torch.get_num_threads(),
+          "strategy": par.strategy, "world_size": par.world_size})
 
     def batches_of_step(step: int) -> list[dict]:
+        """This rank's micro-batches of global step `step` (all of them in one process)."""
         epoch, index = divmod(step, per_epoch)
         epoch_batches = micro_batches(train_rows, cfg.micro_batch_size, cfg.seed, epoch)
-        chosen = epoch_batches[index * cfg.gradient_accumulation_steps : (index + 1) * cfg.gradient_accumulation_steps]
+        chosen = epoch_batches[index * per_step : (index + 1) * per_step]
         return [collate([[train_examples[i] for i in row] for row in mb], pad_id, packed, attn_implementation)
-                for mb in chosen]
+                | ({} if real else {"padding": True}) for mb, real in par.share(chosen)]
 
     model.train()
     bar = None
@@ -267,18 +334,24 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    measured = False
     with StopRequested() as stop:
         while state.step < total_steps:
             started = time.perf_counter()
             batches = batches_of_step(state.step)
-            step_targets = sum(b["n_targets"] for b in batches)
-            step_tokens = sum(b["n_tokens"] for b in batches)
-            loss_total = accumulate_gradients(model, batches, amp_dtype)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")).item()
+            real = [b for b in batches if not b.get("padding")]
+            # Targets and tokens of the whole global step: every rank normalizes by the same count.
+            step_targets, step_tokens = (int(n) for n in par.all_sum(
+                [sum(b["n_targets"] for b in real), sum(b["n_tokens"] for b in real)]))
+            loss_total = accumulate_gradients(model, batches, amp_dtype, step_targets=step_targets, parallel=par)
+            loss_total, stop_votes = par.all_sum([loss_total, float(stop.requested)])
+            stop_requested = stop_votes > 0  # all ranks stop at the same step
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            grad_norm = par.optimizer_step(cfg.max_grad_norm)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if not measured:  # parameter+gradient+optimizer bytes of each rank, at its first step
+                state.state_bytes_per_rank, measured = par.state_bytes_per_rank(), True
+                emit({"type": "memory", "step": state.step + 1, "state_bytes_per_rank": state.state_bytes_per_rank})
 
             elapsed = time.perf_counter() - started
             state.step += 1
@@ -294,20 +367,20 @@ def train(
                 bar.set_postfix(loss=f"{loss_total:.4f}", tok_s=f"{state.train_tokens / state.train_seconds:.0f}")
                 bar.update(1)
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps and eval_batches:
-                state.last_eval_loss = evaluate_loss(model, eval_batches, amp_dtype)
+                state.last_eval_loss = evaluate_loss(model, eval_batches, amp_dtype, parallel=par)
                 emit({"type": "eval", "step": state.step, "eval_loss": round(state.last_eval_loss, 6)})
             should_save = cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps
-            if should_save or (stop.requested and state.step < total_steps):
-                path = save_checkpoint(run_dir, method, model, optimizer, scheduler, state, cfg.keep_checkpoints)
+            if should_save or (stop_requested and state.step < total_steps):
+                path = save_checkpoint(run_dir, method, model, par, scheduler, state, cfg.keep_checkpoints)
                 emit({"type": "checkpoint", "step": state.step, "path": str(path)})
-            if stop.requested and state.step < total_steps:
+            if stop_requested and state.step < total_steps:
                 if bar is not None:
                     bar.close()
                 raise TrainingStopped(state.step)
     if bar is not None:
         bar.close()
     if eval_batches:
-        state.last_eval_loss = evaluate_loss(model, eval_batches, amp_dtype)
+        state.last_eval_loss = evaluate_loss(model, eval_batches, amp_dtype, parallel=par)
         emit({"type": "eval", "step": state.step, "eval_loss": round(state.last_eval_loss, 6)})
     return state
 

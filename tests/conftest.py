@@ -112,3 +112,28 @@ def chat_file(tmp_path):
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("SLMTUNE_HOME", str(tmp_path / "slmtune-home"))
+
+
+@pytest.fixture(scope="session")
+def onnx_export(tmp_path_factory, tiny_llama_dir):
+    """A LoRA run on the tiny Llama (2 small steps: its answers differ from the base's yet stay varied)
+    and its fp32 ONNX export, parity checked; shared by the export and the ONNX serving tests."""
+    from types import SimpleNamespace
+
+    from slmtune.config import recipe_from_dict
+    from slmtune.onnx_export import export_onnx
+    from slmtune.run import run
+
+    root = tmp_path_factory.mktemp("onnx")
+    data = write_jsonl(root / "train.jsonl", [chat_example(f"What is fact number {i}?",
+                                                           f"Fact {i} is that the lamp lasts {i} hours.")
+                                              for i in range(16)])
+    run(recipe_from_dict({
+        "model": {"name": str(tiny_llama_dir)},
+        "method": {"name": "lora", "lora_r": 4, "lora_alpha": 8},
+        "data": {"train": str(data), "max_length": 128},
+        "train": {"micro_batch_size": 4, "learning_rate": 5e-3, "seed": 3, "precision": "fp32", "max_steps": 2},
+        "output": {"dir": str(root / "run")},
+    }), progress=False)
+    result = export_onnx(root / "run", root / "export-fp32", "fp32")
+    return SimpleNamespace(root=root, run_dir=root / "run", export_dir=result.path, parity=result.parity)

@@ -2,7 +2,8 @@
 
     Config                 pydantic model with a `name` literal (the recipe's `method` section)
     prepare(model, cfg)    freeze what must not train, add what must; returns the model to train
-    save_trained / load_trained(model, path)   the trained weights, for checkpoints and the result
+    save_trained / load_trained(model, path)   the trained weights, for checkpoints and the result;
+                           save_trained(..., state_dict=) writes gathered weights of a sharded model
     ARTIFACT               run-directory folder of the result: "adapter" or "model"
     load_kwargs(cfg)       optional: extra from_pretrained arguments (quantization)
     PACKING = False        optional: the method cannot train on packed rows

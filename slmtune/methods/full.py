@@ -45,8 +45,10 @@ def prepare(model, cfg: Config):
     return model
 
 
-def save_trained(model, path, final: bool = False) -> None:
-    model.save_pretrained(path, safe_serialization=True)
+def save_trained(model, path, final: bool = False, state_dict: dict | None = None) -> None:
+    """`state_dict`: the gathered weights when the model's own are sharded (FSDP, ZeRO-3)."""
+    extra = {} if state_dict is None else {"state_dict": state_dict}
+    model.save_pretrained(path, safe_serialization=True, **extra)
 
 
 def load_trained(model, path) -> None:

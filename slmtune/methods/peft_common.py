@@ -9,16 +9,18 @@ from pathlib import Path
 ARTIFACT = "adapter"  # the run directory's subfolder holding the trained weights
 
 
-def save_trained(model, path, final: bool = False) -> None:
+def save_trained(model, path, final: bool = False, state_dict: dict | None = None) -> None:
     """Write the adapter in PEFT format (loadable with PeftModel.from_pretrained).
 
     PiSSA/OLoRA rewrite the frozen base weights at initialisation; for the final artifact the
-    adapter is converted (rank doubles) so that it applies to the *original* base model."""
+    adapter is converted (rank doubles) so that it applies to the *original* base model.
+    `state_dict`: the gathered weights when the model's own are sharded (FSDP, ZeRO-3)."""
+    extra = {} if state_dict is None else {"state_dict": state_dict}
     initial = getattr(model, "slmtune_initial_adapter", None)
     if final and initial is not None:
-        model.save_pretrained(path, path_initial_model_for_weight_conversion=initial)
+        model.save_pretrained(path, path_initial_model_for_weight_conversion=initial, **extra)
     else:
-        model.save_pretrained(path)
+        model.save_pretrained(path, **extra)
 
 
 def load_trained(model, path) -> None:

@@ -5,4 +5,5 @@
 adapters.py  the allow-list of adapter names and the LRU of adapters loaded on the model
 engine.py    the engine thread: request queue, batched generation, sampling, stop conditions
 app.py       the FastAPI app: /v1/models, /v1/chat/completions, /v1/completions, /admin/...
+onnx_engine.py  `--backend onnx`: the same engine over an ONNX Runtime GenAI export (no adapters)
 """

@@ -1,0 +1,54 @@
+"""Service settings: from arguments, else environment variables (SLMTUNE_*), else defaults.
+
+    SLMTUNE_HOME               root of everything (default ~/.cache/slmtune); the service keeps
+                               service/service.db (SQLite), service/files/ and service/jobs/ there
+    SLMTUNE_DB                 SQLAlchemy URL; default sqlite:///$SLMTUNE_HOME/service/service.db
+    SLMTUNE_WORKERS            worker processes the API server starts (default 1)
+    SLMTUNE_MODELS             base models offered, JSON {"name": "dir or catalog name"}
+    SLMTUNE_MAX_UPLOAD_BYTES   upload size limit (default 50 MB)
+    SLMTUNE_HEARTBEAT_INTERVAL / SLMTUNE_HEARTBEAT_TIMEOUT   seconds (2 / 15): a running job whose
+                               worker has not sent a heartbeat for the timeout goes back to the queue
+    SLMTUNE_CHECKPOINT_EVERY   train.save_every for jobs; 0 = once per epoch (default)
+    SLMTUNE_TRAIN_THREADS      torch threads per training process (default: torch's choice)
+    SLMTUNE_MAX_ATTEMPTS       a job claimed this many times (its workers kept dying) fails (default 5)
+
+Workers and the API server must see the same SLMTUNE_HOME (files and run directories live there).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_home() -> Path:
+    from slmtune.models import slmtune_home
+
+    return slmtune_home()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLMTUNE_", extra="ignore")
+
+    home: Path = Field(default_factory=lambda: default_home())
+    db: str | None = None
+    workers: int = Field(1, ge=0)
+    models: dict[str, str] = Field(default_factory=dict)
+    max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1)
+    heartbeat_interval: float = Field(2.0, gt=0)
+    heartbeat_timeout: float = Field(15.0, gt=0)
+    poll_interval: float = Field(0.5, gt=0)
+    checkpoint_every: int = Field(0, ge=0)
+    max_attempts: int = Field(5, ge=1)  # a job whose workers died this many times fails
+    train_threads: int | None = Field(None, ge=1)
+    serve: bool = True  # load the first base model and serve fine-tuned models on /v1/chat/completions
+
+    @property
+    def service_dir(self) -> Path:
+        return Path(self.home) / "service"
+
+    @property
+    def db_url(self) -> str:
+        return self.db or f"sqlite:///{self.service_dir / 'service.db'}"

@@ -1,0 +1,270 @@
+"""Every database operation of the service: the routes and the workers call only these.
+
+Job life cycle (status):
+    validating_files -> queued -> running -> succeeded | failed | cancelled
+    queued/running -> paused -> (resume) queued;  any unfinished status -> cancelled
+
+Claiming is atomic: a worker picks a candidate (`SELECT ... FOR UPDATE SKIP LOCKED` on PostgreSQL)
+and takes it with a conditional `UPDATE ... WHERE status='queued' AND <no live worker>`, which
+counts only if exactly one row changed, so on SQLite too two workers never get the same job.
+A running job belongs to its worker (`worker_id`) while that worker's heartbeats are fresh; every
+worker-side write is conditional on still owning the job. A job whose worker stopped sending
+heartbeats goes back to the queue (requeue_stale) and resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, func, or_, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from slmtune.service.models import ApiKey, Checkpoint, Event, File, Job, Tenant
+
+FINAL = ("succeeded", "failed", "cancelled")
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def new_id(prefix: str, n: int = 12) -> str:
+    return f"{prefix}-{secrets.token_hex(n)}"
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> None:
+    """Apply the alembic migrations shipped in the package (idempotent; safe from many processes
+    on PostgreSQL thanks to an advisory lock)."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(74521)"))
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+class Store:
+    def __init__(self, url: str):
+        self.engine = make_engine(url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self):
+        with self.sessions.begin() as s:
+            yield s
+
+    def migrate(self) -> None:
+        migrate(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- tenants and keys -----------------------------------------------------------------------
+    def create_key(self, tenant: str, key_hash: str) -> None:
+        with self.session() as s:
+            row = s.scalar(select(Tenant).where(Tenant.name == tenant))
+            if row is None:
+                row = Tenant(name=tenant, created_at=time.time())
+                s.add(row)
+                s.flush()
+            s.add(ApiKey(tenant_id=row.id, key_hash=key_hash, created_at=time.time()))
+
+    def tenant_for_key(self, key_hash: str) -> Tenant | None:
+        with self.session() as s:
+            return s.scalar(select(Tenant).join(ApiKey, ApiKey.tenant_id == Tenant.id)
+                            .where(ApiKey.key_hash == key_hash))
+
+    # --- files ----------------------------------------------------------------------------------
+    def add_file(self, file: File) -> File:
+        with self.session() as s:
+            s.add(file)
+        return file
+
+    def get_file(self, tenant_id: int, file_id: str) -> File | None:
+        with self.session() as s:
+            return s.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
+
+    def list_files(self, tenant_id: int, purpose: str | None, after: str | None, limit: int) -> tuple[list[File], bool]:
+        return self._page(File, [File.tenant_id == tenant_id] + ([File.purpose == purpose] if purpose else []),
+                          after, limit, owner=(File.tenant_id, tenant_id))
+
+    def delete_file(self, tenant_id: int, file_id: str) -> File | None:
+        with self.session() as s:
+            row = s.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
+            if row is not None:
+                s.delete(row)
+            return row
+
+    # --- jobs -----------------------------------------------------------------------------------
+    def create_job(self, job: Job, messages: list[str]) -> Job:
+        with self.session() as s:
+            s.add(job)
+            for m in messages:
+                s.add(_event(job.id, m))
+        return job
+
+    def get_job(self, job_id: str, tenant_id: int | None = None) -> Job | None:
+        with self.session() as s:
+            q = select(Job).where(Job.id == job_id)
+            if tenant_id is not None:
+                q = q.where(Job.tenant_id == tenant_id)
+            return s.scalar(q)
+
+    def list_jobs(self, tenant_id: int, after: str | None, limit: int) -> tuple[list[Job], bool]:
+        return self._page(Job, [Job.tenant_id == tenant_id], after, limit, owner=(Job.tenant_id, tenant_id))
+
+    def succeeded_models(self, tenant_id: int | None = None) -> list[Job]:
+        with self.session() as s:
+            q = select(Job).where(Job.status == "succeeded").order_by(Job.seq)
+            if tenant_id is not None:
+                q = q.where(Job.tenant_id == tenant_id)
+            return list(s.scalars(q))
+
+    def job_for_model(self, name: str) -> Job | None:
+        with self.session() as s:
+            return s.scalar(select(Job).where(Job.fine_tuned_model == name, Job.status == "succeeded"))
+
+    def set_status(self, job_id: str, to: str, *, allowed_from: tuple[str, ...], message: str) -> bool:
+        """User actions (cancel / pause / resume): a conditional update, so they race safely with workers."""
+        with self.session() as s:
+            values = {"status": to} | ({"finished_at": time.time()} if to in FINAL else {})
+            done = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(allowed_from))
+                             .values(**values)).rowcount == 1
+            if done:
+                s.add(_event(job_id, message))
+            return done
+
+    def fail_job(self, job_id: str, code: str, message: str, param: str | None = None) -> None:
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.status.not_in(FINAL)).values(
+                status="failed", finished_at=time.time(), error={"code": code, "message": message, "param": param}))
+            s.add(_event(job_id, f"Job failed: {message}", level="error"))
+
+    # --- worker side ----------------------------------------------------------------------------
+    def requeue_stale(self, timeout: float) -> list[str]:
+        """Running jobs whose worker went silent go back to the queue."""
+        cutoff = time.time() - timeout
+        with self.session() as s:
+            stale = list(s.scalars(select(Job.id).where(Job.status == "running", Job.heartbeat_at < cutoff)))
+            requeued = []
+            for job_id in stale:
+                if s.execute(update(Job).where(Job.id == job_id, Job.status == "running", Job.heartbeat_at < cutoff)
+                             .values(status="queued", worker_id=None)).rowcount == 1:
+                    s.add(_event(job_id, "The worker running this job stopped responding; the job is queued "
+                                         "again and resumes from its last checkpoint.", level="warn"))
+                    requeued.append(job_id)
+            return requeued
+
+    def claim(self, worker_id: str, timeout: float) -> Job | None:
+        """Take the oldest queued job nobody is working on, or None."""
+        cutoff = time.time() - timeout
+        free = or_(Job.worker_id.is_(None), Job.heartbeat_at < cutoff)
+        for _ in range(5):
+            with self.session() as s:
+                candidate = s.scalar(select(Job.id).where(Job.status == "queued", free).order_by(Job.seq)
+                                     .limit(1).with_for_update(skip_locked=True))
+                if candidate is None:
+                    return None
+                now = time.time()
+                taken = s.execute(update(Job).where(Job.id == candidate, Job.status == "queued", free).values(
+                    status="running", worker_id=worker_id, heartbeat_at=now, attempts=Job.attempts + 1)).rowcount
+                if taken == 1:
+                    return s.scalar(select(Job).where(Job.id == candidate))
+        return None
+
+    def heartbeat(self, job_id: str, worker_id: str) -> str | None:
+        """Refresh the heartbeat; returns the job's status, or None when this worker lost the job."""
+        with self.session() as s:
+            if s.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id)
+                         .values(heartbeat_at=time.time())).rowcount != 1:
+                return None
+            return s.scalar(select(Job.status).where(Job.id == job_id))
+
+    def append_event(self, job_id: str, message: str, *, level: str = "info", type: str = "message",
+                     data: dict | None = None) -> None:
+        with self.session() as s:
+            s.add(_event(job_id, message, level=level, type=type, data=data))
+
+    def add_checkpoint(self, job_id: str, step: int, path: str, metrics: dict) -> None:
+        with self.session() as s:
+            s.add(Checkpoint(id=new_id("ftckpt"), job_id=job_id, step=step, path=path, metrics=metrics,
+                             created_at=time.time()))
+
+    def finish(self, job_id: str, worker_id: str, status: str, *, error: dict | None = None,
+               message: str = "", **values) -> bool:
+        """Final state, written only while the worker still owns a running job."""
+        with self.session() as s:
+            done = s.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running")
+                             .values(status=status, error=error, finished_at=time.time(), worker_id=None,
+                                     **values)).rowcount == 1
+            if done and message:
+                s.add(_event(job_id, message, level="error" if status == "failed" else "info"))
+            return done
+
+    def release(self, job_id: str, worker_id: str) -> None:
+        """The worker stopped working on the job (paused / cancelled): others may take it."""
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id).values(worker_id=None))
+
+    def requeue(self, job_id: str, worker_id: str) -> None:
+        """The worker shut down mid-job (after a checkpoint): the job waits for the next worker."""
+        with self.session() as s:
+            if s.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running")
+                         .values(status="queued", worker_id=None)).rowcount == 1:
+                s.add(_event(job_id, "The worker shut down; the job is queued again and resumes from its "
+                                     "checkpoint."))
+            else:
+                s.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id).values(worker_id=None))
+
+    # --- events and checkpoints -----------------------------------------------------------------
+    def list_events(self, job_id: str, after: str | None, limit: int) -> tuple[list[Event], bool]:
+        return self._page(Event, [Event.job_id == job_id], after, limit, owner=(Event.job_id, job_id))
+
+    def list_checkpoints(self, job_id: str, after: str | None, limit: int) -> tuple[list[Checkpoint], bool]:
+        return self._page(Checkpoint, [Checkpoint.job_id == job_id], after, limit,
+                          owner=(Checkpoint.job_id, job_id))
+
+    def _page(self, model, where: list, after: str | None, limit: int, owner) -> tuple[list, bool]:
+        """Newest first; `after` is the id of the last item of the previous page."""
+        with self.session() as s:
+            q = select(model).where(*where)
+            if after:
+                cursor = s.scalar(select(model.seq).where(model.id == after, owner[0] == owner[1]))
+                if cursor is None:
+                    raise LookupError(after)
+                q = q.where(model.seq < cursor)
+            rows = list(s.scalars(q.order_by(model.seq.desc()).limit(limit + 1)))
+            return rows[:limit], len(rows) > limit
+
+    def count(self, model) -> int:
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(model))
+
+
+def _event(job_id: str, message: str, *, level: str = "info", type: str = "message", data: dict | None = None):
+    return Event(id=new_id("ftevent"), job_id=job_id, level=level, type=type, message=message, data=data,
+                 created_at=time.time())

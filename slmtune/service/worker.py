@@ -1,0 +1,260 @@
+"""A worker: claims queued jobs, runs each in a `slmtune train ... --json-events --no-progress`
+subprocess, sends heartbeats and streams the training events into the store.
+
+    slmtune worker [--db URL]      # or started by `slmtune api --workers N`
+
+- The subprocess dies with its worker (PR_SET_PDEATHSIG on Linux), so a SIGKILLed worker leaves no
+  orphan training behind; its job goes back to the queue once its heartbeat is older than
+  heartbeat_timeout, and the next worker resumes it with `slmtune train --resume RUN_DIR`.
+- Every heartbeat returns the job's status: cancelled or paused -> SIGTERM (the trainer writes a
+  checkpoint and exits); a job taken over by someone else -> SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from slmtune.service.settings import Settings
+from slmtune.service.store import Store, new_id
+
+
+def _die_with_parent() -> None:  # runs in the child before exec
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: heartbeats still protect the job
+        pass
+
+
+def _latest_checkpoint(run_dir: Path):
+    from slmtune.train import latest_checkpoint
+
+    try:
+        return latest_checkpoint(run_dir) if run_dir.exists() else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+class Worker:
+    def __init__(self, settings: Settings, store: Store | None = None, worker_id: str | None = None):
+        self.settings = settings
+        self.store = store or Store(settings.db_url)
+        self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{new_id('w', 3)}"
+        self.stopping = threading.Event()
+
+    def run_forever(self) -> None:
+        while not self.stopping.is_set():
+            if not self.run_once():
+                self.stopping.wait(self.settings.poll_interval)
+
+    def run_once(self) -> bool:
+        self.store.requeue_stale(self.settings.heartbeat_timeout)
+        job = self.store.claim(self.id, self.settings.heartbeat_timeout)
+        if job is None:
+            return False
+        try:
+            self.run_job(job)
+        except Exception as err:  # noqa: BLE001 - a bug must fail the job, not kill the worker
+            self.store.finish(job.id, self.id, "failed", error={"code": "server_error", "message": repr(err),
+                                                                 "param": None},
+                              message=f"Job failed: internal error {type(err).__name__}")
+        return True
+
+    # --- one job --------------------------------------------------------------------------------
+    def run_job(self, job) -> None:
+        run_dir = Path(job.run_dir)
+        job_dir = run_dir.parent
+        job_dir.mkdir(parents=True, exist_ok=True)
+        if (run_dir / "summary.json").exists():  # trained, but the previous worker died before recording it
+            self._succeed(job, run_dir)
+            return
+        if job.attempts > self.settings.max_attempts:
+            message = (f"the job was started {job.attempts - 1} times and its worker stopped each time "
+                       "(killed, or out of memory?)")
+            self.store.finish(job.id, self.id, "failed", error={"code": "worker_lost", "message": message,
+                                                                 "param": None}, message=f"Job failed: {message}")
+            return
+        checkpoint = _latest_checkpoint(run_dir)
+        base = [sys.executable, "-m", "slmtune.cli", "train"]
+        if checkpoint is not None:
+            cmd = base + ["--resume", str(run_dir)]
+            self.store.append_event(job.id, f"Resuming from checkpoint {checkpoint.name} (attempt {job.attempts})")
+        else:
+            recipe = job_dir / "recipe.yaml"
+            recipe.write_text(yaml.safe_dump(job.resolved["recipe"], sort_keys=False))
+            cmd = base + [str(recipe)]
+            self.store.append_event(job.id, "Fine-tuning job started")
+        cmd += ["--json-events", "--no-progress"]
+        log_path = job_dir / f"train-{job.attempts}.log"
+        env = os.environ | {"SLMTUNE_HOME": str(self.settings.home), "PYTHONUNBUFFERED": "1"}
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env,
+                                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            outcome = self._follow(job, proc)
+        if outcome == "lost":
+            return
+        if outcome in ("cancelled", "paused"):
+            self.store.release(job.id, self.id)
+            return
+        if outcome == "interrupted":
+            self.store.requeue(job.id, self.id)
+            return
+        if proc.returncode == 0 and (run_dir / "summary.json").exists():
+            self._succeed(job, run_dir)
+            return
+        message = self._error_message(log_path, proc.returncode)
+        data = job.resolved["recipe"]["data"]
+        for path, file_id in ((data.get("train"), job.training_file), (data.get("validation"), job.validation_file)):
+            if path and file_id:
+                message = message.replace(path, file_id)  # name the user's file, not our disk layout
+        if not self.store.finish(job.id, self.id, "failed",
+                                 error={"code": "training_failed", "message": message, "param": None},
+                                 message=f"Job failed: {message}"):
+            self.store.release(job.id, self.id)
+
+    def _follow(self, job, proc) -> str:
+        """Relay events until the process exits; returns "done", "cancelled", "paused" or "lost"."""
+        lines: queue.Queue = queue.Queue()
+
+        def read():
+            for raw in proc.stdout:
+                lines.put(raw)
+            lines.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        state = {"total": None, "last": {}}
+        next_beat = time.monotonic() + self.settings.heartbeat_interval
+        outcome, stop_sent = "done", None
+        while True:
+            try:
+                raw = lines.get(timeout=max(0.05, next_beat - time.monotonic()))
+            except queue.Empty:
+                raw = ""
+            if raw is None:
+                proc.wait()
+                return outcome
+            if raw:
+                self._relay(job, raw, state)
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self.settings.heartbeat_interval
+                status = self.store.heartbeat(job.id, self.id)
+                if status is None:  # another worker owns the job now: stop at once, write nothing
+                    proc.kill()
+                    proc.wait()
+                    return "lost"
+                if status != "running" and stop_sent is None:
+                    # cancelled, paused, or paused and already resumed (queued): checkpoint, stop, let go
+                    outcome, stop_sent = ("cancelled" if status == "cancelled" else "paused"), time.monotonic()
+                    proc.send_signal(signal.SIGTERM)  # the trainer checkpoints and exits
+                if self.stopping.is_set() and stop_sent is None:  # this worker is shutting down
+                    outcome, stop_sent = "interrupted", time.monotonic()
+                    proc.send_signal(signal.SIGTERM)
+                if stop_sent is not None and time.monotonic() - stop_sent > 60:
+                    proc.kill()
+
+    def _relay(self, job, raw: bytes, state: dict) -> None:
+        try:
+            ev = json.loads(raw)
+        except ValueError:
+            return
+        if not isinstance(ev, dict):
+            return
+        kind = ev.get("type")
+        if kind == "start":
+            state["total"] = ev.get("total_steps")
+            if ev.get("resumed_at"):
+                self.store.append_event(job.id, f"Training resumed at step {ev['resumed_at']}/{state['total']}")
+        elif kind == "step":
+            metrics = {"step": ev["step"], "train_loss": ev.get("loss"), "learning_rate": ev.get("lr"),
+                       "tokens": ev.get("tokens"), "total_steps": state["total"], "epoch": ev.get("epoch")}
+            state["last"] = metrics
+            self.store.append_event(job.id, f"Step {ev['step']}/{state['total']}: training loss={ev['loss']:.4f}",
+                                    type="metrics", data=metrics)
+        elif kind == "eval":
+            state["last"] = state["last"] | {"valid_loss": ev.get("eval_loss")}
+            self.store.append_event(job.id, f"Step {ev['step']}: validation loss={ev['eval_loss']:.4f}",
+                                    type="metrics", data={"step": ev["step"], "valid_loss": ev.get("eval_loss")})
+        elif kind == "checkpoint":
+            self.store.add_checkpoint(job.id, ev["step"], ev["path"], state["last"] | {"step": ev["step"]})
+            self.store.append_event(job.id, f"Checkpoint created at step {ev['step']}")
+
+    def _succeed(self, job, run_dir: Path) -> None:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        result = write_result_file(self.settings, self.store, job, run_dir)
+        artifact = run_dir / ("model" if (run_dir / "model").is_dir() else "adapter")
+        self.store.add_checkpoint(job.id, summary["steps"], str(artifact),
+                                  {"step": summary["steps"], "train_loss": summary.get("final_train_loss"),
+                                   "valid_loss": summary.get("eval_loss"), "final": True})
+        name = job.resolved["fine_tuned_model"]
+        if not self.store.finish(job.id, self.id, "succeeded", fine_tuned_model=name,
+                                 trained_tokens=int(summary.get("train_tokens") or 0), result_files=[result],
+                                 message=f"The job has successfully completed; new model: {name}"):
+            self.store.release(job.id, self.id)  # cancelled meanwhile: the user's word stands
+
+    @staticmethod
+    def _error_message(log_path: Path, returncode: int) -> str:
+        try:
+            text = log_path.read_text(errors="replace")
+        except OSError:
+            text = ""
+        errors = [line[len("error: "):] for line in text.splitlines() if line.startswith("error: ")]
+        if errors:
+            return errors[-1][:2000]
+        tail = [line for line in text.splitlines() if line.strip()][-3:]
+        return (f"training exited with code {returncode}" + (": " + " | ".join(tail) if tail else ""))[:2000]
+
+
+def main(settings: Settings) -> int:
+    store = Store(settings.db_url)
+    store.migrate()
+    worker = Worker(settings, store)
+
+    def stop(signum, frame):
+        worker.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"worker {worker.id} waiting for jobs ({store.engine.url.render_as_string(hide_password=True)})",
+          file=sys.stderr, flush=True)
+    worker.run_forever()
+    return 0
+
+
+def write_result_file(settings: Settings, store: Store, job, run_dir: Path) -> str:
+    """step_metrics.csv (step, train_loss, valid_loss, tokens) as a file of the job's tenant; its id."""
+    from slmtune.service.models import File
+
+    rows: dict[int, dict] = {}
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                row = rows.setdefault(entry["step"], {})
+                if entry.get("kind") == "eval":
+                    row["valid_loss"] = entry.get("eval_loss")
+                else:
+                    row |= {"train_loss": entry.get("loss"), "tokens": entry.get("tokens")}
+    text = "step,train_loss,valid_loss,tokens\n" + "".join(
+        f"{step},{r.get('train_loss', '')},{r.get('valid_loss', '') if r.get('valid_loss') is not None else ''},"
+        f"{r.get('tokens', '')}\n" for step, r in sorted(rows.items()))
+    file_id = new_id("file")
+    path = settings.service_dir / "files" / f"{file_id}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    store.add_file(File(id=file_id, tenant_id=job.tenant_id, filename="step_metrics.csv",
+                        purpose="fine-tune-results", bytes=len(text.encode()), path=str(path), format=None,
+                        n_examples=0, created_at=time.time()))
+    return file_id
