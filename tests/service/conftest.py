@@ -47,8 +47,8 @@ class Service:
 
     def start_worker(self) -> subprocess.Popen:
         env = os.environ | worker_env(self.settings)
-        proc = subprocess.Popen([sys.executable, "-m", "slmtune.cli", "worker"], env=env, stdin=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, "-m", "slmtune.cli", "worker", "--db", self.settings.db_url],
+                                env=env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.workers.append(proc)
         return proc
 

@@ -99,3 +99,17 @@ def test_job_whose_workers_keep_dying_fails(tmp_path):
     assert Worker(settings, store, "w").run_once()
     job = store.get_job(job_id)
     assert job.status == "failed" and job.error["code"] == "worker_lost"
+
+
+def test_migrations_match_the_models(tmp_path):
+    """models.py and migrations/ must not drift: the migrated schema is what the models describe."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from slmtune.service.models import Base
+
+    store = make_store(tmp_path)
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"version_table": "slm_alembic_version"}),
+                                Base.metadata)
+    assert diff == []
