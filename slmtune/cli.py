@@ -93,10 +93,15 @@ def _launch_train(args, recipe) -> int:
     """`slmtune train ... --nproc N`: run this same command on N processes through torchrun."""
     from slmtune import distributed
 
+    distributed.check_available(recipe.train.distributed.strategy)
     argv = list(args.argv)
     if args.model and not args.output:  # every process must use the same (time-stamped) default directory
         argv += ["--output", recipe.output.dir]
-    return distributed.launch(argv, args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    code = distributed.launch(argv, args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    if code == 130:
+        print(f"stopped; continue with: slmtune train --resume {recipe.output.dir} --nproc {args.nproc}",
+              file=sys.stderr)
+    return code
 
 
 def cmd_models(args) -> int:
@@ -512,8 +517,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(err, TrainingStopped):
             raise
-        print(f"{err}; continue with: slmtune train --resume {args.output or args.resume or args.recipe}",
-              file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+            print(f"{err}; continue with: slmtune train --resume {err.run_dir or args.output or args.resume}",
+                  file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -121,20 +121,39 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 
 def launch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None,
            master_port: int | None = None) -> int:
-    """Run `slmtune <argv>` on nproc processes through torchrun; returns its exit code. Ctrl-C reaches
-    the workers (they checkpoint at the next step boundary); this process just waits for them."""
+    """Run `slmtune <argv>` on nproc processes through torchrun; returns its exit code, 130 when
+    stopped by SIGINT/SIGTERM. torchrun runs in its own session, so a terminal's Ctrl-C reaches it
+    once, from here; it passes it on to every worker, and they checkpoint at the next step boundary."""
     cmd = torchrun_command(argv, nproc, nnodes, node_rank, master_addr, master_port)
     print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
-    child = subprocess.Popen(cmd)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    child = subprocess.Popen(cmd, start_new_session=True)
+    signalled = []
+
+    def forward(signum, frame):
+        signalled.append(signum)
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return child.wait()
+        code = child.wait()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 130 if signalled else code
 
 
 def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_available(strategy: str) -> None:
+    """Raise RecipeError now, not inside every process, when the strategy's library is missing."""
+    import importlib.util
+
+    if strategy in ZERO_STAGES and importlib.util.find_spec("deepspeed") is None:
+        from slmtune.config import RecipeError
+
+        raise RecipeError(f"train.distributed.strategy {strategy} needs DeepSpeed: pip install -e '.[deepspeed]'")
 
 
 def start(cfg) -> "SingleProcess":
@@ -142,6 +161,7 @@ def start(cfg) -> "SingleProcess":
     (WORLD_SIZE > 1) strategy none means ddp; a distributed strategy in a lone process runs it on a
     world of one (DeepSpeed offload still applies)."""
     strategy, offload = cfg.distributed.strategy, cfg.distributed.offload
+    check_available(strategy)
     if strategy == "none":
         if launched_world_size() == 1:
             return SingleProcess()
@@ -438,13 +458,7 @@ class DeepSpeedZeRO(_Distributed):
     DeepSpeedCPUAdam. Needs `pip install -e '.[deepspeed]'`; the first run compiles DeepSpeed's ops."""
 
     def setup(self, module, param_groups, **adamw):
-        try:
-            import deepspeed
-        except ImportError:
-            from slmtune.config import RecipeError
-
-            raise RecipeError(f"train.distributed.strategy {self.strategy} needs DeepSpeed: "
-                              "pip install -e '.[deepspeed]'") from None
+        import deepspeed
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)

@@ -376,7 +376,7 @@ def train(
             if stop_requested and state.step < total_steps:
                 if bar is not None:
                     bar.close()
-                raise TrainingStopped(state.step)
+                raise TrainingStopped(state.step, run_dir)
     if bar is not None:
         bar.close()
     if eval_batches:
@@ -388,6 +388,6 @@ def train(
 class TrainingStopped(Exception):
     """Training was asked to stop (SIGINT/SIGTERM); a checkpoint at `step` allows --resume."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, run_dir: Path | None = None):
         super().__init__(f"stopped at step {step}; a checkpoint was saved")
-        self.step = step
+        self.step, self.run_dir = step, run_dir

@@ -71,6 +71,14 @@ def test_distributed_config_validation():
         recipe_from_dict(_recipe(distributed="zero3") | {"method": {"name": "lora", "lora_init": "pissa"}})
 
 
+def test_zero_stages_without_deepspeed_are_a_clear_error(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real_find_spec(name, *a))
+    with pytest.raises(RecipeError, match="pip install -e '.\\[deepspeed\\]'"):
+        distributed.check_available("zero2")
+    distributed.check_available("fsdp")
+
+
 def test_torchrun_command_reruns_the_same_command_without_launch_flags():
     argv = ["train", "r.yaml", "--nproc", "2", "train.epochs=1", "--master-port=1234", "--no-progress"]
     assert distributed.torchrun_command(argv, 2, python="py") == [

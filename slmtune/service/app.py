@@ -596,4 +596,7 @@ def create_service_app(settings: Settings, *, engine=None) -> FastAPI:
     def health():
         return {"status": "ok"}
 
+    from slmtune.service import console  # the web console at / and its two JSON helpers
+
+    console.install(app, service, tenant)
     return app
