@@ -11,6 +11,7 @@
     GET    /v1/models, /v1/models/{id}         base models and the tenant's fine-tuned models
     POST   /v1/chat/completions, /v1/completions   the serving engine (slmtune/serve), for the base
                                                model and the tenant's succeeded fine-tuned models
+    GET    /  (+ /static/...)  /v1/slmtune/auto_hyperparameters  /v1/slmtune/plan   the web console (console.py)
 
 Every route needs `Authorization: Bearer <key>` (`slmtune keys create --tenant NAME`); a tenant
 sees only its own files, jobs, events, checkpoints and models: another tenant's id is a 404.

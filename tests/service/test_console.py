@@ -1,0 +1,296 @@
+"""The web console at / end to end, in headless Chromium (Debian's chromium + chromedriver) driven by
+Selenium against a real service (tiny Llama base, a real worker). Screenshots go to test-artifacts/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.service.conftest import BASE, start_service, training_rows
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists() or not CHROMEDRIVER.exists(),
+                       reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver): "
+                              "apt-get install chromium chromium-driver"),
+]
+
+
+def test_static_assets_and_helper_endpoints(tmp_path, tiny_llama_dir):
+    """Without a browser: the page and its assets are served, and the wizard's two JSON helpers."""
+    service = start_service(tmp_path / "home", tiny_llama_dir, workers=0)
+    try:
+        html = urllib.request.urlopen(service.url + "/").read().decode()
+        assert "/static/console.js" in html and "<script src=\"http" not in html
+        for asset in ("console.js", "console.css"):
+            assert urllib.request.urlopen(f"{service.url}/static/{asset}").status == 200
+        client = service.client("helper")
+        path = tmp_path / "t.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in training_rows(12)))
+        with open(path, "rb") as fh:
+            f = client.files.create(file=("t.jsonl", fh), purpose="fine-tune")
+        auto = client.get(f"/slmtune/auto_hyperparameters?training_file={f.id}", cast_to=object)
+        assert auto["auto"] == {"n_epochs": 9, "batch_size": 1, "learning_rate_multiplier": 1.0}
+        plan = client.get(f"/slmtune/plan?model={BASE}&method=qlora&batch_size=2", cast_to=object)
+        assert plan["hardware"].startswith(("cpu:", "1x", "2x")) and plan["estimate"]["method"] == "qlora"
+        assert plan["fits"] is True and {r["method"] for r in plan["methods"]} == {"full", "dora", "lora", "qlora"}
+        import openai
+
+        with pytest.raises(openai.NotFoundError):  # another tenant's file
+            service.client("rival").get(f"/slmtune/auto_hyperparameters?training_file={f.id}", cast_to=object)
+        with pytest.raises(openai.AuthenticationError):
+            service.client("helper").with_options(api_key="wrong").get(f"/slmtune/plan?model={BASE}", cast_to=object)
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="module")
+def console_service(tmp_path_factory, tiny_llama_dir):
+    service = start_service(tmp_path_factory.mktemp("console-home"), tiny_llama_dir, workers=1)
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install -e '.[test]' (selenium)")
+    from selenium.webdriver.chrome.service import Service as DriverService
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    options.add_experimental_option("prefs", {"download.default_directory": str(tmp_path / "downloads"),
+                                              "download.prompt_for_download": False})
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=DriverService(executable_path=str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+    shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
+
+
+def wait(driver, predicate, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate(driver)
+        except Exception:  # noqa: BLE001 - elements come and go while the page re-renders
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            shot(driver, "timeout")
+            raise AssertionError(f"timed out waiting for {what}; page says: {driver.find_element('id', 'main').text[:800]}")
+        time.sleep(0.2)
+
+
+def shot(driver, name):
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / f"console-{name}.png"))
+
+
+def by_id(driver, ident):
+    return driver.find_element("id", ident)
+
+
+def sign_in(driver, url, key):
+    driver.get(url + "/#/signin")
+    field = wait(driver, lambda d: by_id(d, "api-key"), what="the sign-in form")
+    assert driver.find_element("css selector", "label[for=api-key]").text == "API key"
+    field.clear()
+    field.send_keys(key + "\n")
+    wait(driver, lambda d: d.execute_script("return location.hash") == "#/files" and by_id(d, "upload-file"),
+         what="the files page")
+
+
+def test_console_end_to_end(console_service, browser, tmp_path):
+    from selenium.webdriver.support.ui import Select
+
+    url, d = console_service.url, browser
+    d.get(url + "/")
+    wait(d, lambda d: by_id(d, "api-key"), what="redirect to sign-in")
+    by_id(d, "api-key").send_keys("sk-slm-wrong\n")
+    wait(d, lambda d: "Incorrect API key" in by_id(d, "signin-result").text, what="the refused key's message")
+    assert d.execute_script("return sessionStorage.getItem('slmtune.apiKey')") is None
+    sign_in(d, url, console_service.key("acme"))
+    assert d.execute_script("return sessionStorage.getItem('slmtune.apiKey')") == console_service.key("acme")
+    assert d.execute_script("return localStorage.length") == 0
+
+    # a bad file: the API's line-numbered errors, inline
+    good = [json.dumps(r) for r in training_rows(12)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(good[:4] + ["{not json"] + good[4:] + ['{"messages": []}']) + "\n")
+    by_id(d, "upload-file").send_keys(str(bad))
+    by_id(d, "upload-form").submit()
+    error = wait(d, lambda d: by_id(d, "upload-error"), what="the upload error").text
+    assert "line 5: invalid_json" in error and "line 14: missing_messages" in error, error
+    items = d.find_elements("css selector", "#upload-error li")
+    assert len(items) == 2 and items[0].text.startswith("line 5:")
+    shot(d, "1-bad-upload")
+
+    for name, rows in (("train.jsonl", good), ("val.jsonl", good[:3])):
+        path = tmp_path / name
+        path.write_text("\n".join(rows) + "\n")
+        by_id(d, "upload-file").send_keys(str(path))
+        by_id(d, "upload-form").submit()
+        wait(d, lambda d: name in by_id(d, "upload-ok").text, what=f"{name} uploaded")
+    files = {f.filename: f.id for f in console_service.client("acme").files.list()}
+    assert set(files) == {"train.jsonl", "val.jsonl"}
+    wait(d, lambda d: len(d.find_elements("css selector", "#file-list tbody tr")) == 2, what="the file list")
+    d.find_element("css selector", "button[aria-label='Download val.jsonl']").click()
+    downloaded = tmp_path / "downloads" / "val.jsonl"
+    wait(d, lambda d: downloaded.exists() and downloaded.read_text() == "\n".join(good[:3]) + "\n", what="the download")
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("\n".join(good) + "\n")
+    by_id(d, "upload-file").send_keys(str(extra))
+    by_id(d, "upload-form").submit()
+    wait(d, lambda d: len(d.find_elements("css selector", "#file-list tbody tr")) == 3, what="three files")
+    d.find_element("css selector", "button[aria-label='Delete extra.jsonl']").click()
+    d.switch_to.alert.accept()
+    wait(d, lambda d: len(d.find_elements("css selector", "#file-list tbody tr")) == 2, what="the deleted file gone")
+    assert "extra.jsonl" not in [f.filename for f in console_service.client("acme").files.list()]
+
+    # the new-job wizard: auto values and the memory plan shown before submitting
+    d.get(url + "/#/new")
+    wait(d, lambda d: by_id(d, "base-model").get_attribute("value") == BASE, what="the wizard")
+    Select(by_id(d, "training-file")).select_by_value(files["train.jsonl"])
+    Select(by_id(d, "validation-file")).select_by_value(files["val.jsonl"])
+    wait(d, lambda d: '"auto" picks 9 for 12 examples' in by_id(d, "hp-n_epochs-hint").text, what="auto values")
+    Select(by_id(d, "method")).select_by_value("lora")
+    verdict = wait(d, lambda d: "lora" in by_id(d, "plan-verdict").text and by_id(d, "plan-verdict").text,
+                   what="the memory plan")
+    assert verdict.startswith("Fits:") and "this server" in verdict, verdict
+    by_id(d, "hp-n_epochs").clear()
+    by_id(d, "hp-n_epochs").send_keys("30")  # batch size stays "auto" (1): 360 short steps, long enough to watch
+    by_id(d, "suffix").send_keys("web")
+    shot(d, "2-new-job")
+    by_id(d, "create-job").click()
+    wait(d, lambda d: d.execute_script("return location.hash").startswith("#/jobs/ftjob-"), what="the job page")
+    job_id = d.execute_script("return location.hash").split("/")[-1]
+
+    # the job page: the curve gains points while the job runs, then it succeeds
+    STEPS = 30 * 12
+    seen = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = by_id(d, "job-status").text
+        points = int(by_id(d, "loss-chart").get_attribute("data-train-points") or 0)
+        if not seen or seen[-1] != (status, points):
+            seen.append((status, points))
+            if points and len([s for s in seen if s[1]]) == 1:
+                shot(d, "3-job-running")
+        if status == "succeeded" and points == STEPS:
+            break
+        assert status not in ("failed", "cancelled"), by_id(d, "main").text
+        time.sleep(0.3)
+    assert seen[-1] == ("succeeded", STEPS), seen
+    counts = [p for _, p in seen]
+    assert counts == sorted(counts) and counts[0] == 0, seen
+    assert any(0 < p < STEPS for p in counts), seen  # the curve grew while we watched the running job
+    valid_points = int(by_id(d, "loss-chart").get_attribute("data-valid-points"))
+    assert valid_points >= 1
+    assert f"{STEPS} training loss point(s)" in by_id(d, "chart-note").text
+    assert f"Step {STEPS}/{STEPS}: training loss=" in by_id(d, "event-log").text
+    assert f"ckpt-step-{STEPS}" in by_id(d, "checkpoints").text
+    assert not by_id(d, "job-cancel").is_enabled() and not by_id(d, "job-pause").is_enabled()
+    ft_model = by_id(d, "fine-tuned-model").text
+    assert ft_model == f"ft:{BASE}:acme:web:{job_id}"
+    shot(d, "4-job-succeeded")
+
+    d.get(url + "/#/jobs")
+    wait(d, lambda d: "succeeded" in d.find_element("css selector", f"tr[data-job-id='{job_id}']").text,
+         what="the job list")
+
+    # the playground: the same prompt to the fine-tuned model and its base, both streamed
+    d.get(url + "/#/playground")
+    wait(d, lambda d: by_id(d, "pg-model").get_attribute("value") == ft_model, what="the playground")
+    assert BASE in by_id(d, "pg-base").text
+    by_id(d, "pg-prompt").send_keys("What is fact number 3?")
+    by_id(d, "pg-temperature").clear()
+    by_id(d, "pg-temperature").send_keys("1")
+    by_id(d, "pg-send").click()
+    wait(d, lambda d: all(by_id(d, f"state-{p}").get_attribute("data-state") in ("done", "error") for p in ("ft", "base")),
+         timeout=60, what="both answers")
+    for panel in ("ft", "base"):
+        assert by_id(d, f"state-{panel}").get_attribute("data-state") == "done", by_id(d, f"state-{panel}").text
+        assert by_id(d, f"answer-{panel}").text.strip(), panel
+    shot(d, "5-playground")
+
+    # another tenant signs in: the job is "not found", and lists show nothing of acme's
+    by_id(d, "sign-out").click()
+    wait(d, lambda d: by_id(d, "api-key"), what="signed out")
+    assert d.execute_script("return sessionStorage.getItem('slmtune.apiKey')") is None
+    sign_in(d, url, console_service.key("rival"))
+    assert "No files yet." in wait(d, lambda d: by_id(d, "file-list").text, what="rival's files")
+    d.get(url + f"/#/jobs/{job_id}")
+    message = wait(d, lambda d: by_id(d, "job-not-found").text, what="not found")
+    assert "not found" in message.lower() and job_id in message
+    shot(d, "6-other-tenant")
+
+
+def test_keyboard_only_sign_in(console_service, browser):
+    """Tab reaches the skip link, then the key field; Enter signs in; every input has a label."""
+    from selenium.webdriver.common.keys import Keys
+
+    d = browser
+    d.get(console_service.url + "/#/signin")
+    wait(d, lambda d: by_id(d, "api-key"), what="the sign-in form")
+    assert d.switch_to.active_element.get_attribute("id") == "api-key"  # focused on arrival
+    d.switch_to.active_element.send_keys(Keys.SHIFT, Keys.TAB)
+    assert d.switch_to.active_element.text == "Skip to content"
+    d.switch_to.active_element.send_keys(Keys.TAB)
+    assert d.switch_to.active_element.get_attribute("id") == "api-key"
+    d.switch_to.active_element.send_keys(console_service.key("keyboard") + Keys.ENTER)
+    wait(d, lambda d: by_id(d, "upload-file"), what="the files page")
+    skip = d.find_element("css selector", "a.skip")
+    d.execute_script("arguments[0].focus()", skip)
+    skip.send_keys(Keys.TAB)
+    assert d.switch_to.active_element.text == "Files"  # then the navigation, in order
+    d.switch_to.active_element.send_keys(Keys.TAB)
+    d.switch_to.active_element.send_keys(Keys.ENTER)  # "New job", by keyboard
+
+    wait(d, lambda d: by_id(d, "job-form"), what="the wizard")
+    unlabeled = d.execute_script(
+        "return [...document.querySelectorAll('input, select, textarea')]"
+        ".filter(e => !document.querySelector(`label[for='${e.id}']`)).map(e => e.outerHTML)")
+    assert unlabeled == []
+
+
+def test_job_buttons_and_failure_in_plain_words(console_service, browser, upload):
+    """Pause, resume and cancel from the job page; a failed job shows the trainer's error."""
+    from tests.service.test_service import create_job, long_job
+
+    client = console_service.client("operator")
+    job = long_job(client, upload, n_epochs=20)
+    d = browser
+    sign_in(d, console_service.url, console_service.key("operator"))
+    d.get(f"{console_service.url}/#/jobs/{job.id}")
+    wait(d, lambda d: by_id(d, "loss-chart").get_attribute("data-train-points") not in (None, "0"), timeout=60,
+         what="the first training steps")
+    for button, status in (("job-pause", "paused"), ("job-resume", "queued"), ("job-cancel", "cancelled")):
+        wait(d, lambda d: by_id(d, button).is_enabled(), what=f"{button} enabled")
+        by_id(d, button).click()
+        wait(d, lambda d: by_id(d, "job-status").text in (status, "running" if status == "queued" else status),
+             what=f"status {status}")
+        assert client.fine_tuning.jobs.retrieve(job.id).status in (status, "running")
+    wait(d, lambda d: "Job was cancelled" in by_id(d, "event-log").text, what="the cancel event")
+    assert not by_id(d, "job-cancel").is_enabled()
+
+    rows = training_rows(12)
+    for row in rows:
+        row["messages"][-1]["weight"] = 0  # passes the upload checks, but training has nothing to learn
+    failing = create_job(client, upload(client, rows, name="nothing.jsonl").id)
+    d.get(f"{console_service.url}/#/jobs/{failing.id}")
+    message = wait(d, lambda d: by_id(d, "job-failure").text, timeout=60, what="the failure")
+    assert message.startswith("This job failed.") and "Traceback" not in message
+    assert client.fine_tuning.jobs.retrieve(failing.id).error.message in message
+    shot(d, "7-failed-job")
