@@ -37,7 +37,7 @@ def test_static_assets_and_helper_endpoints(tmp_path, tiny_llama_dir):
         with open(path, "rb") as fh:
             f = client.files.create(file=("t.jsonl", fh), purpose="fine-tune")
         auto = client.get(f"/slmtune/auto_hyperparameters?training_file={f.id}", cast_to=object)
-        assert auto["auto"] == {"n_epochs": 9, "batch_size": 1, "learning_rate_multiplier": 1.0}
+        assert auto["auto"] == {"n_epochs": 10, "batch_size": 1, "learning_rate_multiplier": 1.0}
         plan = client.get(f"/slmtune/plan?model={BASE}&method=qlora&batch_size=2", cast_to=object)
         assert plan["hardware"].startswith(("cpu:", "1x", "2x")) and plan["estimate"]["method"] == "qlora"
         assert plan["fits"] is True and {r["method"] for r in plan["methods"]} == {"full", "dora", "lora", "qlora"}
@@ -164,7 +164,7 @@ def test_console_end_to_end(console_service, browser, tmp_path):
     wait(d, lambda d: by_id(d, "base-model").get_attribute("value") == BASE, what="the wizard")
     Select(by_id(d, "training-file")).select_by_value(files["train.jsonl"])
     Select(by_id(d, "validation-file")).select_by_value(files["val.jsonl"])
-    wait(d, lambda d: '"auto" picks 9 for 12 examples' in by_id(d, "hp-n_epochs-hint").text, what="auto values")
+    wait(d, lambda d: '"auto" picks 10 for 12 examples' in by_id(d, "hp-n_epochs-hint").text, what="auto values")
     Select(by_id(d, "method")).select_by_value("lora")
     verdict = wait(d, lambda d: "lora" in by_id(d, "plan-verdict").text and by_id(d, "plan-verdict").text,
                    what="the memory plan")
