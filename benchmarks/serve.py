@@ -194,11 +194,13 @@ def main() -> None:
     finally:
         server.close()
 
+    report(args, rows, single)  # the PyTorch rows now, in case an export fails below
     if not args.skip_onnx:
         from slmtune.onnx_export import build_onnx
 
         for precision in ("fp32", "int8"):
             export = work / f"onnx-{precision}"
+            (work / f"build-{precision}").mkdir()
             build_onnx(model_dir, export, precision, work_dir=work / f"build-{precision}")
             server = Server(["--backend", "onnx", "--model", str(export)], args.threads)
             try:
@@ -209,6 +211,10 @@ def main() -> None:
             finally:
                 server.close()
 
+        report(args, rows, single)
+
+
+def report(args, rows, single) -> None:
     print(f"\nServing {args.model}, greedy, max_tokens {args.max_tokens}, {args.requests} requests per client, "
           f"{args.threads} threads")
     print(f"{'scenario':22} {'clients':>7} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} {'vs torch x1':>11} {'agree':>6}")
