@@ -3,9 +3,12 @@ serving the tiny Llama from tests/conftest.py with one trained run and two pertu
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +16,17 @@ import pytest
 import torch
 
 from tests.conftest import chat_example, write_jsonl
+
+
+def http_json(url: str, method: str = "POST", body=None, raw: bytes | None = None) -> tuple[int, dict]:
+    """(status, JSON) of a raw HTTP call, for what the openai client hides (exact error bodies)."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
 
 
 def free_port() -> int:

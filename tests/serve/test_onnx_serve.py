@@ -1,13 +1,9 @@
 """`slmtune serve --backend onnx`: the same app over an ONNX export (tiny Llama LoRA run, fp32),
 checked with the official openai client against the ONNX model's own greedy generation."""
 
-import json
-import urllib.error
-import urllib.request
-
 import pytest
 
-from tests.serve.conftest import ServerThread
+from tests.serve.conftest import ServerThread, http_json
 
 MAX_TOKENS = 12
 QUESTION = "What is fact number 3?"
@@ -28,14 +24,6 @@ def onnx_served(onnx_export):
     engine.stop()
 
 
-def _post(url, body):
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 def _greedy_reference(export_dir, engine, prompt_ids):
@@ -52,9 +40,9 @@ def _greedy_reference(export_dir, engine, prompt_ids):
 def test_onnx_backend_lists_only_the_model(onnx_served, onnx_export):
     server, engine, client = onnx_served
     assert [m.id for m in client.models.list().data] == [onnx_export.export_dir.name] == [engine.base_name]
-    status, body = _post(server.url + "/admin/adapters", {"name": "x", "path": str(onnx_export.run_dir)})
+    status, body = http_json(server.url + "/admin/adapters", body={"name": "x", "path": str(onnx_export.run_dir)})
     assert status == 400 and "ONNX backend" in body["error"]["message"]
-    status, body = _post(server.url + "/v1/chat/completions", {"model": "nope", "messages": [
+    status, body = http_json(server.url + "/v1/chat/completions", body={"model": "nope", "messages": [
         {"role": "user", "content": "hi"}]})
     assert status == 404 and body["error"]["code"] == "model_not_found"
 

@@ -12,15 +12,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import openai
 import pytest
 import torch
 
 from slmtune.cli import main
-from tests.serve.conftest import ServerThread
+from tests.serve.conftest import ServerThread, http_json
 
 HELLO = [{"role": "user", "content": "hello, how are you today?"}]
 
@@ -50,15 +48,7 @@ def chat_ids(served, messages):
 
 
 def http(served, method, path, body=None, raw=None):
-    """(status, JSON) of a raw HTTP call, for what the openai client hides (exact error bodies)."""
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(served.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    return http_json(served.url + path, method, body, raw)
 
 
 def greedy(served, model, messages=HELLO, **kwargs):
