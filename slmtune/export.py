@@ -54,9 +54,8 @@ def merge(run_dir: str | Path, out: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise RecipeError(f"{out}: exists and is not empty")
     model, tokenizer = load_merged(run_dir)
-    for attr in ("quantization_config",):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

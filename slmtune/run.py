@@ -34,19 +34,13 @@ from slmtune.data.batching import collate, make_rows, should_pack
 from slmtune.data.tokenize import check_end_of_turn
 from slmtune.methods import METHODS
 from slmtune.models import end_of_turn_ids, load_model, load_tokenizer
-from slmtune.train import TrainState, latest_checkpoint, peak_rss_mb, train, write_trained
+from slmtune.train import TrainState, atomic_write_text, latest_checkpoint, peak_rss_mb, train, write_trained
 
 
 @dataclass
 class RunResult:
     run_dir: Path
     summary: dict
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _prepare_run_dir(recipe: Recipe, resume: bool, parallel) -> tuple[Path, Path | None]:
@@ -80,7 +74,7 @@ class MetricsLog:
         self.path = path
         if resume_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            _atomic_write(path, "".join(line + "\n" for line in kept))
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
         elif resume_step is None:
             path.write_text("")
         self.file = path.open("a")
@@ -121,7 +115,7 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: Callable[[dict], None] 
     wall_start = time.perf_counter()
     run_dir, checkpoint = _prepare_run_dir(recipe, resume, par)
     if par.is_main:
-        _atomic_write(run_dir / "recipe.yaml", recipe.to_yaml())
+        atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
     cfg = recipe.train
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -227,7 +221,7 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: Callable[[dict], None] 
         "state_bytes_per_rank": state.state_bytes_per_rank,
     }
     if par.is_main:
-        _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     if on_event is not None:
         on_event({"type": "end", **summary})
     return RunResult(run_dir, summary)

@@ -187,9 +187,10 @@ def write_trained(method, model, path: Path, weights: dict | None, final: bool =
         method.save_trained(model, path, final=final, state_dict=weights)
 
 
-def _atomic_json(path: Path, data) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file and rename, so a reader never sees a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -213,7 +214,7 @@ def save_checkpoint(run_dir: Path, method, model, parallel, scheduler, state: Tr
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "rng.pt")
-    _atomic_json(tmp / "state.json", state.__dict__)
+    atomic_write_text(tmp / "state.json", json.dumps(state.__dict__, indent=2) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(p for p in root.iterdir() if p.name.startswith("step-"))[:-keep]:
