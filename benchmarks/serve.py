@@ -5,9 +5,12 @@
 One run prints one table. Rows:
   naive generate loop   one `model.generate` per request, sequentially, in this process
   torch, base, C        `slmtune serve` with C concurrent clients (C = 1, 4, 16) on the base model
-  torch, 4 adapters     16 clients spread over 4 LoRA adapters (r=16, all linear layers) kept hot
-  onnx fp32 / int8      `slmtune serve --backend onnx` on the base exported by onnxruntime-genai's
-                        builder, 1 client; with greedy-token agreement against PyTorch
+  torch, 4 adapters     16 clients spread over 4 LoRA adapters (r=16, all linear layers) kept hot,
+                        served in mixed-adapter batches
+  onnx fp32/int8/int4   `slmtune serve --backend onnx` on the base exported by onnxruntime-genai's
+                        builder, 1 client; with greedy-token agreement against PyTorch. int8/int4
+                        quantize weights only; "int8 act." also quantizes MatMul inputs (the
+                        builder's CPU default, `slmtune export --int8-activations`)
 Each client sends `--requests` chat requests one after another (greedy, max_tokens fixed);
 tokens/s is the sum of completion tokens (from `usage`) over the scenario's wall time.
 Run it with the machine otherwise idle; the thread count is printed with the table.
@@ -198,16 +201,18 @@ def main() -> None:
     if not args.skip_onnx:
         from slmtune.onnx_export import build_onnx
 
-        for precision in ("fp32", "int8"):
-            export = work / f"onnx-{precision}"
-            (work / f"build-{precision}").mkdir()
-            build_onnx(model_dir, export, precision, work_dir=work / f"build-{precision}")
+        for label, precision, int8_activations in (("fp32", "fp32", False), ("int8", "int8", False),
+                                                   ("int8, int8 act.", "int8", True), ("int4", "int4", False)):
+            slug = label.replace(",", "").replace(" ", "-").replace(".", "")
+            export = work / f"onnx-{slug}"
+            (work / f"build-{slug}").mkdir()
+            build_onnx(model_dir, export, precision, work_dir=work / f"build-{slug}", int8_activations=int8_activations)
             server = Server(["--backend", "onnx", "--model", str(export)], args.threads)
             try:
                 model_id = json.loads(urllib.request.urlopen(f"{server.url}/models").read())["data"][0]["id"]
                 result = load(server.url, [model_id], 1, args.requests, texts, args.max_tokens)
                 result["agreement"] = agreement(single["outputs"], result["outputs"], tokenizer)
-                rows.append((f"onnx {precision}", 1, result))
+                rows.append((f"onnx {label}", 1, result))
             finally:
                 server.close()
 

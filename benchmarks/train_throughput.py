@@ -1,15 +1,20 @@
 """Training throughput and memory: slmtune vs TRL's SFTTrainer, side by side in one run.
 
     .venv/bin/pip install "trl~=1.16.0"          # the comparison needs TRL; slmtune does not
-    python benchmarks/train_throughput.py --rows 400 --threads 2
+    python benchmarks/train_throughput.py --rows 400 --threads 2 --levers
 
 Both train SmolLM2-135M-Instruct with LoRA r=16, alpha=32, dropout 0 on all linear layers, one
 epoch over the first `--rows` conversations of ../shared/data/chat/train.jsonl, learning rate
 2e-4 with a linear schedule and no warmup, bf16 autocast, loss on assistant tokens only (TRL:
 conversational prompt/completion rows, its default completion-only loss). TRL uses its defaults
-otherwise (batch 8, padding, no packing); slmtune its defaults (packing short examples). Each
+otherwise (batch 8, padding, no packing); slmtune its defaults (packing short examples) with the
+same 8 examples per optimizer step (`train.examples_per_step: 8`, packed into rows). Each
 trainer runs in its own process, so peak RSS is its own. Both adapters are then scored by the
 same function on the same validation conversations, so the losses are comparable.
+
+`--levers` adds a second table: slmtune's levers (packing, bf16 autocast, gradient checkpointing,
+threads, QLoRA) switched one at a time on `--lever-rows` rows, with tokens/s, peak RSS and the
+validation loss of each.
 
 Run with the machine otherwise idle: on 2 cores a busy neighbour can slow PyTorch several-fold.
 """
@@ -40,16 +45,31 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker_slmtune(model: str, train_file: str, out: Path) -> dict:
+# slmtune's configuration for the TRL comparison (its defaults, with TRL's 8 examples per step),
+# and the levers of issue #7 as variations of it: (method overrides, train overrides).
+VARIANTS = {
+    "slmtune": ({}, {}),
+    "no packing": ({}, {"packing": False, "micro_batch_size": 8}),
+    "fp32": ({}, {"precision": "fp32"}),
+    "grad ckpt": ({}, {"gradient_checkpointing": True}),
+    "1 thread": ({}, {"num_threads": 1}),
+    "qlora": ({"name": "qlora"}, {}),
+    "qlora+ckpt": ({"name": "qlora"}, {"gradient_checkpointing": True}),
+}
+
+
+def worker_slmtune(model: str, train_file: str, out: Path, variant: str = "slmtune") -> dict:
     from slmtune.config import recipe_from_dict
     from slmtune.run import run
 
+    method, train = VARIANTS[variant]
     recipe = recipe_from_dict({
         "model": {"name": model},
-        "method": {"name": "lora", "lora_r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0},
+        "method": {"name": "lora", "lora_r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0, **method},
         "data": {"train": train_file, "max_length": MAX_LENGTH},
-        "train": {"epochs": 1, "micro_batch_size": 1, "learning_rate": LR, "schedule": "linear",
-                  "warmup_ratio": 0.0, "seed": 42},
+        # TRL's default batch is 8 examples per optimizer step; slmtune packs those 8 into rows.
+        "train": {"epochs": 1, "micro_batch_size": 2, "examples_per_step": 8, "learning_rate": LR,
+                  "schedule": "linear", "warmup_ratio": 0.0, "seed": 42, **train},
         "output": {"dir": str(out / "run"), "overwrite": True},
     })
     result = run(recipe, progress=False)
@@ -151,6 +171,10 @@ def main() -> None:
     parser.add_argument("--worker")
     parser.add_argument("--tmp")
     parser.add_argument("--adapters", nargs="*")
+    parser.add_argument("--variant", default="slmtune", choices=list(VARIANTS))
+    parser.add_argument("--levers", action="store_true",
+                        help="also train every slmtune variant (VARIANTS) on --lever-rows rows: a second table")
+    parser.add_argument("--lever-rows", type=int, default=120)
     args = parser.parse_args()
 
     import torch
@@ -163,12 +187,17 @@ def main() -> None:
         if args.worker == "eval":
             print(json.dumps(worker_eval(model, args.adapters, str(tmp / "validation.jsonl"))))
         else:
-            fn = worker_slmtune if args.worker == "slmtune" else worker_trl
-            print(json.dumps(fn(model, str(tmp / "train.jsonl"), tmp)))
+            train_file = str(tmp / ("train.jsonl" if args.worker != "lever" else "lever.jsonl"))
+            if args.worker == "trl":
+                print(json.dumps(worker_trl(model, train_file, tmp)))
+            else:
+                out = tmp / (args.worker + "-" + args.variant.replace(" ", "_"))
+                print(json.dumps(worker_slmtune(model, train_file, out, args.variant)))
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="slmtune-bench-"))
-    for name, n, source in (("train", args.rows, "train"), ("validation", args.validation_rows, "validation")):
+    for name, n, source in (("train", args.rows, "train"), ("validation", args.validation_rows, "validation"),
+                            ("lever", args.lever_rows, "train")):
         rows = first_rows(CHAT / f"{source}.jsonl", n)
         (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     results = {}
@@ -195,6 +224,25 @@ def main() -> None:
     s, t = results["slmtune"], results["trl"]
     print(f"ratios slmtune/TRL: tokens/s {(s['tokens'] / s['seconds']) / (t['tokens'] / t['seconds']):.2f}x, "
           f"peak RSS {s['peak_rss_mb'] / t['peak_rss_mb']:.2f}x, eval loss {s['eval_loss'] / t['eval_loss']:.3f}x")
+    if args.levers:
+        levers(args, tmp)
+
+
+def levers(args, tmp: Path) -> None:
+    """Each lever as a variation of slmtune's configuration, same rows, same scorer, one table."""
+    results = {}
+    for variant in VARIANTS:
+        print(f"lever: {variant}...", file=sys.stderr, flush=True)
+        results[variant] = run_worker("lever", args, tmp, ["--variant", variant])
+    losses = run_worker("eval", args, tmp, ["--adapters", *(r["adapter"] for r in results.values())])
+    base = results["slmtune"]
+    print(f"\nLevers: slmtune variants on the first {args.lever_rows} chat rows, 1 epoch, 8 examples per step, "
+          f"{args.threads} threads unless stated")
+    print(f"{'variant':12} {'tokens/s':>9} {'vs default':>10} {'peak RSS MB':>11} {'vs default':>10} {'eval loss':>9}")
+    for variant, r in results.items():
+        tps, base_tps = r["tokens"] / r["seconds"], base["tokens"] / base["seconds"]
+        print(f"{variant:12} {tps:>9.1f} {tps / base_tps:>9.2f}x {r['peak_rss_mb']:>11.0f} "
+              f"{r['peak_rss_mb'] / base['peak_rss_mb']:>9.2f}x {losses[r['adapter']]:>9.4f}")
 
 
 if __name__ == "__main__":

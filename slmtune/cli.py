@@ -256,10 +256,13 @@ def cmd_export(args) -> int:
         raise RecipeError("slmtune export needs --output OUT (or --merge OUT)")
     if fmt == "merged" and args.precision != "fp32":
         raise RecipeError("--precision int8/int4 applies to --format onnx; the merged model is fp32 safetensors")
+    if args.int8_activations and args.precision == "fp32":
+        raise RecipeError("--int8-activations applies to --precision int8 or int4")
     if fmt == "onnx":
         from slmtune.onnx_export import export_onnx, format_parity
 
-        result = export_onnx(args.run_dir, out, args.precision, check_parity=not args.no_parity)
+        result = export_onnx(args.run_dir, out, args.precision, check_parity=not args.no_parity,
+                             int8_activations=args.int8_activations)
         path, report = result.path, result.parity
     else:
         from slmtune.onnx_export import format_parity, parity
@@ -423,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", metavar="OUT", help="same as --format merged --output OUT")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"],
                    help="ONNX weight precision (default fp32)")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="int8/int4: also quantize each MatMul's input to int8 (faster on CPU, answers drift more)")
     p.add_argument("--no-parity", action="store_true",
                    help="skip the greedy-generation parity check against the PyTorch model")
     p.set_defaults(func=cmd_export)

@@ -98,6 +98,11 @@ class TrainSection(Section):
     # accumulation brings the optimizer step back to 8 rows.
     micro_batch_size: int = Field(4, ge=1, description="Rows per forward pass (a packed row holds several examples).")
     gradient_accumulation_steps: int = Field(2, ge=1, description="Micro-batches per optimizer step.")
+    examples_per_step: int | None = Field(
+        None, ge=1, description="Exactly this many examples per optimizer step, packed into as few rows as fit "
+        "(micro_batch_size rows per forward pass); replaces gradient_accumulation_steps. Default: steps of "
+        "micro_batch_size x gradient_accumulation_steps rows, however many examples those hold."
+    )
     learning_rate: float = Field(2e-4, gt=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps with linear warmup.")
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -127,6 +132,13 @@ class TrainSection(Section):
     @classmethod
     def _strategy_shorthand(cls, value):
         return {"strategy": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_step_size(self):
+        if self.examples_per_step is not None and "gradient_accumulation_steps" in self.model_fields_set:
+            raise ValueError("set either examples_per_step or gradient_accumulation_steps, not both: "
+                             "examples_per_step decides how many micro-batches a step takes")
+        return self
 
 
 class OutputSection(Section):

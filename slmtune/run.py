@@ -179,7 +179,8 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: Callable[[dict], None] 
     try:
         state: TrainState = train(
             model, method, data.train, rows, eval_batches, cfg, run_dir=run_dir, pad_id=pad_id, packed=packed,
-            attn_implementation=recipe.model.attn_implementation, resume_from=checkpoint, emit=emit,
+            attn_implementation=recipe.model.attn_implementation, max_length=recipe.data.max_length,
+            resume_from=checkpoint, emit=emit,
             progress=progress, parallel=par,
         )
     finally:

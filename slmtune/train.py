@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from slmtune.config import TrainSection
-from slmtune.data.batching import collate, micro_batches, steps_per_epoch
+from slmtune.data.batching import collate, example_steps, micro_batches, step_micro_batches, steps_per_epoch
 from slmtune.data.tokenize import IGNORE, Example
 from slmtune.distributed import SingleProcess
 
@@ -281,6 +281,7 @@ def train(
     pad_id: int,
     packed: bool,
     attn_implementation: str,
+    max_length: int | None = None,
     resume_from: Path | None = None,
     emit: EventSink = lambda event: None,
     progress: bool = True,
@@ -295,6 +296,12 @@ def train(
     amp_dtype = autocast_dtype(cfg.precision, device)
     per_step = cfg.gradient_accumulation_steps * par.world_size  # micro-batches per optimizer step, all ranks
     per_epoch = steps_per_epoch(len(train_rows), cfg.micro_batch_size, per_step)
+    if cfg.examples_per_step:
+        if max_length is None:
+            raise ValueError("train.examples_per_step needs the row length (max_length)")
+        per_epoch = math.ceil(len(train_examples) / cfg.examples_per_step)
+        per_step = None  # however many micro-batches the step's examples fill
+        lengths = [len(e) for e in train_examples]
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
 
     if resume_from is not None:  # full weights, loaded before any sharding
@@ -306,7 +313,7 @@ def train(
     state = TrainState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, par, scheduler)
-        if state.micro_batches_per_step not in (None, per_step):
+        if per_step is not None and state.micro_batches_per_step not in (None, per_step):
             note = (f"the checkpoint's steps took {state.micro_batches_per_step} micro-batches, this run's take "
                     f"{per_step} (gradient_accumulation_steps x processes); to continue exactly as before, set "
                     f"train.gradient_accumulation_steps={state.micro_batches_per_step / par.world_size:g}")
@@ -324,8 +331,12 @@ def train(
     def batches_of_step(step: int) -> list[dict]:
         """This rank's micro-batches of global step `step` (all of them in one process)."""
         epoch, index = divmod(step, per_epoch)
-        epoch_batches = micro_batches(train_rows, cfg.micro_batch_size, cfg.seed, epoch)
-        chosen = epoch_batches[index * per_step : (index + 1) * per_step]
+        if cfg.examples_per_step:
+            examples = example_steps(len(train_examples), cfg.examples_per_step, cfg.seed, epoch)[index]
+            chosen = step_micro_batches(examples, lengths, max_length, packed, cfg.micro_batch_size)
+        else:
+            epoch_batches = micro_batches(train_rows, cfg.micro_batch_size, cfg.seed, epoch)
+            chosen = epoch_batches[index * per_step : (index + 1) * per_step]
         return [collate([[train_examples[i] for i in row] for row in mb], pad_id, packed, attn_implementation)
                 | ({} if real else {"padding": True}) for mb, real in par.share(chosen)]
 

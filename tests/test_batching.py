@@ -3,7 +3,8 @@ import random
 import pytest
 import torch
 
-from slmtune.data.batching import collate, micro_batches, pack_rows, should_pack
+from slmtune.data.batching import (collate, example_steps, micro_batches, pack_rows, should_pack,
+                                   step_micro_batches)
 from slmtune.data.tokenize import encode
 from slmtune.models import load_model, load_tokenizer
 from slmtune.train import target_loss_sum
@@ -76,3 +77,21 @@ def test_packed_collate_positions_and_mask(tiny_tokenizer):
     assert not mask[0, 0, n1, : n1].any()  # first token of e2 sees nothing of e1
     assert mask[0, 0, n1 + n2 - 1, n1 : n1 + n2].all()
     assert batch["n_tokens"] == 2 * n1 + n2
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_example_steps_take_every_example_once_n_per_step(packing):
+    lengths = [random.Random(i).randint(5, 60) for i in range(23)]
+    steps = example_steps(23, 8, seed=1, epoch=0)
+    assert [len(s) for s in steps] == [8, 8, 7]
+    assert sorted(i for s in steps for i in s) == list(range(23))
+    assert steps == example_steps(23, 8, seed=1, epoch=0) != example_steps(23, 8, seed=1, epoch=1)
+    for examples in steps:
+        batches = step_micro_batches(examples, lengths, 100, packing, micro_batch_size=2)
+        rows = [row for mb in batches for row in mb]
+        assert all(len(mb) <= 2 for mb in batches)
+        assert sorted(i for row in rows for i in row) == sorted(examples)
+        if packing:
+            assert all(sum(lengths[i] for i in row) <= 100 for row in rows) and len(rows) < len(examples)
+        else:
+            assert all(len(row) == 1 for row in rows)

@@ -113,3 +113,76 @@ def test_validation_split_and_eval_loss(tiny_llama_dir, chat_file, tmp_path):
              if json.loads(l)["kind"] == "eval"]
     assert [e["step"] for e in evals] == [2, 4]
     assert result.summary["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-5)
+
+
+def test_examples_per_step_fixes_the_examples_of_every_step(tiny_llama_dir, chat_file, tmp_path):
+    import math
+
+    from slmtune.config import RecipeError
+
+    result = run(make_recipe(tiny_llama_dir, chat_file, tmp_path / "run", epochs=2, examples_per_step=5,
+                             micro_batch_size=1), progress=False)
+    assert result.summary["steps"] == 2 * math.ceil(24 / 5)
+    steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if s["kind"] == "step"]
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    with pytest.raises(RecipeError, match="examples_per_step or gradient_accumulation_steps"):
+        make_recipe(tiny_llama_dir, chat_file, tmp_path / "x", examples_per_step=5, gradient_accumulation_steps=2)
+
+
+def _lever_case(model_dir):
+    """A LoRA model with non-zero B (so every adapter weight gets a gradient) and one packed batch."""
+    tokenizer = load_tokenizer(str(model_dir))
+    examples = [encode("chat", chat_example(f"Question {i}?" * (1 + i % 3), f"Answer {i}" * (1 + i % 2)),
+                       tokenizer, None) for i in range(6)]
+    torch.manual_seed(0)
+    model = lora.prepare(load_model(str(model_dir)), lora.Config(lora_r=4, lora_dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model, collate([examples[:3], examples[3:]], tokenizer.pad_token_id, True)
+
+
+def _loss_and_grads(model, loss_fn):
+    model.zero_grad()
+    loss = loss_fn()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lm_head_at_target_positions_only_equals_full_logits_cross_entropy(tiny_model_dir):
+    from slmtune.data.tokenize import IGNORE
+    from slmtune.train import target_loss_sum
+
+    model, batch = _lever_case(tiny_model_dir)
+
+    def full_logits_loss():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
+                                                 ignore_index=IGNORE, reduction="sum")
+
+    loss, grads = _loss_and_grads(model, lambda: target_loss_sum(model, batch, None))
+    full_loss, full_grads = _loss_and_grads(model, full_logits_loss)
+    assert loss == pytest.approx(full_loss, rel=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], full_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_and_bf16_autocast_keep_loss_and_gradients(tiny_llama_dir):
+    from slmtune.train import target_loss_sum
+
+    model, batch = _lever_case(tiny_llama_dir)
+    loss, grads = _loss_and_grads(model, lambda: target_loss_sum(model, batch, None))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ckpt_loss, ckpt_grads = _loss_and_grads(model, lambda: target_loss_sum(model, batch, None))
+    assert ckpt_loss == pytest.approx(loss, rel=1e-6)
+    for name in grads:
+        torch.testing.assert_close(ckpt_grads[name], grads[name], rtol=1e-5, atol=1e-7)
+    # bf16 autocast keeps 8 bits of mantissa: the loss moves by well under a percent.
+    bf16_loss, bf16_grads = _loss_and_grads(model, lambda: target_loss_sum(model, batch, torch.bfloat16))
+    assert bf16_loss == pytest.approx(loss, rel=1e-2)
+    cosine = torch.nn.functional.cosine_similarity(
+        torch.cat([g.flatten() for g in bf16_grads.values()]), torch.cat([g.flatten() for g in grads.values()]), dim=0)
+    assert cosine > 0.99

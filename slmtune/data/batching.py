@@ -57,6 +57,24 @@ def micro_batches(rows: list[list[int]], micro_batch_size: int, seed: int, epoch
     return [shuffled[i : i + micro_batch_size] for i in range(0, len(shuffled), micro_batch_size)]
 
 
+def example_steps(n_examples: int, examples_per_step: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's optimizer steps as lists of example indices, `examples_per_step` each (the last
+    may be short), in an order seeded by (seed, epoch) like micro_batches."""
+    generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    order = torch.randperm(n_examples, generator=generator).tolist()
+    return [order[i : i + examples_per_step] for i in range(0, n_examples, examples_per_step)]
+
+
+def step_micro_batches(examples: list[int], lengths: list[int], max_length: int, packing: bool,
+                       micro_batch_size: int) -> list[list[list[int]]]:
+    """One step's examples packed into rows (or one per row) and cut into micro-batches."""
+    if packing:
+        rows = [[examples[j] for j in row] for row in pack_rows([lengths[i] for i in examples], max_length)]
+    else:
+        rows = [[i] for i in examples]
+    return [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+
+
 def steps_per_epoch(n_rows: int, micro_batch_size: int, gradient_accumulation_steps: int) -> int:
     return math.ceil(math.ceil(n_rows / micro_batch_size) / gradient_accumulation_steps)
 

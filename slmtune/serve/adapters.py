@@ -191,6 +191,34 @@ class AdapterRegistry:
             else:
                 yield self.model
             return
+        peft_name = self._ensure_loaded(name)
+        self.model.set_adapter(peft_name)
+        yield self.model
+
+    @contextmanager
+    def use_mixed(self, names: list[str | None]) -> Iterator[tuple[object, list[str]] | None]:
+        """The model with every adapter in `names` loaded at once, and PEFT's adapter name for each
+        row of a mixed batch ("__base__" for None, the base model): the base weights then run once
+        for the whole batch and each LoRA only on its own rows. Yields None when the set cannot be
+        served that way (more adapters than may be loaded at once, or DoRA, which PEFT cannot mix)."""
+        wanted = list(dict.fromkeys(n for n in names if n is not None))
+        if not wanted or len(wanted) > self.max_loaded:
+            yield None
+            return
+        with self._lock:
+            # Touch the ones already loaded first, so loading the others never evicts them.
+            for name in wanted:
+                if name in self._loaded:
+                    self._loaded.move_to_end(name)
+        peft_names = {name: self._ensure_loaded(name) for name in wanted}
+        if any(getattr(self.model.peft_config[p], "use_dora", False) for p in peft_names.values()):
+            yield None
+            return
+        yield self.model, ["__base__" if n is None else peft_names[n] for n in names]
+
+    def _ensure_loaded(self, name: str) -> str:
+        """Load adapter `name` if needed (evicting the least recently used past the cap), mark it
+        most recently used, and return its PEFT adapter name."""
         with self._lock:
             source = self._sources.get(name)
         if source is None:
@@ -201,8 +229,7 @@ class AdapterRegistry:
             self._load(source)
         with self._lock:
             self._loaded.move_to_end(name)
-        self.model.set_adapter(self._loaded[name][1])
-        yield self.model
+            return self._loaded[name][1]
 
     def _load(self, source: AdapterSource) -> None:
         from peft import PeftModel

@@ -5,11 +5,13 @@
     print(engine.generate(request).text)
 
 Requests wait in a queue. The engine thread takes the first one, waits `batch_wait_ms` for more
-(everything that queued up while the previous batch ran is taken at once), groups them by adapter
-and runs each group as one left-padded batch through `model.generate` with its KV cache.
-Per-request temperature, top_p and seed are applied row by row by a logits processor, and
-per-request stop conditions (end of turn, max_tokens, stop strings, a client that went away) by a
-stopping criterion, so requests with different sampling parameters still share a batch.
+(everything that queued up while the previous batch ran is taken at once) and runs them as one
+left-padded batch through a plain decode loop on a KV cache. Requests for different LoRA adapters
+(and the base) share that batch through PEFT's mixed-batch forward when they can all be loaded at
+once; otherwise (more adapters than the cap, DoRA) each adapter gets a batch of its own.
+Per-request temperature, top_p and seed are applied row by row, and per-request stop conditions
+(end of turn, max_tokens, stop strings, a client that went away) end a row, which then leaves the
+batch, so requests with different sampling parameters still share the forward passes.
 Text reaches the caller through callbacks run on the engine thread (`on_text`, `on_done`).
 """
 
@@ -143,57 +145,27 @@ class _Row:
         self.finished = True
 
 
-class _RowStopper:
-    """transformers StoppingCriteria: feeds each row its new token; True where a row is done."""
-
-    def __init__(self, rows: list[_Row]):
-        self.rows = rows
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        last = input_ids[:, -1].tolist()
-        for row, token in zip(self.rows, last):
-            row.add(token)
-        return torch.tensor([row.finished for row in self.rows], device=input_ids.device)
-
-
 class _RowSampler:
-    """transformers LogitsProcessor doing each row's own sampling inside a greedy `generate`.
+    """One request's next-token choice: greedy, or its own temperature/top_p with a seeded generator,
+    so requests with different sampling parameters share one forward pass."""
 
-    Sampled rows get every logit but the drawn token set to -inf, so generate's argmax picks it;
-    greedy rows pass through. That gives every request its own temperature, top_p and seeded
-    generator while the batch shares one forward pass.
-    """
+    def __init__(self, params: SamplingParams, device):
+        self.temperature = params.temperature
+        self.top_p = params.top_p
+        self.generator = None
+        if params.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
 
-    def __init__(self, requests: list[Request], device):
-        self.rows = []
-        for req in requests:
-            p = req.params
-            if p.temperature > 0:
-                gen = torch.Generator(device=device)
-                gen.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
-                self.rows.append((p.temperature, p.top_p, gen))
-            else:
-                self.rows.append(None)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        out = scores
-        for i, row in enumerate(self.rows):
-            if row is None:
-                continue
-            temperature, top_p, gen = row
-            probs = torch.softmax(scores[i].float() / temperature, dim=-1)
-            if top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                # Keep the smallest set of most likely tokens whose mass reaches top_p.
-                drop = sorted_probs.cumsum(0) - sorted_probs >= top_p
-                sorted_probs[drop] = 0.0
-                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-            token = torch.multinomial(probs, 1, generator=gen)
-            if out is scores:
-                out = scores.clone()
-            out[i].fill_(float("-inf"))
-            out[i, token] = 0.0
-        return out
+    def __call__(self, logits: torch.Tensor) -> int:
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            # Keep the smallest set of most likely tokens whose mass reaches top_p.
+            drop = sorted_probs.cumsum(0) - sorted_probs >= self.top_p
+            sorted_probs[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
 _WAKE = object()  # queued to make the engine thread look at the registry (an adapter was removed)
@@ -371,8 +343,30 @@ class Engine:
             groups: dict[str, list[Request]] = {}
             for req in batch:
                 groups.setdefault(req.model, []).append(req)
+            if len(groups) > 1 and self._run_mixed(batch):
+                continue
             for name, requests in groups.items():
                 self._run_group(name, requests)
+
+    def _run_mixed(self, requests: list[Request]) -> bool:
+        """Run requests for several adapters (and the base) as one batch; False when they cannot be
+        mixed, and the caller then runs one batch per adapter."""
+        live = [r for r in requests if not r.cancelled]
+        names = [None if r.model == self.base_name else r.model for r in live]
+        try:
+            with self.registry.use_mixed(names) as mixed:
+                if mixed is None:
+                    return False
+                for r in requests:
+                    if r.cancelled:
+                        self._finish(r)
+                model, adapter_names = mixed
+                self._guarded(live, lambda: self._generate(model, [_Row(r, self.decode, self.eos_ids) for r in live],
+                                                            adapter_names=adapter_names))
+        except (UnknownModel, AdapterError):
+            return False  # one batch per adapter reports the error to the requests it concerns
+        self._account(live)
+        return True
 
     def _run_group(self, name: str, requests: list[Request]) -> None:
         live = [r for r in requests if not r.cancelled]
@@ -381,10 +375,18 @@ class Engine:
                 self._finish(r)
         if not live:
             return
-        try:
+
+        def run():
             with self.registry.use(None if name == self.base_name else name) as model:
-                rows = [_Row(r, self.decode, self.eos_ids) for r in live]
-                self._generate(model, rows)
+                self._generate(model, [_Row(r, self.decode, self.eos_ids) for r in live])
+
+        self._guarded(live, run)
+        self._account(live)
+
+    @staticmethod
+    def _guarded(live: list[Request], run: Callable[[], None]) -> None:
+        try:
+            run()
         except (UnknownModel, AdapterError) as err:
             for r in live:
                 r.error = err
@@ -392,6 +394,8 @@ class Engine:
             log.exception("generation failed")
             for r in live:
                 r.error = err
+
+    def _account(self, live: list[Request]) -> None:
         with self._stats_lock:
             self._batch_sizes[len(live)] += 1
             self._requests += len(live)
@@ -402,10 +406,16 @@ class Engine:
             self._finish(r)
 
     @torch.inference_mode()
-    def _generate(self, model, rows: list[_Row]) -> None:
-        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+    def _generate(self, model, rows: list[_Row], adapter_names: list[str] | None = None) -> None:
+        """Prefill the left-padded prompts in one forward pass, then one forward pass per new token
+        over the rows still running, on a KV cache. A finished row leaves the batch and the cache at
+        once, so a long reply never makes short ones pay for its steps. This plain loop replaces
+        `model.generate`, whose per-step bookkeeping cost as much as the forward pass of a 135M
+        model on a CPU (docs/benchmarks.md)."""
+        from transformers import DynamicCache
 
         requests = [row.request for row in rows]
+        device = next(model.parameters()).device
         width = max(r.prompt_tokens for r in requests)
         # Left padding: every row's last prompt token sits in the last column, where generation starts.
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -413,21 +423,38 @@ class Engine:
         for i, r in enumerate(requests):
             input_ids[i, width - r.prompt_tokens :] = torch.tensor(r.prompt_ids)
             attention_mask[i, width - r.prompt_tokens :] = 1
-        device = next(model.parameters()).device
-        config = GenerationConfig(
-            max_new_tokens=max(r.max_tokens for r in requests),
-            do_sample=False,  # sampling happens per row in _RowSampler
-            eos_token_id=sorted(self.eos_ids),
-            pad_token_id=self.pad_id,
-            use_cache=True,
-        )
-        model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            generation_config=config,
-            logits_processor=LogitsProcessorList([_RowSampler(requests, device)]),
-            stopping_criteria=StoppingCriteriaList([_RowStopper(rows)]),
-        )
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        # Positions count real tokens only, so a padded row sees the positions it would see alone.
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        samplers = [_RowSampler(r.params, device) if r.params.temperature > 0 else None for r in requests]
+        cache = DynamicCache(config=model.config)
+        # A mixed batch names each row's adapter (PEFT's mixed-batch LoRA forward).
+        mixed = {} if adapter_names is None else {"adapter_names": list(adapter_names)}
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1, **mixed).logits[:, -1, :]
+        next_position = positions[:, -1:] + 1
+        alive = list(range(len(rows)))  # batch row -> index into rows
+        while True:
+            tokens = logits.argmax(-1)
+            for b, i in enumerate(alive):
+                if samplers[i] is not None:
+                    tokens[b] = samplers[i](logits[b])
+            for b, token in enumerate(tokens.tolist()):
+                rows[alive[b]].add(token)
+            keep = [b for b, i in enumerate(alive) if not rows[i].finished]
+            if not keep:
+                return
+            if len(keep) < len(alive):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                attention_mask, tokens, next_position = attention_mask[index], tokens[index], next_position[index]
+                alive = [alive[b] for b in keep]
+                if mixed:
+                    mixed["adapter_names"] = [mixed["adapter_names"][b] for b in keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(alive), 1))], dim=1)
+            logits = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_position,
+                           past_key_values=cache, use_cache=True, **mixed).logits[:, -1, :]
+            next_position = next_position + 1
 
     @staticmethod
     def _finish(request: Request) -> None:
