@@ -151,7 +151,9 @@ def main() -> None:
             summary = json.loads((run_dir / "summary.json").read_text())
             better = tuned[metric] > base[metric] if higher else tuned[metric] < base[metric]
             rows.append({"task": task, "method": method, "metric": metric, "base": base[metric],
-                         "tuned": tuned[metric], "better": better, "test_rows": limit, "run_dir": str(run_dir),
+                         "tuned": tuned[metric], "better": better, "test_rows": limit,
+                         "others": {k: (base[k], tuned[k]) for k in tuned if k not in (metric, "n")
+                                    and isinstance(tuned[k], (int, float)) and isinstance(base.get(k), (int, float))}, "run_dir": str(run_dir),
                          "train_examples": summary["train_examples"], "trainable_params": summary["trainable_params"],
                          "peak_rss_mb": summary["peak_rss_mb"], "train_seconds": summary["train_seconds"],
                          "tokens_per_second": summary["tokens_per_second"], "threads": summary["threads"]})
@@ -171,13 +173,14 @@ def main() -> None:
         "samples given by each recipe's `data.max_examples` (recipes/<task>/lora.yaml).",
         "",
         "| task | method | metric | base | fine-tuned | better | test rows | train examples | "
-        "trainable params | peak RSS MB | train s | tokens/s |",
-        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "trainable params | peak RSS MB | train s | tokens/s | other metrics (base → fine-tuned) |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(f"| {r['task']} | {r['method']} | {r['metric']} | {r['base']:.4g} | {r['tuned']:.4g} | "
                      f"{'yes' if r['better'] else '**no**'} | {r['test_rows']} | {r['train_examples']} | {r['trainable_params']:,} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['train_seconds']:.0f} | {r['tokens_per_second']:.0f} |")
+                     f"{r['peak_rss_mb']:.0f} | {r['train_seconds']:.0f} | {r['tokens_per_second']:.0f} | "
+                     + ", ".join(f"{k} {a:.3g} → {b:.3g}" for k, (a, b) in r["others"].items()) + " |")
     lines += [""] + [f"![{name}](results/{name})" for name in images] + [""]
     (REPO / args.out).write_text("\n".join(lines))
     print("\n".join(lines))

@@ -7,10 +7,9 @@ One run prints one table. Rows:
   torch, base, C        `slmtune serve` with C concurrent clients (C = 1, 4, 16) on the base model
   torch, 4 adapters     16 clients spread over 4 LoRA adapters (r=16, all linear layers) kept hot,
                         served in mixed-adapter batches
+  torch bf16, base, C   `slmtune serve --dtype bfloat16`, 1 and 16 clients; agreement against fp32
   onnx fp32/int8/int4   `slmtune serve --backend onnx` on the base exported by onnxruntime-genai's
-                        builder, 1 client; with greedy-token agreement against PyTorch. int8/int4
-                        quantize weights only; "int8 act." also quantizes MatMul inputs (the
-                        builder's CPU default, `slmtune export --int8-activations`)
+                        builder, 1 client; with greedy-token agreement against PyTorch
 Each client sends `--requests` chat requests one after another (greedy, max_tokens fixed);
 tokens/s is the sum of completion tokens (from `usage`) over the scenario's wall time.
 Run it with the machine otherwise idle; the thread count is printed with the table.
@@ -196,17 +195,26 @@ def main() -> None:
                                                     args.max_tokens)))
     finally:
         server.close()
+    server = Server(["--model", model_dir, "--max-batch-size", "16", "--dtype", "bfloat16"], args.threads)
+    try:
+        base_id = json.loads(urllib.request.urlopen(f"{server.url}/models").read())["data"][0]["id"]
+        for clients in (1, 16):
+            result = load(server.url, [base_id], clients, args.requests, texts, args.max_tokens)
+            if clients == 1:
+                result["agreement"] = agreement(single["outputs"], result["outputs"], tokenizer)
+            rows.append(("torch bf16, base", clients, result))
+    finally:
+        server.close()
 
     report(args, rows, single)  # the PyTorch rows now, in case an export fails below
     if not args.skip_onnx:
         from slmtune.onnx_export import build_onnx
 
-        for label, precision, int8_activations in (("fp32", "fp32", False), ("int8", "int8", False),
-                                                   ("int8, int8 act.", "int8", True), ("int4", "int4", False)):
-            slug = label.replace(",", "").replace(" ", "-").replace(".", "")
-            export = work / f"onnx-{slug}"
-            (work / f"build-{slug}").mkdir()
-            build_onnx(model_dir, export, precision, work_dir=work / f"build-{slug}", int8_activations=int8_activations)
+        for precision in ("fp32", "int8", "int4"):
+            label = precision
+            export = work / f"onnx-{precision}"
+            (work / f"build-{precision}").mkdir()
+            build_onnx(model_dir, export, precision, work_dir=work / f"build-{precision}")
             server = Server(["--backend", "onnx", "--model", str(export)], args.threads)
             try:
                 model_id = json.loads(urllib.request.urlopen(f"{server.url}/models").read())["data"][0]["id"]

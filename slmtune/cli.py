@@ -207,7 +207,7 @@ def cmd_serve(args) -> int:
             engine = OnnxEngine.load(args.model, base_name=args.served_model_name, max_batch_size=args.max_batch_size,
                                      batch_wait_ms=args.batch_wait_ms, default_max_tokens=args.default_max_tokens)
         else:
-            engine = Engine.load(args.model, adapters, base_name=args.served_model_name,
+            engine = Engine.load(args.model, adapters, base_name=args.served_model_name, dtype=args.dtype,
                                  max_loaded_adapters=args.max_loaded_adapters, max_batch_size=args.max_batch_size,
                                  batch_wait_ms=args.batch_wait_ms, default_max_tokens=args.default_max_tokens)
     except AdapterError as err:
@@ -256,13 +256,10 @@ def cmd_export(args) -> int:
         raise RecipeError("slmtune export needs --output OUT (or --merge OUT)")
     if fmt == "merged" and args.precision != "fp32":
         raise RecipeError("--precision int8/int4 applies to --format onnx; the merged model is fp32 safetensors")
-    if args.int8_activations and args.precision == "fp32":
-        raise RecipeError("--int8-activations applies to --precision int8 or int4")
     if fmt == "onnx":
         from slmtune.onnx_export import export_onnx, format_parity
 
-        result = export_onnx(args.run_dir, out, args.precision, check_parity=not args.no_parity,
-                             int8_activations=args.int8_activations)
+        result = export_onnx(args.run_dir, out, args.precision, check_parity=not args.no_parity)
         path, report = result.path, result.parity
     else:
         from slmtune.onnx_export import format_parity, parity
@@ -426,8 +423,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", metavar="OUT", help="same as --format merged --output OUT")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"],
                    help="ONNX weight precision (default fp32)")
-    p.add_argument("--int8-activations", action="store_true",
-                   help="int8/int4: also quantize each MatMul's input to int8 (faster on CPU, answers drift more)")
     p.add_argument("--no-parity", action="store_true",
                    help="skip the greedy-generation parity check against the PyTorch model")
     p.set_defaults(func=cmd_export)
@@ -460,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="register an adapter (run directory or PEFT adapter directory); repeatable")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="torch backend weights: bfloat16 halves the bytes read per token (answers may differ slightly)")
     p.add_argument("--served-model-name", help="the base model's id in requests (default: its name)")
     p.add_argument("--max-loaded-adapters", type=int, default=4, help="adapters kept loaded; least recently used go")
     p.add_argument("--max-batch-size", type=int, default=8, help="requests generated together")

@@ -97,7 +97,9 @@ class TrainSection(Section):
     # 4 rows x 1024 tokens keep activations near 7 GB for a 135M model on CPU (docs/methods.md);
     # accumulation brings the optimizer step back to 8 rows.
     micro_batch_size: int = Field(4, ge=1, description="Rows per forward pass (a packed row holds several examples).")
-    gradient_accumulation_steps: int = Field(2, ge=1, description="Micro-batches per optimizer step.")
+    gradient_accumulation_steps: int | None = Field(
+        None, ge=1, description="Micro-batches per optimizer step (default 2; unset when examples_per_step is)."
+    )
     examples_per_step: int | None = Field(
         None, ge=1, description="Exactly this many examples per optimizer step, packed into as few rows as fit "
         "(micro_batch_size rows per forward pass); replaces gradient_accumulation_steps. Default: steps of "
@@ -133,12 +135,19 @@ class TrainSection(Section):
     def _strategy_shorthand(cls, value):
         return {"strategy": value} if isinstance(value, str) else value
 
-    @model_validator(mode="after")
-    def _one_step_size(self):
-        if self.examples_per_step is not None and "gradient_accumulation_steps" in self.model_fields_set:
+    @model_validator(mode="before")
+    @classmethod
+    def _one_step_size(cls, values):
+        # A saved recipe.yaml spells out both fields, one of them null, and must load back as it was.
+        if not isinstance(values, dict):
+            return values
+        accumulation, examples = values.get("gradient_accumulation_steps"), values.get("examples_per_step")
+        if accumulation is not None and examples is not None:
             raise ValueError("set either examples_per_step or gradient_accumulation_steps, not both: "
                              "examples_per_step decides how many micro-batches a step takes")
-        return self
+        if accumulation is None and examples is None:
+            values = {**values, "gradient_accumulation_steps": 2}
+        return values
 
 
 class OutputSection(Section):

@@ -87,13 +87,8 @@ def onnx_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[
 
 
 def build_onnx(model_dir: str | Path, out: str | Path, precision: str = "fp32", *, work_dir: str | Path,
-               execution_provider: str = "cpu", int8_activations: bool = False) -> Path:
-    """Run onnxruntime-genai's model builder on a local Hugging Face directory.
-
-    int8/int4 quantize the weights (MatMulNBits). The builder's CPU default also quantizes each
-    MatMul's *input* to int8 (accuracy_level 4), which is what made greedy answers drift (int8: 43%
-    agreement); unless `int8_activations` is asked for, inputs stay fp32 (accuracy_level 1) and
-    only the weights are quantized."""
+               execution_provider: str = "cpu") -> Path:
+    """Run onnxruntime-genai's model builder on a local Hugging Face directory."""
     _og()
     try:
         import onnx_ir  # noqa: F401  the builder imports it; say so before it fails halfway
@@ -105,8 +100,6 @@ def build_onnx(model_dir: str | Path, out: str | Path, precision: str = "fp32", 
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(Path(model_dir).resolve()),
            "-o", str(Path(out).resolve()), "-p", precision, "-e", execution_provider,
            "-c", str((work_dir / "builder-cache").resolve())]
-    if precision in ("int8", "int4"):
-        cmd += ["--extra_options", f"accuracy_level={4 if int8_activations else 1}"]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work_dir)
     if proc.returncode != 0 or not (Path(out) / "genai_config.json").is_file():
@@ -209,8 +202,7 @@ def format_parity(report: dict) -> str:
 
 # --- the export ------------------------------------------------------------------------------
 def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", *, check_parity: bool = True,
-                prompts: list[str] | None = None, max_new_tokens: int = PARITY_MAX_NEW_TOKENS,
-                int8_activations: bool = False) -> ExportResult:
+                prompts: list[str] | None = None, max_new_tokens: int = PARITY_MAX_NEW_TOKENS) -> ExportResult:
     """Merge the run's adapter, build the ONNX model into `out` and (by default) check parity.
 
     Everything is written in a temporary folder beside `out` and renamed at the end."""
@@ -225,7 +217,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", *
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         merged = merge(run_dir, work / "merged")
-        built = build_onnx(merged, work / "onnx", precision, work_dir=work, int8_activations=int8_activations)
+        built = build_onnx(merged, work / "onnx", precision, work_dir=work)
         report = None
         if check_parity:
             report = parity(run_dir, built, "onnx", prompts=prompts, max_new_tokens=max_new_tokens)

@@ -294,9 +294,10 @@ def train(
     par = parallel or SingleProcess()
     device = next(model.parameters()).device
     amp_dtype = autocast_dtype(cfg.precision, device)
-    per_step = cfg.gradient_accumulation_steps * par.world_size  # micro-batches per optimizer step, all ranks
-    per_epoch = steps_per_epoch(len(train_rows), cfg.micro_batch_size, per_step)
-    if cfg.examples_per_step:
+    if not cfg.examples_per_step:
+        per_step = cfg.gradient_accumulation_steps * par.world_size  # micro-batches per optimizer step, all ranks
+        per_epoch = steps_per_epoch(len(train_rows), cfg.micro_batch_size, per_step)
+    else:
         if max_length is None:
             raise ValueError("train.examples_per_step needs the row length (max_length)")
         per_epoch = math.ceil(len(train_examples) / cfg.examples_per_step)

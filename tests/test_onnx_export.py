@@ -60,28 +60,6 @@ def test_int8_onnx_export_from_the_cli_reports_agreement(onnx_export, capsys):
     # int8 weights are really smaller than fp32 ones (MatMul weights quantized).
     size = lambda d: sum(p.stat().st_size for p in d.iterdir() if p.name.startswith("model.onnx"))  # noqa: E731
     assert size(out) < size(onnx_export.export_dir)
-    # Weights only: each quantized MatMul keeps an fp32 input (accuracy_level 1), not the builder's
-    # CPU default of int8 inputs (4), unless --int8-activations asks for it.
-    assert matmul_accuracy_levels(out) == {1}
-
-
-def matmul_accuracy_levels(export_dir) -> set[int]:
-    import onnx_ir
-
-    graph = onnx_ir.load(str(export_dir / "model.onnx")).graph
-    levels = {node.attributes["accuracy_level"].as_int() for node in graph.all_nodes() if node.op_type == "MatMulNBits"}
-    assert levels, "no quantized MatMul in the graph"
-    return levels
-
-
-def test_int8_activations_option_reaches_the_builder(onnx_export, tmp_path):
-    from slmtune.onnx_export import build_onnx
-    from slmtune.export import merge
-
-    merged = merge(onnx_export.run_dir, tmp_path / "merged")
-    (tmp_path / "work").mkdir()
-    out = build_onnx(merged, tmp_path / "onnx", "int8", work_dir=tmp_path / "work", int8_activations=True)
-    assert matmul_accuracy_levels(out) == {4}
 
 
 def test_merged_format_writes_parity_too(onnx_export, tmp_path, capsys):
@@ -101,7 +79,6 @@ def test_merged_format_writes_parity_too(onnx_export, tmp_path, capsys):
     (["--output", "X", "--precision", "int8"], "--precision int8/int4 applies to --format onnx"),
     (["--format", "onnx"], "needs --output OUT"),
     (["--merge", "X", "--output", "Y"], "give the output folder once"),
-    (["--format", "onnx", "--output", "X", "--int8-activations"], "--int8-activations applies to --precision int8"),
 ])
 def test_export_option_errors(argv, message, tmp_path, capsys):
     assert main(["export", str(tmp_path)] + argv) == 2

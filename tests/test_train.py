@@ -126,6 +126,13 @@ def test_examples_per_step_fixes_the_examples_of_every_step(tiny_llama_dir, chat
     steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if s["kind"] == "step"]
     assert steps[-1]["loss"] < steps[0]["loss"]
+    # The saved recipe spells out both step sizes (one null) and loads back as it was.
+    from slmtune.config import load_recipe
+
+    saved = load_recipe(tmp_path / "run" / "recipe.yaml").train
+    assert saved.examples_per_step == 5 and saved.gradient_accumulation_steps is None
+    default = load_recipe(_saved(make_recipe(tiny_llama_dir, chat_file, tmp_path / "d"), tmp_path / "d.yaml"))
+    assert default.train.gradient_accumulation_steps == 2 and default.train.examples_per_step is None
     with pytest.raises(RecipeError, match="examples_per_step or gradient_accumulation_steps"):
         make_recipe(tiny_llama_dir, chat_file, tmp_path / "x", examples_per_step=5, gradient_accumulation_steps=2)
 
@@ -186,3 +193,10 @@ def test_gradient_checkpointing_and_bf16_autocast_keep_loss_and_gradients(tiny_l
     cosine = torch.nn.functional.cosine_similarity(
         torch.cat([g.flatten() for g in bf16_grads.values()]), torch.cat([g.flatten() for g in grads.values()]), dim=0)
     assert cosine > 0.99
+
+
+def _saved(recipe, path):
+    import yaml
+
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    return path

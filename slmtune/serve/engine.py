@@ -202,12 +202,12 @@ class Engine:
 
     @classmethod
     def load(cls, base: str, adapters: dict[str, str] | None = None, *, base_name: str | None = None,
-             max_loaded_adapters: int = 4, **kwargs) -> "Engine":
-        """Load the base model once and register (not load) the given adapters."""
+             max_loaded_adapters: int = 4, dtype: str = "float32", **kwargs) -> "Engine":
+        """Load the base model once (float32 or bfloat16 weights) and register (not load) the given adapters."""
         from slmtune.models import load_model, load_tokenizer
 
         tokenizer = load_tokenizer(base)
-        model = load_model(base)
+        model = load_model(base, dtype=dtype)
         if torch.cuda.is_available():
             model.to("cuda")
         model.eval()
@@ -430,7 +430,10 @@ class Engine:
         cache = DynamicCache(config=model.config)
         # A mixed batch names each row's adapter (PEFT's mixed-batch LoRA forward).
         mixed = {} if adapter_names is None else {"adapter_names": list(adapter_names)}
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+        # Without padding (one request, or prompts of one length) no mask is needed, and attention
+        # takes its causal fast path instead of building a mask every step.
+        padded = any(r.prompt_tokens < width for r in requests)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask if padded else None, position_ids=positions,
                        past_key_values=cache, use_cache=True, logits_to_keep=1, **mixed).logits[:, -1, :]
         next_position = positions[:, -1:] + 1
         alive = list(range(len(rows)))  # batch row -> index into rows
@@ -451,9 +454,10 @@ class Engine:
                 alive = [alive[b] for b in keep]
                 if mixed:
                     mixed["adapter_names"] = [mixed["adapter_names"][b] for b in keep]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(alive), 1))], dim=1)
-            logits = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_position,
-                           past_key_values=cache, use_cache=True, **mixed).logits[:, -1, :]
+            if padded:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(alive), 1))], dim=1)
+            logits = model(input_ids=tokens[:, None], attention_mask=attention_mask if padded else None,
+                           position_ids=next_position, past_key_values=cache, use_cache=True, **mixed).logits[:, -1, :]
             next_position = next_position + 1
 
     @staticmethod

@@ -142,3 +142,16 @@ def test_a_mixed_adapter_batch_gives_each_row_its_own_adapters_output(tiny_llama
     # Two adapters cannot be loaded at once under a cap of 1: the engine falls back to one batch each.
     engine.registry.max_loaded = 1
     assert not engine._run_mixed(requests())
+
+
+def test_bfloat16_weights_serve_the_base_and_mixed_adapter_batches(tiny_llama_dir, tmp_path):
+    import torch
+
+    one = perturbed_adapter(tiny_llama_dir, tmp_path / "one", seed=1)
+    engine = Engine.load(str(tiny_llama_dir), {"one": str(one)}, dtype="bfloat16")
+    assert next(engine.registry.model.parameters()).dtype == torch.bfloat16
+    requests = [engine.chat_request(name, [{"role": "user", "content": "hello"}],
+                                    SamplingParams(temperature=0, max_tokens=6)) for name in (engine.base_name, "one")]
+    assert engine._run_mixed(requests)
+    assert all(r.error is None and r.completion_tokens > 0 for r in requests)
+    assert requests[0].text != requests[1].text
