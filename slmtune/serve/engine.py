@@ -409,9 +409,9 @@ class Engine:
     def _generate(self, model, rows: list[_Row], adapter_names: list[str] | None = None) -> None:
         """Prefill the left-padded prompts in one forward pass, then one forward pass per new token
         over the rows still running, on a KV cache. A finished row leaves the batch and the cache at
-        once, so a long reply never makes short ones pay for its steps. This plain loop replaces
-        `model.generate`, whose per-step bookkeeping cost as much as the forward pass of a 135M
-        model on a CPU (docs/benchmarks.md)."""
+        once, so a long reply never makes short ones pay for its steps, and each row can carry its
+        own adapter (mixed batches), which `model.generate` offers neither of. For one request it
+        is as fast as `generate`: on a CPU the forward pass itself is the cost (docs/benchmarks.md)."""
         from transformers import DynamicCache
 
         requests = [row.request for row in rows]
