@@ -42,6 +42,7 @@ HEADLINE = {
 # tasks are scored on fewer rows to keep the matrix inside ~2 hours on 2 cores.
 TEST_LIMIT = {"classification": 300, "ner": 150, "translation": 100, "qa": 200, "creative": 80,
               "domain": 179, "chat": 80}
+NOTES_MARKER = "<!-- notes: written by hand, kept when the table is regenerated -->"
 METHOD_SECTIONS = {
     "qlora": ({"name": "qlora", "lora_r": 16, "lora_alpha": 32}, None),
     "dora": ({"name": "dora", "lora_r": 16, "lora_alpha": 32}, None),
@@ -182,7 +183,11 @@ def main() -> None:
                      f"{r['peak_rss_mb']:.0f} | {r['train_seconds']:.0f} | {r['tokens_per_second']:.0f} | "
                      + ", ".join(f"{k} {a:.3g} → {b:.3g}" for k, (a, b) in r["others"].items()) + " |")
     lines += [""] + [f"![{name}](results/{name})" for name in images] + [""]
-    (REPO / args.out).write_text("\n".join(lines))
+    out = REPO / args.out
+    # What people wrote about the numbers (below the marker) survives a rerun of the table.
+    notes = out.read_text().partition(NOTES_MARKER)[2] if out.exists() else ""
+    lines += [NOTES_MARKER + (notes or "\n")]
+    out.write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -151,6 +151,17 @@ def lora_step_flops_per_token(model_dir: str, target_fraction: float) -> float:
     return 4 * body + 4 * head * target_fraction
 
 
+def target_fraction(model_dir: str, tmp: Path) -> float:
+    """Share of the training tokens that are assistant (target) tokens: the LM head runs only there."""
+    from slmtune.config import DataSection
+    from slmtune.data import build_datasets
+    from slmtune.models import load_tokenizer
+
+    examples = build_datasets(DataSection(train=str(tmp / "train.jsonl"), max_length=MAX_LENGTH),
+                              load_tokenizer(model_dir), 0).train
+    return sum(e.n_targets(MAX_LENGTH) for e in examples) / sum(min(len(e), MAX_LENGTH) for e in examples)
+
+
 def run_worker(kind: str, args, tmp: Path, extra: list[str]) -> dict:
     # Offline: no hub look-ups (model cards, telemetry) that would stall on a closed network.
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -201,7 +212,7 @@ def main() -> None:
         rows = first_rows(CHAT / f"{source}.jsonl", n)
         (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     results = {}
-    for kind in ("trl", "slmtune"):
+    for kind in ("slmtune", "trl"):  # slmtune first: a broken configuration fails in minutes, not after TRL
         print(f"training with {kind}...", file=sys.stderr, flush=True)
         results[kind] = run_worker(kind, args, tmp, [])
     losses = run_worker("eval", args, tmp, ["--adapters", results["trl"]["adapter"], results["slmtune"]["adapter"]])
@@ -211,7 +222,7 @@ def main() -> None:
     from slmtune.models import resolve
 
     peak_bf16, peak_fp32 = matmul_gflops("bfloat16"), matmul_gflops("float32")
-    flops_per_token = lora_step_flops_per_token(resolve(args.model), target_fraction=0.5)
+    flops_per_token = lora_step_flops_per_token(resolve(args.model), target_fraction(resolve(args.model), tmp))
     print(f"\nSmolLM2-135M-Instruct, LoRA r={RANK}, {args.rows} chat rows, 1 epoch, {args.threads} threads; "
           f"machine: bf16 matmul {peak_bf16:.0f} GFLOP/s, fp32 {peak_fp32:.0f} GFLOP/s")
     print(f"{'trainer':8} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'steps':>6} {'ex/step':>7} "
