@@ -98,7 +98,10 @@ def plots(rows: list[dict], runs: Path, figures: Path) -> list[str]:
     names = []
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for row in rows:
-        metrics = [json.loads(l) for l in (Path(row["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        log = Path(row["run_dir"]) / "metrics.jsonl"
+        if not log.exists():  # --table-only after the run directory was removed
+            continue
+        metrics = [json.loads(l) for l in log.read_text().splitlines()]
         steps = [m for m in metrics if m["kind"] == "step"]
         ax.plot([m["step"] for m in steps], [m["loss"] for m in steps], label=f"{row['task']} {row['method']}")
     ax.set_xlabel("optimizer step")
@@ -128,17 +131,17 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, help="test rows per task (default: TEST_LIMIT)")
     parser.add_argument("--max-examples", type=int, help="override every recipe's data.max_examples (smoke runs)")
     parser.add_argument("--fresh", action="store_true", help="retrain and rescore finished pairs")
+    parser.add_argument("--table-only", action="store_true",
+                        help="rewrite the table and plots from RUNS/results.json without training or scoring")
     parser.add_argument("--runs", default="runs/bench")
     parser.add_argument("--out", default="docs/results.md")
     args = parser.parse_args()
 
-    import torch
 
     runs = REPO / args.runs
     runs.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    rows = []
-    for task in args.tasks:
+    rows = json.loads((runs / "results.json").read_text()) if args.table_only else []
+    for task in [] if args.table_only else args.tasks:
         metric, higher = HEADLINE[task]
         limit = args.test_limit or TEST_LIMIT[task]
         reuse = not args.fresh
@@ -165,13 +168,23 @@ def main() -> None:
     (figures / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     images = plots(rows, runs, figures)
     command = "python benchmarks/results.py " + " ".join(sys.argv[1:])
+    # Reused rows were trained and scored by earlier invocations: add up what each actually took.
+    scored = [runs / f"{task}-base.json" for task in dict.fromkeys(r["task"] for r in rows)]
+    scored += [runs / f"{r['task']}-{r['method']}-eval.json" for r in rows]
+    matrix_minutes = (sum(r["train_seconds"] for r in rows) +
+                      sum(json.loads(f.read_text()).get("seconds", 0) for f in scored if f.exists())) / 60
     lines = [
         "# Fine-tuning results: SmolLM2-135M-Instruct, base vs fine-tuned",
         "",
-        f"Produced by `{command.strip()}` in {(time.time() - started) / 60:.0f} minutes on "
-        f"{os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads), scored on the "
+        (f"Rewritten by `{command.strip()}` from the runs recorded in {args.runs}/results.json (trained and "
+         "scored by `python benchmarks/results.py`) on " if args.table_only else
+         f"Produced by `{command.strip()}` on ") +
+        f"{os.cpu_count()} CPU cores ({'/'.join(sorted({str(r['threads']) for r in rows}))} torch threads per "
+        "training run), scored on the "
         "first `test rows` rows of each task's test split (domain: validation split). Training sets are the seeded "
-        "samples given by each recipe's `data.max_examples` (recipes/<task>/lora.yaml).",
+        "samples given by each recipe's `data.max_examples` (recipes/<task>/lora.yaml). Training and scoring "
+        f"took {matrix_minutes:.0f} minutes in all (the runs' train times plus their evaluations, model loading "
+        "excluded).",
         "",
         "| task | method | metric | base | fine-tuned | better | test rows | train examples | "
         "trainable params | peak RSS MB | train s | tokens/s | other metrics (base → fine-tuned) |",
