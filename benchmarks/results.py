@@ -137,7 +137,6 @@ def main() -> None:
     parser.add_argument("--out", default="docs/results.md")
     args = parser.parse_args()
 
-
     runs = REPO / args.runs
     runs.mkdir(parents=True, exist_ok=True)
     rows = json.loads((runs / "results.json").read_text()) if args.table_only else []
