@@ -1,7 +1,7 @@
 """The published fine-tuning results: base model vs fine-tuned, per task and method.
 
     python benchmarks/results.py                                  # every task, LoRA, + methods on two tasks
-    python benchmarks/results.py --tasks classification qa --methods-on classification --test-limit 100
+    python benchmarks/results.py --tasks ner        # rerun one task; the other rows of docs/results/results.json stay
     python benchmarks/results.py --tasks classification --max-examples 16 --test-limit 4 --runs runs/smoke --out /tmp/r.md
 
 A finished (task, method) pair is reused when its run directory and eval.json already exist, so an
@@ -112,12 +112,13 @@ def plots(rows: list[dict], runs: Path, figures: Path) -> list[str]:
     fig.savefig(figures / "loss_curves.png", dpi=120)
     names.append("loss_curves.png")
     lora = [r for r in rows if r["method"] == "lora"]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    x = range(len(lora))
-    ax.bar([i - 0.2 for i in x], [r["base"] for r in lora], width=0.4, label="base")
-    ax.bar([i + 0.2 for i in x], [r["tuned"] for r in lora], width=0.4, label="LoRA fine-tuned")
-    ax.set_xticks(list(x), [f"{r['task']}\n{r['metric']}" for r in lora], fontsize=8)
-    ax.legend()
+    # One panel per task: the metrics have different scales (F1 in 0-1, chrF and perplexity in tens).
+    fig, axes = plt.subplots(1, len(lora), figsize=(2 * len(lora), 3.2), squeeze=False)
+    for ax, r in zip(axes[0], lora):
+        ax.bar(["base", "LoRA"], [r["base"], r["tuned"]], color=["tab:blue", "tab:orange"])
+        lower = "" if HEADLINE[r["task"]][1] else " (lower is better)"
+        ax.set_title(f"{r['task']}\n{r['metric']}{lower}", fontsize=8)
+        ax.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(figures / "base_vs_finetuned.png", dpi=120)
     names.append("base_vs_finetuned.png")
@@ -164,6 +165,11 @@ def main() -> None:
             (runs / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     figures = REPO / Path(args.out).parent / "results"
     figures.mkdir(parents=True, exist_ok=True)
+    published = figures / "results.json"
+    if not args.table_only and set(args.tasks) != set(TASKS) and published.exists():
+        # A run of some tasks (e.g. `--tasks ner` after changing its recipe) replaces only their rows.
+        kept = [r for r in json.loads(published.read_text()) if r["task"] not in args.tasks]
+        rows = sorted(kept + rows, key=lambda r: TASKS.index(r["task"]))
     (figures / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     images = plots(rows, runs, figures)
     command = "python benchmarks/results.py " + " ".join(sys.argv[1:])
