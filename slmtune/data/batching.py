@@ -48,20 +48,23 @@ def make_rows(examples: list[Example], max_length: int, packing: bool) -> list[l
     return [[i] for i in range(len(examples))]
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A permutation of range(n) seeded by (seed, epoch): the same on a resumed run."""
+    generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
 def micro_batches(rows: list[list[int]], micro_batch_size: int, seed: int, epoch: int) -> list[list[list[int]]]:
     """The epoch's micro-batches: rows shuffled with a generator seeded by (seed, epoch), so a resumed
     run sees exactly the order an uninterrupted run would."""
-    generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    order = torch.randperm(len(rows), generator=generator).tolist()
-    shuffled = [rows[i] for i in order]
+    shuffled = [rows[i] for i in epoch_order(len(rows), seed, epoch)]
     return [shuffled[i : i + micro_batch_size] for i in range(0, len(shuffled), micro_batch_size)]
 
 
 def example_steps(n_examples: int, examples_per_step: int, seed: int, epoch: int) -> list[list[int]]:
     """The epoch's optimizer steps as lists of example indices, `examples_per_step` each (the last
     may be short), in an order seeded by (seed, epoch) like micro_batches."""
-    generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    order = torch.randperm(n_examples, generator=generator).tolist()
+    order = epoch_order(n_examples, seed, epoch)
     return [order[i : i + examples_per_step] for i in range(0, n_examples, examples_per_step)]
 
 
