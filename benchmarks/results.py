@@ -88,7 +88,17 @@ def train(task: str, method: str, out_dir: Path, max_examples: int | None, reuse
     return out_dir
 
 
-def plots(rows: list[dict], runs: Path, figures: Path) -> list[str]:
+def loss_curve(run_dir: Path) -> list[list[float]]:
+    """[[step, train loss], ...] from the run's metrics.jsonl."""
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [[m["step"], m["loss"]] for m in metrics if m["kind"] == "step"]
+
+
+def eval_seconds(scores: Path) -> float | None:
+    return json.loads(scores.read_text()).get("seconds") if scores.exists() else None
+
+
+def plots(rows: list[dict], figures: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,12 +108,10 @@ def plots(rows: list[dict], runs: Path, figures: Path) -> list[str]:
     names = []
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for row in rows:
-        log = Path(row["run_dir"]) / "metrics.jsonl"
-        if not log.exists():  # --table-only after the run directory was removed
+        if not row.get("loss_curve"):  # rows recorded before the curves were kept in results.json
             continue
-        metrics = [json.loads(l) for l in log.read_text().splitlines()]
-        steps = [m for m in metrics if m["kind"] == "step"]
-        ax.plot([m["step"] for m in steps], [m["loss"] for m in steps], label=f"{row['task']} {row['method']}")
+        steps, losses = zip(*row["loss_curve"])
+        ax.plot(steps, losses, label=f"{row['task']} {row['method']}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("train loss (assistant tokens)")
     ax.set_yscale("log")
@@ -133,14 +141,17 @@ def main() -> None:
     parser.add_argument("--max-examples", type=int, help="override every recipe's data.max_examples (smoke runs)")
     parser.add_argument("--fresh", action="store_true", help="retrain and rescore finished pairs")
     parser.add_argument("--table-only", action="store_true",
-                        help="rewrite the table and plots from RUNS/results.json without training or scoring")
+                        help="rewrite the table and plots from the published results.json, without training or scoring")
     parser.add_argument("--runs", default="runs/bench")
     parser.add_argument("--out", default="docs/results.md")
     args = parser.parse_args()
 
     runs = REPO / args.runs
     runs.mkdir(parents=True, exist_ok=True)
-    rows = json.loads((runs / "results.json").read_text()) if args.table_only else []
+    command = ("python benchmarks/results.py " + " ".join(sys.argv[1:])).strip()
+    figures = REPO / Path(args.out).parent / "results"
+    published = figures / "results.json"
+    rows = json.loads(published.read_text()) if args.table_only else []
     for task in [] if args.table_only else args.tasks:
         metric, higher = HEADLINE[task]
         limit = args.test_limit or TEST_LIMIT[task]
@@ -160,36 +171,43 @@ def main() -> None:
                                     and isinstance(tuned[k], (int, float)) and isinstance(base.get(k), (int, float))}, "run_dir": str(run_dir),
                          "train_examples": summary["train_examples"], "trainable_params": summary["trainable_params"],
                          "peak_rss_mb": summary["peak_rss_mb"], "train_seconds": summary["train_seconds"],
-                         "tokens_per_second": summary["tokens_per_second"], "threads": summary["threads"]})
+                         "tokens_per_second": summary["tokens_per_second"], "threads": summary["threads"],
+                         # Kept in the row so the table and plots can be rebuilt without the run directory.
+                         "loss_curve": loss_curve(run_dir), "command": command, "date": time.strftime("%Y-%m-%d"),
+                         "base_eval_seconds": eval_seconds(runs / f"{task}-base.json"),
+                         "eval_seconds": eval_seconds(scores)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             (runs / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    figures = REPO / Path(args.out).parent / "results"
     figures.mkdir(parents=True, exist_ok=True)
-    published = figures / "results.json"
     if not args.table_only and set(args.tasks) != set(TASKS) and published.exists():
         # A run of some tasks (e.g. `--tasks ner` after changing its recipe) replaces only their rows.
         kept = [r for r in json.loads(published.read_text()) if r["task"] not in args.tasks]
         rows = sorted(kept + rows, key=lambda r: TASKS.index(r["task"]))
     (figures / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    images = plots(rows, runs, figures)
-    command = "python benchmarks/results.py " + " ".join(sys.argv[1:])
+    images = plots(rows, figures)
     # Reused rows were trained and scored by earlier invocations: add up what each actually took.
-    scored = [runs / f"{task}-base.json" for task in dict.fromkeys(r["task"] for r in rows)]
-    scored += [runs / f"{r['task']}-{r['method']}-eval.json" for r in rows]
-    matrix_minutes = (sum(r["train_seconds"] for r in rows) +
-                      sum(json.loads(f.read_text()).get("seconds", 0) for f in scored if f.exists())) / 60
+    train_minutes = sum(r["train_seconds"] for r in rows) / 60
+    timed = [r for r in rows if r.get("eval_seconds") is not None]
+    base_seconds = {r["task"]: r["base_eval_seconds"] or 0 for r in timed}
+    eval_minutes = (sum(r["eval_seconds"] for r in timed) + sum(base_seconds.values())) / 60
+    commands: dict[str, list[str]] = {}
+    for r in rows:
+        key = f"`{r.get('command', 'python benchmarks/results.py')}` ({r.get('date', 'date not recorded')})"
+        commands.setdefault(key, []).append(f"{r['task']} {r['method']}")
+    # The invocation behind most rows is named last, for "the other rows".
+    ordered = sorted(commands.items(), key=lambda item: len(item[1]))
+    produced = "; ".join(f"{key} for {', '.join(names)}" for key, names in ordered[:-1])
+    produced += ("; " if produced else "") + f"{ordered[-1][0]} for {'the other' if produced else 'all'} rows"
     lines = [
         "# Fine-tuning results: SmolLM2-135M-Instruct, base vs fine-tuned",
         "",
-        (f"Rewritten by `{command.strip()}` from the runs recorded in {args.runs}/results.json (trained and "
-         "scored by `python benchmarks/results.py`) on " if args.table_only else
-         f"Produced by `{command.strip()}` on ") +
-        f"{os.cpu_count()} CPU cores ({'/'.join(sorted({str(r['threads']) for r in rows}))} torch threads per "
-        "training run), scored on the "
+        (f"Rewritten by `{command}` from docs/results/results.json; " if args.table_only else "") +
+        f"produced by {produced}, on {os.cpu_count()} CPU cores "
+        f"({'/'.join(sorted({str(r['threads']) for r in rows}))} torch threads per training run), scored on the "
         "first `test rows` rows of each task's test split (domain: validation split). Training sets are the seeded "
-        "samples given by each recipe's `data.max_examples` (recipes/<task>/lora.yaml). Training and scoring "
-        f"took {matrix_minutes:.0f} minutes in all (the runs' train times plus their evaluations, model loading "
-        "excluded).",
+        "samples given by each recipe's `data.max_examples` (recipes/<task>/lora.yaml). Training took "
+        f"{train_minutes:.0f} minutes in all (the runs' train times); scoring took {eval_minutes:.0f} minutes for "
+        f"the {len(timed)} of {len(rows)} rows that recorded it (model loading excluded).",
         "",
         "| task | method | metric | base | fine-tuned | better | test rows | train examples | "
         "trainable params | peak RSS MB | train s | tokens/s | other metrics (base → fine-tuned) |",

@@ -3,13 +3,19 @@
     python benchmarks/serve.py --threads 2 --max-tokens 64
 
 One run prints one table. Rows:
-  naive generate loop   one `model.generate` per request, sequentially, in this process
+  naive generate loop   one `model.generate` per request, sequentially, in this process (fp32;
+                        "naive loop, bf16" with bfloat16 weights)
   torch, base, C        `slmtune serve` with C concurrent clients (C = 1, 4, 16) on the base model
   torch, 4 adapters     16 clients spread over 4 LoRA adapters (r=16, all linear layers) kept hot,
                         served in mixed-adapter batches
-  torch bf16, base, C   `slmtune serve --dtype bfloat16`, 1 and 16 clients; agreement against fp32
+  torch bf16, ...       `slmtune serve --dtype bfloat16` (the default where the CPU has native bf16):
+                        base with 1 and 16 clients, and 16 clients over the 4 adapters
   onnx fp32/int8/int4   `slmtune serve --backend onnx` on the base exported by onnxruntime-genai's
-                        builder, 1 client; with greedy-token agreement against PyTorch
+                        builder, 1 client
+Agreement against PyTorch fp32 (the 1-client row's prompts): "agree" is the share of served tokens
+that match before the first divergence; "next" is next-token agreement, the model fed PyTorch's
+greedy answer and compared at every position (teacher forcing, no compounding; in this process).
+Each server (and the naive loop) first answers one untimed request, so no row pays for kernel set-up.
 Each client sends `--requests` chat requests one after another (greedy, max_tokens fixed);
 tokens/s is the sum of completion tokens (from `usage`) over the scenario's wall time.
 Run it with the machine otherwise idle; the thread count is printed with the table.
@@ -76,7 +82,9 @@ class Server:
         deadline = time.time() + 300
         while time.time() < deadline:
             try:
-                urllib.request.urlopen(f"{self.url}/models", timeout=2)
+                models = json.loads(urllib.request.urlopen(f"{self.url}/models", timeout=2).read())
+                # One untimed request: the first forward passes pick and build kernels (oneDNN).
+                chat(self.url, models["data"][0]["id"], "Hello", 8)
                 return
             except OSError:
                 if self.proc.poll() is not None:
@@ -125,11 +133,12 @@ def load(url: str, models: list[str], clients: int, requests: int, texts: list[s
             "requests": len(latencies)}
 
 
-def naive_loop(model_dir: str, texts: list[str], max_tokens: int) -> dict:
+def naive_loop(model_dir: str, texts: list[str], max_tokens: int, dtype: str = "float32") -> dict:
     from slmtune.chat import generate_reply
     from slmtune.models import load_model, load_tokenizer
 
-    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir, dtype=dtype).eval()
+    generate_reply(model, tokenizer, [{"role": "user", "content": "Hello"}], max_new_tokens=8)  # untimed warm-up
     n_tokens, latencies = 0, []
     started = time.perf_counter()
     for text in texts:
@@ -156,6 +165,22 @@ def agreement(reference: dict[str, str], other: dict[str, str], tokenizer) -> fl
     return same / total if total else 0.0
 
 
+def reference_answers(model_dir: str, texts: list[str], max_tokens: int):
+    """PyTorch fp32 greedy answers (token ids) to the given prompts, and the prompts' ids."""
+    from slmtune.models import end_of_turn_ids, load_model, load_tokenizer
+    from slmtune.onnx_export import _torch_greedy
+
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
+    eos = end_of_turn_ids(model, tokenizer)
+    prompt_ids = [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                     tokenize=True, return_dict=True)["input_ids"]) for t in texts]
+    return prompt_ids, [_torch_greedy(model, tokenizer, ids, max_tokens, eos) for ids in prompt_ids]
+
+
+def next_token_agreement(count, prompt_ids, answers) -> float:
+    return sum(count(ids, ref) for ids, ref in zip(prompt_ids, answers)) / max(1, sum(map(len, answers)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -178,12 +203,14 @@ def main() -> None:
 
     naive = naive_loop(model_dir, texts[: args.requests * 2], args.max_tokens)
     rows.append(("naive generate loop", 1, naive))
+    rows.append(("naive loop, bf16", 1, naive_loop(model_dir, texts[: args.requests * 2], args.max_tokens, "bfloat16")))
+    prompt_ids, answers = reference_answers(model_dir, texts[: args.requests], args.max_tokens)
 
     adapters = make_adapters(model_dir, work, 4)
     flags = ["--model", model_dir, "--max-batch-size", "16"]
     for name, path in adapters.items():
         flags += ["--adapter", f"{name}={path}"]
-    server = Server(flags, args.threads)
+    server = Server(flags + ["--dtype", "float32"], args.threads)
     try:
         base_id = json.loads(urllib.request.urlopen(f"{server.url}/models").read())["data"][0]["id"]
         single = None
@@ -195,7 +222,7 @@ def main() -> None:
                                                     args.max_tokens)))
     finally:
         server.close()
-    server = Server(["--model", model_dir, "--max-batch-size", "16", "--dtype", "bfloat16"], args.threads)
+    server = Server(flags + ["--dtype", "bfloat16"], args.threads)
     try:
         base_id = json.loads(urllib.request.urlopen(f"{server.url}/models").read())["data"][0]["id"]
         for clients in (1, 16):
@@ -203,12 +230,23 @@ def main() -> None:
             if clients == 1:
                 result["agreement"] = agreement(single["outputs"], result["outputs"], tokenizer)
             rows.append(("torch bf16, base", clients, result))
+        rows.append(("torch bf16, 4 adapters", 16, load(server.url, list(adapters), 16, args.requests, texts,
+                                                         args.max_tokens)))
     finally:
         server.close()
+    from slmtune.models import load_model
+    from slmtune.onnx_export import torch_next_token_matches
+
+    bf16 = load_model(model_dir, dtype="bfloat16").eval()
+    rows[-3][2]["next"] = next_token_agreement(lambda ids, ref: torch_next_token_matches(bf16, ids, ref),
+                                               prompt_ids, answers)
+    del bf16
 
     report(args, rows, single)  # the PyTorch rows now, in case an export fails below
     if not args.skip_onnx:
-        from slmtune.onnx_export import build_onnx
+        import onnxruntime_genai as og
+
+        from slmtune.onnx_export import build_onnx, onnx_next_token_matches
 
         for precision in ("fp32", "int8", "int4"):
             label = precision
@@ -223,6 +261,10 @@ def main() -> None:
                 rows.append((f"onnx {label}", 1, result))
             finally:
                 server.close()
+            exported = og.Model(str(export))
+            result["next"] = next_token_agreement(lambda ids, ref: onnx_next_token_matches(exported, ids, ref),
+                                                  prompt_ids, answers)
+            del exported
 
         report(args, rows, single)
 
@@ -230,12 +272,14 @@ def main() -> None:
 def report(args, rows, single) -> None:
     print(f"\nServing {args.model}, greedy, max_tokens {args.max_tokens}, {args.requests} requests per client, "
           f"{args.threads} threads")
-    print(f"{'scenario':22} {'clients':>7} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} {'vs torch x1':>11} {'agree':>6}")
+    print(f"{'scenario':22} {'clients':>7} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} {'vs torch x1':>11} {'agree':>6} "
+          f"{'next':>6}")
     for name, clients, r in rows:
         ratio = r["tokens_per_second"] / single["tokens_per_second"]
         agree = f"{100 * r['agreement']:.0f}%" if "agreement" in r else ""
+        following = f"{100 * r['next']:.1f}%" if "next" in r else ""
         print(f"{name:22} {clients:>7} {r['tokens_per_second']:>9.1f} {r['p50']:>7.2f} {r['p99']:>7.2f} "
-              f"{ratio:>10.2f}x {agree:>6}")
+              f"{ratio:>10.2f}x {agree:>6} {following:>6}")
 
 
 if __name__ == "__main__":

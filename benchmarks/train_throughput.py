@@ -12,8 +12,8 @@ same 8 examples per optimizer step (`train.examples_per_step: 8`, packed into ro
 trainer runs in its own process, so peak RSS is its own. Both adapters are then scored by the
 same function on the same validation conversations, so the losses are comparable.
 
-`--levers` adds a second table: slmtune's levers (packing, bf16 autocast, gradient checkpointing,
-threads, QLoRA) switched one at a time on `--lever-rows` rows, with tokens/s, peak RSS and the
+`--levers` adds a second table: slmtune's levers (bf16 frozen base, packing, bf16 autocast, gradient
+checkpointing, chunked cross-entropy, threads, QLoRA) switched one at a time on `--lever-rows` rows, with tokens/s, peak RSS and the
 validation loss of each.
 
 Run with the machine otherwise idle: on 2 cores a busy neighbour can slow PyTorch several-fold.
@@ -46,15 +46,18 @@ def peak_rss_mb() -> float:
 
 
 # slmtune's configuration for the TRL comparison (its defaults, with TRL's 8 examples per step),
-# and the levers of issue #7 as variations of it: (method overrides, train overrides).
+# and the levers of issue #7 as variations of it: recipe sections to override.
 VARIANTS = {
-    "slmtune": ({}, {}),
-    "no packing": ({}, {"packing": False, "micro_batch_size": 8}),
-    "fp32": ({}, {"precision": "fp32"}),
-    "grad ckpt": ({}, {"gradient_checkpointing": True}),
-    "1 thread": ({}, {"num_threads": 1}),
-    "qlora": ({"name": "qlora"}, {}),
-    "qlora+ckpt": ({"name": "qlora"}, {"gradient_checkpointing": True}),
+    "slmtune": {},
+    "fp32 frozen base": {"model": {"frozen_dtype": "float32"}},
+    "no packing": {"train": {"packing": False, "micro_batch_size": 8}},
+    "fp32": {"train": {"precision": "fp32"}},
+    "grad ckpt": {"train": {"gradient_checkpointing": True}},
+    "chunked CE": {"train": {"loss_chunk_tokens": 256}},
+    "ckpt+chunk": {"train": {"gradient_checkpointing": True, "loss_chunk_tokens": 256}},
+    "1 thread": {"train": {"num_threads": 1}},
+    "qlora": {"method": {"name": "qlora"}},
+    "qlora+ckpt": {"method": {"name": "qlora"}, "train": {"gradient_checkpointing": True}},
 }
 
 
@@ -62,14 +65,15 @@ def worker_slmtune(model: str, train_file: str, out: Path, variant: str = "slmtu
     from slmtune.config import recipe_from_dict
     from slmtune.run import run
 
-    method, train = VARIANTS[variant]
+    overrides = VARIANTS[variant]
     recipe = recipe_from_dict({
-        "model": {"name": model},
-        "method": {"name": "lora", "lora_r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0, **method},
+        "model": {"name": model, **overrides.get("model", {})},
+        "method": {"name": "lora", "lora_r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0,
+                   **overrides.get("method", {})},
         "data": {"train": train_file, "max_length": MAX_LENGTH},
         # TRL's default batch is 8 examples per optimizer step; slmtune packs those 8 into rows.
         "train": {"epochs": 1, "micro_batch_size": 2, "examples_per_step": 8, "learning_rate": LR,
-                  "schedule": "linear", "warmup_ratio": 0.0, "seed": 42, **train},
+                  "schedule": "linear", "warmup_ratio": 0.0, "seed": 42, **overrides.get("train", {})},
         "output": {"dir": str(out / "run"), "overwrite": True},
     })
     result = run(recipe, progress=False)
@@ -249,10 +253,10 @@ def levers(args, tmp: Path) -> None:
     base = results["slmtune"]
     print(f"\nLevers: slmtune variants on the first {args.lever_rows} chat rows, 1 epoch, 8 examples per step, "
           f"{args.threads} threads unless stated")
-    print(f"{'variant':12} {'tokens/s':>9} {'vs default':>10} {'peak RSS MB':>11} {'vs default':>10} {'eval loss':>9}")
+    print(f"{'variant':16} {'tokens/s':>9} {'vs default':>10} {'peak RSS MB':>11} {'vs default':>10} {'eval loss':>9}")
     for variant, r in results.items():
         tps, base_tps = r["tokens"] / r["seconds"], base["tokens"] / base["seconds"]
-        print(f"{variant:12} {tps:>9.1f} {tps / base_tps:>9.2f}x {r['peak_rss_mb']:>11.0f} "
+        print(f"{variant:16} {tps:>9.1f} {tps / base_tps:>9.2f}x {r['peak_rss_mb']:>11.0f} "
               f"{r['peak_rss_mb'] / base['peak_rss_mb']:>9.2f}x {losses[r['adapter']]:>9.4f}")
 
 

@@ -256,10 +256,19 @@ def cmd_export(args) -> int:
         raise RecipeError("slmtune export needs --output OUT (or --merge OUT)")
     if fmt == "merged" and args.precision != "fp32":
         raise RecipeError("--precision int8/int4 applies to --format onnx; the merged model is fp32 safetensors")
+    if fmt == "merged" and args.builder_option:
+        raise RecipeError("--builder-option applies to --format onnx")
     if fmt == "onnx":
         from slmtune.onnx_export import export_onnx, format_parity
 
-        result = export_onnx(args.run_dir, out, args.precision, check_parity=not args.no_parity)
+        options = {}
+        for item in args.builder_option:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise RecipeError(f"--builder-option {item!r}: expected KEY=VALUE, e.g. block_size=16")
+            options[key] = value
+        result = export_onnx(args.run_dir, out, args.precision, check_parity=not args.no_parity,
+                             builder_options=options)
         path, report = result.path, result.parity
     else:
         from slmtune.onnx_export import format_parity, parity
@@ -423,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", metavar="OUT", help="same as --format merged --output OUT")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"],
                    help="ONNX weight precision (default fp32)")
+    p.add_argument("--builder-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to the ONNX model builder's --extra_options (e.g. block_size=16 for int8/int4 "
+                   "quantization blocks; nodes_to_exclude=/lm_head/MatMul); repeatable")
     p.add_argument("--no-parity", action="store_true",
                    help="skip the greedy-generation parity check against the PyTorch model")
     p.set_defaults(func=cmd_export)
@@ -455,8 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="register an adapter (run directory or PEFT adapter directory); repeatable")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="torch backend weights: bfloat16 halves the bytes read per token (answers may differ slightly)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="torch backend weights: bfloat16 halves the bytes read per token (answers may differ "
+                   "slightly); auto: bfloat16 where the hardware has native bf16, else float32")
     p.add_argument("--served-model-name", help="the base model's id in requests (default: its name)")
     p.add_argument("--max-loaded-adapters", type=int, default=4, help="adapters kept loaded; least recently used go")
     p.add_argument("--max-batch-size", type=int, default=8, help="requests generated together")

@@ -34,6 +34,11 @@ class ModelSection(Section):
     attn_implementation: Literal["sdpa", "eager"] = Field(
         "sdpa", description="Attention kernel; packing builds a 4D mask that both honour."
     )
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Storage dtype of the base weights an adapter method keeps frozen. auto: bfloat16 "
+        "when training computes in bf16 (train.precision) on one process or DDP, else float32. QLoRA keeps "
+        "its own; full fine-tuning keeps fp32 master weights (bfloat16 is an error there)."
+    )
 
 
 class DataSection(Section):
@@ -120,6 +125,11 @@ class TrainSection(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: much less memory, ~15% slower."
     )
+    loss_chunk_tokens: int | None = Field(
+        None, ge=1, description="Run the LM head and cross-entropy on this many target tokens at a time, "
+        "recomputing each chunk's logits in backward, so targets x vocabulary logits never exist at once. "
+        "null: all targets at once."
+    )
     eval_every: int = Field(0, ge=0, description="Validation loss every N steps; 0 = only at the end.")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps; 0 = no intermediate checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
@@ -168,6 +178,9 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _method_fits_strategy(self) -> "Recipe":
         strategy = self.train.distributed.strategy
+        if self.model.frozen_dtype == "bfloat16" and self.method.name == "full":
+            raise ValueError("model.frozen_dtype bfloat16: full fine-tuning trains every weight and keeps fp32 "
+                             "master weights; use float32 or auto")
         if self.method.name == "qlora" and strategy not in ("none", "ddp"):
             raise ValueError(f"train.distributed.strategy {strategy}: QLoRA's 4-bit base weights cannot be "
                              "sharded; use ddp (or lora/full with fsdp or a zero stage)")

@@ -181,6 +181,19 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
+def has_native_bf16(device) -> bool:
+    """Whether bf16 matmuls run natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def load_model(name: str, *, attn_implementation: str = "sdpa", dtype: str = "float32", **kwargs):
     """Load a causal LM in float32 master weights (autocast supplies bf16 compute where it helps).
     Extra keyword arguments go to from_pretrained (e.g. a method's quantization_config)."""

@@ -8,11 +8,16 @@ its weights, `genai_config.json` and the tokenizer files. It runs as a subproces
 (`python -m onnxruntime_genai.models.builder`) with HF_HUB_OFFLINE=1, so it never reaches the hub.
 
 Parity: the exported model and the PyTorch model (the run as `slmtune chat` loads it: base plus
-adapter, unmerged) generate greedily from the same fixed prompts; agreement is the share of
-generated tokens that match before the first divergence (summed over prompts, each side's answer
-ending at end of turn or after `max_new_tokens`). It is printed and written to `parity.json` in the
-export directory. Measured on a SmolLM2-135M LoRA run (4 prompts, 24 new tokens): fp32 100%,
-int8 43% (drifts after 8-18 tokens), int4 7% (different answers from the start).
+adapter, unmerged) generate greedily from the same fixed prompts. Two numbers, both printed and
+written to `parity.json` in the export directory:
+- token agreement: the share of generated tokens that match before the first divergence (summed
+  over prompts, each side's answer ending at end of turn or after `max_new_tokens`). One flipped
+  near-tie changes everything after it, so this compounds with the answer's length.
+- next-token agreement: the exported model is fed PyTorch's answer and its greedy choice is
+  compared at every position (teacher forcing): how often one step picks the same token, without
+  the compounding.
+Measured on SmolLM2-135M (12 chat prompts, 64 new tokens; docs/benchmarks.md): fp32 100% / 100%,
+int8 53% / 97%, int4 8% / 70%.
 """
 
 from __future__ import annotations
@@ -87,8 +92,10 @@ def onnx_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[
 
 
 def build_onnx(model_dir: str | Path, out: str | Path, precision: str = "fp32", *, work_dir: str | Path,
-               execution_provider: str = "cpu") -> Path:
-    """Run onnxruntime-genai's model builder on a local Hugging Face directory."""
+               execution_provider: str = "cpu", builder_options: dict[str, str] | None = None) -> Path:
+    """Run onnxruntime-genai's model builder on a local Hugging Face directory.
+
+    `builder_options` go to the builder's --extra_options (KEY=VALUE), e.g. {"block_size": "16"}."""
     _og()
     try:
         import onnx_ir  # noqa: F401  the builder imports it; say so before it fails halfway
@@ -100,12 +107,43 @@ def build_onnx(model_dir: str | Path, out: str | Path, precision: str = "fp32", 
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(Path(model_dir).resolve()),
            "-o", str(Path(out).resolve()), "-p", precision, "-e", execution_provider,
            "-c", str((work_dir / "builder-cache").resolve())]
+    if builder_options:
+        cmd += ["--extra_options", *(f"{key}={value}" for key, value in builder_options.items())]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work_dir)
     if proc.returncode != 0 or not (Path(out) / "genai_config.json").is_file():
         log = (proc.stderr.strip() or proc.stdout.strip())[-3000:]
         raise ExportError(f"the ONNX model builder failed (exit {proc.returncode}):\n{log}")
     return Path(out)
+
+
+def onnx_next_token_matches(model, prompt_ids: list[int], reference: list[int]) -> int:
+    """Positions where the export's greedy choice, fed the reference answer so far, is the reference token."""
+    import numpy as np
+
+    og = _og()
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + len(reference) + 1, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([prompt_ids], dtype=np.int32))
+    matches = 0
+    for i, token in enumerate(reference):
+        logits = generator.get_logits()
+        matches += int(np.argmax(logits.reshape(-1, logits.shape[-1])[-1]) == token)
+        if i + 1 < len(reference):
+            generator.append_tokens(np.array([[token]], dtype=np.int32))
+    return matches
+
+
+def torch_next_token_matches(model, prompt_ids: list[int], reference: list[int]) -> int:
+    """The same count for a PyTorch model: one forward pass over prompt + reference."""
+    import torch
+
+    if not reference:
+        return 0
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt_ids + reference[:-1]])).logits[0, len(prompt_ids) - 1:]
+    return int((logits.argmax(-1) == torch.tensor(reference)).sum())
 
 
 # --- parity ----------------------------------------------------------------------------------
@@ -152,6 +190,9 @@ def parity(run_dir: str | Path, export_dir: str | Path, fmt: str, *, prompts: li
 
         def generate(ids):
             return onnx_greedy(exported, ids, max_new_tokens, eos_ids)
+
+        def next_token_matches(ids, reference):
+            return onnx_next_token_matches(exported, ids, reference)
     else:
         from slmtune.models import load_model
 
@@ -159,6 +200,9 @@ def parity(run_dir: str | Path, export_dir: str | Path, fmt: str, *, prompts: li
 
         def generate(ids):
             return _torch_greedy(merged, tokenizer, ids, max_new_tokens, eos_ids)
+
+        def next_token_matches(ids, reference):
+            return torch_next_token_matches(merged, ids, reference)
 
     rows = []
     for prompt in prompts:
@@ -172,6 +216,7 @@ def parity(run_dir: str | Path, export_dir: str | Path, fmt: str, *, prompts: li
         agreed = _agreement(want, got)
         rows.append({
             "prompt": prompt, "agreed_tokens": agreed, "compared_tokens": max(len(want), len(got)),
+            "next_token_matches": next_token_matches(ids, want), "reference_tokens": len(want),
             "first_divergence": None if want == got else agreed,
             "pytorch": tokenizer.decode(want, skip_special_tokens=True),
             "exported": tokenizer.decode(got, skip_special_tokens=True),
@@ -179,15 +224,18 @@ def parity(run_dir: str | Path, export_dir: str | Path, fmt: str, *, prompts: li
         })
     agreed = sum(r["agreed_tokens"] for r in rows)
     compared = sum(r["compared_tokens"] for r in rows)
+    matches, reference_tokens = sum(r["next_token_matches"] for r in rows), sum(r["reference_tokens"] for r in rows)
     report = {
         "format": fmt,
         "agreed_tokens": agreed,
         "compared_tokens": compared,
         "token_agreement": agreed / compared if compared else 1.0,
+        "next_token_agreement": matches / reference_tokens if reference_tokens else 1.0,
         "identical_answers": sum(r["first_divergence"] is None for r in rows),
         "prompts": len(rows),
         "max_new_tokens": max_new_tokens,
-        "measure": "greedy tokens matching the PyTorch model's before the first divergence",
+        "measure": "token_agreement: greedy tokens matching the PyTorch model's before the first divergence; "
+                   "next_token_agreement: the export's greedy choice fed PyTorch's answer (teacher forcing)",
         "examples": rows,
     }
     (export_dir / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -196,13 +244,15 @@ def parity(run_dir: str | Path, export_dir: str | Path, fmt: str, *, prompts: li
 
 def format_parity(report: dict) -> str:
     return (f"parity ({report['format']} vs PyTorch, greedy): {report['agreed_tokens']}/{report['compared_tokens']} "
-            f"tokens agree ({100 * report['token_agreement']:.1f}%), {report['identical_answers']}/"
-            f"{report['prompts']} answers identical")
+            f"tokens agree before the first divergence ({100 * report['token_agreement']:.1f}%), next-token "
+            f"agreement {100 * report['next_token_agreement']:.1f}% (fed PyTorch's answer), "
+            f"{report['identical_answers']}/{report['prompts']} answers identical")
 
 
 # --- the export ------------------------------------------------------------------------------
 def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", *, check_parity: bool = True,
-                prompts: list[str] | None = None, max_new_tokens: int = PARITY_MAX_NEW_TOKENS) -> ExportResult:
+                prompts: list[str] | None = None, max_new_tokens: int = PARITY_MAX_NEW_TOKENS,
+                builder_options: dict[str, str] | None = None) -> ExportResult:
     """Merge the run's adapter, build the ONNX model into `out` and (by default) check parity.
 
     Everything is written in a temporary folder beside `out` and renamed at the end."""
@@ -217,7 +267,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", *
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         merged = merge(run_dir, work / "merged")
-        built = build_onnx(merged, work / "onnx", precision, work_dir=work)
+        built = build_onnx(merged, work / "onnx", precision, work_dir=work, builder_options=builder_options)
         report = None
         if check_parity:
             report = parity(run_dir, built, "onnx", prompts=prompts, max_new_tokens=max_new_tokens)

@@ -34,7 +34,8 @@ from slmtune.data.batching import collate, make_rows, should_pack
 from slmtune.data.tokenize import check_end_of_turn
 from slmtune.methods import METHODS
 from slmtune.models import end_of_turn_ids, load_model, load_tokenizer
-from slmtune.train import TrainState, atomic_write_text, latest_checkpoint, peak_rss_mb, train, write_trained
+from slmtune.train import (TrainState, atomic_write_text, autocast_dtype, latest_checkpoint, peak_rss_mb, train,
+                           write_trained)
 
 
 @dataclass
@@ -111,6 +112,23 @@ def run(
     return result
 
 
+def resolve_frozen_dtype(recipe: Recipe, method, device, *, quantized: bool) -> str:
+    """The dtype the base model is loaded in (model.frozen_dtype)."""
+    if recipe.model.frozen_dtype != "auto":
+        return recipe.model.frozen_dtype
+    # A frozen base needs no fp32 master copy: under bf16 autocast its matmuls read bf16 weights
+    # anyway, and a bf16 residual stream keeps far smaller activations for backward (~4x less on
+    # SmolLM2-135M, docs/benchmarks.md). Adapters stay fp32 (PEFT upcasts them). Sharded strategies
+    # flatten parameters of one dtype, so they keep fp32; QLoRA's base is quantized already.
+    # PiSSA/OLoRA move the top singular directions into the adapter and keep the residual in the base:
+    # that residual is trained against, so it keeps full precision.
+    rewrites_base = getattr(recipe.method, "lora_init", None) in ("pissa", "olora")
+    frozen_base = method.ARTIFACT == "adapter" and not quantized and not rewrites_base
+    one_dtype_sharding = recipe.train.distributed.strategy not in ("none", "ddp")
+    bf16 = autocast_dtype(recipe.train.precision, device) is not None
+    return "bfloat16" if frozen_base and bf16 and not one_dtype_sharding else "float32"
+
+
 def _run(recipe: Recipe, par, *, resume: bool, on_event: Callable[[dict], None] | None, progress: bool) -> RunResult:
     wall_start = time.perf_counter()
     run_dir, checkpoint = _prepare_run_dir(recipe, resume, par)
@@ -126,7 +144,9 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: Callable[[dict], None] 
     if torch.cuda.is_available() and load_kwargs:
         load_kwargs["device_map"] = {"": par.device.index or 0}  # quantized weights are placed while loading
     tokenizer = load_tokenizer(recipe.model.name)
-    model = load_model(recipe.model.name, attn_implementation=recipe.model.attn_implementation, **load_kwargs)
+    frozen_dtype = resolve_frozen_dtype(recipe, method, par.device, quantized=bool(load_kwargs))
+    model = load_model(recipe.model.name, attn_implementation=recipe.model.attn_implementation, dtype=frozen_dtype,
+                       **load_kwargs)
     if torch.cuda.is_available() and not load_kwargs:
         model.to(par.device)
     data = build_datasets(recipe.data, tokenizer, cfg.seed)
@@ -216,6 +236,7 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: Callable[[dict], None] 
         "trainable_params": trainable,
         "total_params": total,
         "threads": torch.get_num_threads(),
+        "frozen_dtype": frozen_dtype,
         "strategy": par.strategy,
         "offload": par.offload,
         "world_size": par.world_size,

@@ -29,6 +29,7 @@ from slmtune.config import TrainSection
 from slmtune.data.batching import collate, example_steps, micro_batches, step_micro_batches, steps_per_epoch
 from slmtune.data.tokenize import IGNORE, Example
 from slmtune.distributed import SingleProcess
+from slmtune.models import has_native_bf16
 
 Event = dict
 EventSink = Callable[[Event], None]
@@ -38,16 +39,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def has_native_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """None means plain fp32. bf16 is autocast only: master weights and optimizer stay fp32."""
     if precision == "bf16" or (precision == "auto" and has_native_bf16(device)):
@@ -55,11 +46,23 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def target_loss_sum(model, batch: dict, amp_dtype: torch.dtype | None) -> torch.Tensor:
+def _head_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor, amp_dtype, softcap) -> torch.Tensor:
+    with torch.autocast(hidden.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = head(hidden)
+    logits = logits.float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def target_loss_sum(model, batch: dict, amp_dtype: torch.dtype | None, loss_chunk_tokens: int | None = None
+                    ) -> torch.Tensor:
     """Sum of next-token cross-entropy over target positions only.
 
     The LM head runs on target positions alone: prompt tokens need no logits, and a full
     tokens x vocabulary logits tensor (49k columns for SmolLM2) is the largest activation of a step.
+    With `loss_chunk_tokens`, the head and the cross-entropy run on that many targets at a time and
+    each chunk's logits are recomputed in backward, so targets x vocabulary logits never exist at once.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(model.parameters()).device
@@ -75,16 +78,24 @@ def target_loss_sum(model, batch: dict, amp_dtype: torch.dtype | None) -> torch.
             position_ids=batch["position_ids"].to(device),
             use_cache=False,
         ).last_hidden_state
-        logits = base.get_output_embeddings()(hidden[select])
-    logits = logits.float()
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets[select], reduction="sum")
+    hidden, targets = hidden[select], targets[select]
+    head, softcap = base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
+    if not loss_chunk_tokens or len(targets) <= loss_chunk_tokens:
+        return _head_loss_sum(head, hidden, targets, amp_dtype, softcap)
+    from torch.utils.checkpoint import checkpoint
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for at in range(0, len(targets), loss_chunk_tokens):
+        part = slice(at, at + loss_chunk_tokens)
+        # Recomputing a chunk's logits in backward costs one more LM-head matmul on its tokens and
+        # saves keeping its fp32 logits, their bf16 copy and the softmax for backward.
+        total = total + checkpoint(_head_loss_sum, head, hidden[part], targets[part], amp_dtype, softcap,
+                                   use_reentrant=False)
+    return total
 
 
 def accumulate_gradients(model, batches: list[dict], amp_dtype: torch.dtype | None, *,
-                         step_targets: int | None = None, parallel=None) -> float:
+                         step_targets: int | None = None, parallel=None, loss_chunk_tokens: int | None = None) -> float:
     """Backward over the micro-batches of one optimizer step; returns the step's mean token loss.
 
     Each micro-batch's summed loss is divided by the target tokens of *all* of them, so the
@@ -101,7 +112,7 @@ def accumulate_gradients(model, batches: list[dict], amp_dtype: torch.dtype | No
         if parallel is not None:
             total += parallel.forward_backward(batch, amp_dtype, step_targets, last=i == len(batches) - 1)
             continue
-        loss = target_loss_sum(model, batch, amp_dtype) / step_targets
+        loss = target_loss_sum(model, batch, amp_dtype, loss_chunk_tokens) / step_targets
         loss.backward()
         total += loss.item()
     return total
@@ -110,12 +121,13 @@ def accumulate_gradients(model, batches: list[dict], amp_dtype: torch.dtype | No
 class TargetLoss(torch.nn.Module):
     """`target_loss_sum` as a module's forward: the one module DDP, FSDP and DeepSpeed wrap."""
 
-    def __init__(self, model):
+    def __init__(self, model, loss_chunk_tokens: int | None = None):
         super().__init__()
         self.model = model
+        self.loss_chunk_tokens = loss_chunk_tokens
 
     def forward(self, batch: dict, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-        return target_loss_sum(self.model, batch, amp_dtype)
+        return target_loss_sum(self.model, batch, amp_dtype, self.loss_chunk_tokens)
 
 
 def optimizer_groups(model, weight_decay: float) -> list[dict]:
@@ -138,7 +150,8 @@ def _prompt_learning_loss_sum(model, batch, targets, select, amp_dtype) -> torch
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches: list[dict], amp_dtype, parallel=None) -> float | None:
+def evaluate_loss(model, batches: list[dict], amp_dtype, parallel=None, loss_chunk_tokens: int | None = None
+                  ) -> float | None:
     """Mean token loss over `batches`; in a data-parallel run each rank evaluates its share."""
     if not batches:
         return None
@@ -146,7 +159,8 @@ def evaluate_loss(model, batches: list[dict], amp_dtype, parallel=None) -> float
     model.eval()
     total, count = 0.0, 0
     for batch, real in (parallel.share(batches) if parallel else [(b, True) for b in batches]):
-        loss = parallel.loss(batch, amp_dtype) if parallel else target_loss_sum(model, batch, amp_dtype)
+        loss = (parallel.loss(batch, amp_dtype) if parallel
+                else target_loss_sum(model, batch, amp_dtype, loss_chunk_tokens))
         if real:
             total += loss.item()
             count += batch["n_targets"]
@@ -307,7 +321,8 @@ def train(
 
     if resume_from is not None:  # full weights, loaded before any sharding
         method.load_trained(model, resume_from / method.ARTIFACT)
-    optimizer = par.setup(TargetLoss(model), lambda module: optimizer_groups(module, cfg.weight_decay),
+    optimizer = par.setup(TargetLoss(model, cfg.loss_chunk_tokens),
+                          lambda module: optimizer_groups(module, cfg.weight_decay),
                           lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
 
@@ -356,7 +371,8 @@ def train(
             # Targets and tokens of the whole global step: every rank normalizes by the same count.
             step_targets, step_tokens = (int(n) for n in par.all_sum(
                 [sum(b["n_targets"] for b in real), sum(b["n_tokens"] for b in real)]))
-            loss_total = accumulate_gradients(model, batches, amp_dtype, step_targets=step_targets, parallel=par)
+            loss_total = accumulate_gradients(model, batches, amp_dtype, step_targets=step_targets, parallel=par,
+                                              loss_chunk_tokens=cfg.loss_chunk_tokens)
             loss_total, stop_votes = par.all_sum([loss_total, float(stop.requested)])
             stop_requested = stop_votes > 0  # all ranks stop at the same step
             lr = scheduler.get_last_lr()[0]
@@ -380,7 +396,8 @@ def train(
                 bar.set_postfix(loss=f"{loss_total:.4f}", tok_s=f"{state.train_tokens / state.train_seconds:.0f}")
                 bar.update(1)
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps and eval_batches:
-                state.last_eval_loss = evaluate_loss(model, eval_batches, amp_dtype, parallel=par)
+                state.last_eval_loss = evaluate_loss(model, eval_batches, amp_dtype, parallel=par,
+                                                   loss_chunk_tokens=cfg.loss_chunk_tokens)
                 emit({"type": "eval", "step": state.step, "eval_loss": round(state.last_eval_loss, 6)})
             should_save = cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps
             if should_save or (stop_requested and state.step < total_steps):
@@ -393,7 +410,8 @@ def train(
     if bar is not None:
         bar.close()
     if eval_batches:
-        state.last_eval_loss = evaluate_loss(model, eval_batches, amp_dtype, parallel=par)
+        state.last_eval_loss = evaluate_loss(model, eval_batches, amp_dtype, parallel=par,
+                                                   loss_chunk_tokens=cfg.loss_chunk_tokens)
         emit({"type": "eval", "step": state.step, "eval_loss": round(state.last_eval_loss, 6)})
     return state
 

@@ -31,6 +31,7 @@ def test_fp32_onnx_export_matches_pytorch_greedy(onnx_export, tiny_llama_dir):
     assert report["compared_tokens"] >= len(PARITY_PROMPTS)
     assert report["token_agreement"] >= 0.9
     assert report["token_agreement"] == 1.0  # fp32: the same greedy tokens as PyTorch
+    assert report["next_token_agreement"] == 1.0
     assert all(e["pytorch_tokens"] == e["exported_tokens"] for e in report["examples"])
 
     # The adapter is merged into the export: it answers like the run, not like the base model.
@@ -56,10 +57,28 @@ def test_int8_onnx_export_from_the_cli_reports_agreement(onnx_export, capsys):
     report = json.loads((out / "parity.json").read_text())
     assert 0.0 <= report["token_agreement"] <= 1.0
     assert report["compared_tokens"] >= len(PARITY_PROMPTS)
+    # Fed PyTorch's answer, the export picks the same token at least wherever free generation agreed.
+    assert "next-token agreement" in captured.err
+    for example in report["examples"]:
+        assert example["agreed_tokens"] <= example["next_token_matches"] <= example["reference_tokens"]
     print(f"int8 parity: {report['agreed_tokens']}/{report['compared_tokens']}")  # shown with -s
     # int8 weights are really smaller than fp32 ones (MatMul weights quantized).
     size = lambda d: sum(p.stat().st_size for p in d.iterdir() if p.name.startswith("model.onnx"))  # noqa: E731
     assert size(out) < size(onnx_export.export_dir)
+
+
+def test_builder_options_reach_the_model_builder(onnx_export, tmp_path):
+    import onnx
+
+    out = tmp_path / "int8-b16"
+    assert main(["export", str(onnx_export.run_dir), "--format", "onnx", "--precision", "int8", "--output", str(out),
+                 "--builder-option", "block_size=16", "--no-parity"]) == 0
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    quantized = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert quantized
+    for node in quantized:
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes["bits"] == 8 and attributes["block_size"] == 16, node.name
 
 
 def test_merged_format_writes_parity_too(onnx_export, tmp_path, capsys):
@@ -68,6 +87,7 @@ def test_merged_format_writes_parity_too(onnx_export, tmp_path, capsys):
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     report = json.loads((out / "parity.json").read_text())
     assert report["format"] == "merged" and report["token_agreement"] == 1.0
+    assert report["next_token_agreement"] == 1.0
     assert "parity (merged vs PyTorch" in capsys.readouterr().err
     # The old spelling still works.
     assert main(["export", str(onnx_export.run_dir), "--merge", str(tmp_path / "old"), "--no-parity"]) == 0
@@ -79,6 +99,8 @@ def test_merged_format_writes_parity_too(onnx_export, tmp_path, capsys):
     (["--output", "X", "--precision", "int8"], "--precision int8/int4 applies to --format onnx"),
     (["--format", "onnx"], "needs --output OUT"),
     (["--merge", "X", "--output", "Y"], "give the output folder once"),
+    (["--output", "X", "--builder-option", "block_size=16"], "--builder-option applies to --format onnx"),
+    (["--output", "X", "--format", "onnx", "--builder-option", "block_size"], "expected KEY=VALUE"),
 ])
 def test_export_option_errors(argv, message, tmp_path, capsys):
     assert main(["export", str(tmp_path)] + argv) == 2

@@ -176,6 +176,20 @@ def test_lm_head_at_target_positions_only_equals_full_logits_cross_entropy(tiny_
         torch.testing.assert_close(grads[name], full_grads[name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
+def test_chunked_cross_entropy_equals_all_targets_at_once(tiny_model_dir, amp_dtype):
+    from slmtune.train import target_loss_sum
+
+    model, batch = _lever_case(tiny_model_dir)
+    n_targets = int(batch["n_targets"])
+    assert n_targets > 7  # several chunks of 3, the last one shorter
+    loss, grads = _loss_and_grads(model, lambda: target_loss_sum(model, batch, amp_dtype))
+    chunked, chunked_grads = _loss_and_grads(model, lambda: target_loss_sum(model, batch, amp_dtype, 3))
+    assert chunked == pytest.approx(loss, rel=1e-5)
+    for name in grads:
+        torch.testing.assert_close(chunked_grads[name], grads[name], rtol=1e-4, atol=1e-6)
+
+
 def test_gradient_checkpointing_and_bf16_autocast_keep_loss_and_gradients(tiny_llama_dir):
     from slmtune.train import target_loss_sum
 
@@ -200,3 +214,64 @@ def _saved(recipe, path):
 
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
     return path
+
+
+@pytest.mark.parametrize("method, precision, extra, frozen_dtype, expected", [
+    ({"name": "lora"}, "bf16", {}, "auto", "bfloat16"),
+    ({"name": "dora"}, "bf16", {}, "auto", "bfloat16"),
+    ({"name": "lora"}, "fp32", {}, "auto", "float32"),
+    ({"name": "full"}, "bf16", {}, "auto", "float32"),
+    ({"name": "lora", "lora_init": "pissa"}, "bf16", {}, "auto", "float32"),
+    ({"name": "lora"}, "bf16", {"distributed": "zero3"}, "auto", "float32"),
+    ({"name": "lora"}, "bf16", {"distributed": "ddp"}, "auto", "bfloat16"),
+    ({"name": "lora"}, "fp32", {}, "bfloat16", "bfloat16"),
+    ({"name": "lora"}, "bf16", {}, "float32", "float32"),
+])
+def test_frozen_base_dtype(tiny_llama_dir, chat_file, tmp_path, method, precision, extra, frozen_dtype, expected):
+    from slmtune.methods import METHODS
+    from slmtune.run import resolve_frozen_dtype
+
+    recipe = recipe_from_dict({"model": {"name": str(tiny_llama_dir), "frozen_dtype": frozen_dtype}, "method": method,
+                               "data": {"train": str(chat_file)}, "train": {"precision": precision, **extra},
+                               "output": {"dir": str(tmp_path)}})
+    assert resolve_frozen_dtype(recipe, METHODS[method["name"]], torch.device("cpu"), quantized=False) == expected
+
+
+def test_full_fine_tuning_refuses_a_bf16_base(tiny_llama_dir, chat_file, tmp_path):
+    from slmtune.config import RecipeError
+
+    with pytest.raises(RecipeError, match="full fine-tuning trains every weight"):
+        recipe_from_dict({"model": {"name": str(tiny_llama_dir), "frozen_dtype": "bfloat16"}, "method": {"name": "full"},
+                          "data": {"train": str(chat_file)}, "output": {"dir": str(tmp_path)}})
+
+
+def test_a_bf16_frozen_base_gives_the_fp32_base_loss_and_gradients_under_bf16_autocast(tiny_model_dir):
+    from slmtune.train import target_loss_sum
+
+    model, batch = _lever_case(tiny_model_dir)
+    loss, grads = _loss_and_grads(model, lambda: target_loss_sum(model, batch, torch.bfloat16))
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    bf16_loss, bf16_grads = _loss_and_grads(model, lambda: target_loss_sum(model, batch, torch.bfloat16))
+    assert bf16_loss == pytest.approx(loss, rel=1e-2)
+    assert all(g.dtype == torch.float32 for g in bf16_grads.values())  # the adapters stay fp32
+    cosine = torch.nn.functional.cosine_similarity(
+        torch.cat([g.flatten() for g in bf16_grads.values()]), torch.cat([g.flatten() for g in grads.values()]), dim=0)
+    assert cosine > 0.99
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt_tuning", "prefix_tuning"])
+def test_adapter_methods_train_on_a_bf16_base(tiny_llama_dir, chat_file, tmp_path, method):
+    from safetensors.torch import load_file
+
+    recipe = recipe_from_dict({
+        "model": {"name": str(tiny_llama_dir), "frozen_dtype": "bfloat16"}, "method": {"name": method},
+        "data": {"train": str(chat_file), "max_length": 128},
+        "train": {"max_steps": 2, "micro_batch_size": 4, "precision": "bf16", "learning_rate": 1e-3},
+        "output": {"dir": str(tmp_path / "run")}})
+    result = run(recipe, progress=False)
+    assert result.summary["frozen_dtype"] == "bfloat16"
+    assert result.summary["final_train_loss"] == pytest.approx(result.summary["final_train_loss"])  # not NaN
+    saved = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())

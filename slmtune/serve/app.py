@@ -188,9 +188,12 @@ class _Batch:
         for p, prompt_ids in enumerate(prompts):
             for j in range(body.n):
                 index = p * body.n + j
+                # Without streaming nobody reads the pieces: waking the event loop for each token
+                # would only take the GIL from the engine thread.
                 self.requests.append(engine.make_request(
                     model, prompt_ids, body.sampling(max_tokens, index),
-                    on_text=self._callback("text", index), on_done=self._callback("done", index)))
+                    on_text=self._callback("text", index) if body.stream else None,
+                    on_done=self._callback("done", index)))
         self.engine = engine
 
     def _callback(self, kind: str, index: int):

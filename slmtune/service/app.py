@@ -318,7 +318,8 @@ def create_service_app(settings: Settings, *, engine=None) -> FastAPI:
             from slmtune.serve.engine import Engine
 
             name, path = next(iter(settings.models.items()))
-            service.engine = started_engine = await asyncio.to_thread(Engine.load, path, {}, base_name=name)
+            service.engine = started_engine = await asyncio.to_thread(Engine.load, path, {}, base_name=name,
+                                                                         dtype=settings.serve_dtype)
         if service.engine is not None:
             from slmtune.serve.app import create_app
 

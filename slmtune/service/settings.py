@@ -11,6 +11,8 @@
     SLMTUNE_CHECKPOINT_EVERY   train.save_every for jobs; 0 = once per epoch (default)
     SLMTUNE_TRAIN_THREADS      torch threads per training process (default: torch's choice)
     SLMTUNE_MAX_ATTEMPTS       a job claimed this many times (its workers kept dying) fails (default 5)
+    SLMTUNE_SERVE_DTYPE        weights of the served base model: auto (bfloat16 where the hardware
+                               has native bf16, else float32; the default), float32 or bfloat16
 
 Workers and the API server must see the same SLMTUNE_HOME (files and run directories live there).
 """
@@ -18,6 +20,7 @@ Workers and the API server must see the same SLMTUNE_HOME (files and run directo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +47,7 @@ class Settings(BaseSettings):
     max_attempts: int = Field(5, ge=1)  # a job whose workers died this many times fails
     train_threads: int | None = Field(None, ge=1)
     serve: bool = True  # load the first base model and serve fine-tuned models on /v1/chat/completions
+    serve_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     @property
     def service_dir(self) -> Path:

@@ -155,3 +155,14 @@ def test_bfloat16_weights_serve_the_base_and_mixed_adapter_batches(tiny_llama_di
     assert engine._run_mixed(requests)
     assert all(r.error is None and r.completion_tokens > 0 for r in requests)
     assert requests[0].text != requests[1].text
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bfloat16_exactly_where_the_hardware_has_native_bf16(tiny_llama_dir, monkeypatch, native):
+    import torch
+
+    import slmtune.models
+
+    monkeypatch.setattr(slmtune.models, "has_native_bf16", lambda device: native)
+    engine = Engine.load(str(tiny_llama_dir), dtype="auto")
+    assert next(engine.registry.model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
