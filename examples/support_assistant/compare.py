@@ -17,7 +17,8 @@ HERE = Path(__file__).parent
 SYSTEM = json.loads((HERE / "train.jsonl").open().readline())["messages"][0]["content"]
 
 
-def main(run_dir: str) -> int:
+def score(run_dir: str, echo=print) -> dict[str, int]:
+    """Facts right out of the held-out questions, for the base model and the fine-tuned run."""
     model, tokenizer = load_for_inference(run_dir)
     questions = [json.loads(line) for line in (HERE / "heldout.jsonl").open()]
     right = {"base": 0, "fine-tuned": 0}
@@ -26,13 +27,18 @@ def main(run_dir: str) -> int:
         with model.disable_adapter():
             base = generate_reply(model, tokenizer, messages, max_new_tokens=60)
         tuned = generate_reply(model, tokenizer, messages, max_new_tokens=60)
-        print(f"\nQ: {item['question']}   (expects: {' or '.join(item['answer_contains'])})")
+        echo(f"\nQ: {item['question']}   (expects: {' or '.join(item['answer_contains'])})")
         for label, answer in (("base", base), ("fine-tuned", tuned)):
             ok = any(key.lower() in answer.lower() for key in item["answer_contains"])
             right[label] += ok
             first = textwrap.shorten(answer.replace("\n", " "), 150)
-            print(f"  {'✓' if ok else '✗'} {label:>10}: {first}")
-    n = len(questions)
+            echo(f"  {'✓' if ok else '✗'} {label:>10}: {first}")
+    return right | {"questions": len(questions)}
+
+
+def main(run_dir: str) -> int:
+    right = score(run_dir)
+    n = right["questions"]
     print(f"\nFacts answered correctly on {n} held-out questions: base {right['base']}/{n}, "
           f"fine-tuned {right['fine-tuned']}/{n}")
     return 0
