@@ -95,7 +95,7 @@ def target_loss_sum(model, batch: dict, amp_dtype: torch.dtype | None, loss_chun
 
 
 def accumulate_gradients(model, batches: list[dict], amp_dtype: torch.dtype | None, *,
-                         step_targets: int | None = None, parallel=None, loss_chunk_tokens: int | None = None) -> float:
+                         step_targets: int | None = None, parallel=None) -> float:
     """Backward over the micro-batches of one optimizer step; returns the step's mean token loss.
 
     Each micro-batch's summed loss is divided by the target tokens of *all* of them, so the
@@ -112,7 +112,7 @@ def accumulate_gradients(model, batches: list[dict], amp_dtype: torch.dtype | No
         if parallel is not None:
             total += parallel.forward_backward(batch, amp_dtype, step_targets, last=i == len(batches) - 1)
             continue
-        loss = target_loss_sum(model, batch, amp_dtype, loss_chunk_tokens) / step_targets
+        loss = target_loss_sum(model, batch, amp_dtype) / step_targets
         loss.backward()
         total += loss.item()
     return total
@@ -150,8 +150,7 @@ def _prompt_learning_loss_sum(model, batch, targets, select, amp_dtype) -> torch
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches: list[dict], amp_dtype, parallel=None, loss_chunk_tokens: int | None = None
-                  ) -> float | None:
+def evaluate_loss(model, batches: list[dict], amp_dtype, parallel=None) -> float | None:
     """Mean token loss over `batches`; in a data-parallel run each rank evaluates its share."""
     if not batches:
         return None
@@ -159,8 +158,7 @@ def evaluate_loss(model, batches: list[dict], amp_dtype, parallel=None, loss_chu
     model.eval()
     total, count = 0.0, 0
     for batch, real in (parallel.share(batches) if parallel else [(b, True) for b in batches]):
-        loss = (parallel.loss(batch, amp_dtype) if parallel
-                else target_loss_sum(model, batch, amp_dtype, loss_chunk_tokens))
+        loss = parallel.loss(batch, amp_dtype) if parallel else target_loss_sum(model, batch, amp_dtype)
         if real:
             total += loss.item()
             count += batch["n_targets"]
@@ -321,6 +319,7 @@ def train(
 
     if resume_from is not None:  # full weights, loaded before any sharding
         method.load_trained(model, resume_from / method.ARTIFACT)
+    # The loss module carries the chunk size: every training and evaluation pass goes through `par`.
     optimizer = par.setup(TargetLoss(model, cfg.loss_chunk_tokens),
                           lambda module: optimizer_groups(module, cfg.weight_decay),
                           lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
@@ -371,8 +370,7 @@ def train(
             # Targets and tokens of the whole global step: every rank normalizes by the same count.
             step_targets, step_tokens = (int(n) for n in par.all_sum(
                 [sum(b["n_targets"] for b in real), sum(b["n_tokens"] for b in real)]))
-            loss_total = accumulate_gradients(model, batches, amp_dtype, step_targets=step_targets, parallel=par,
-                                              loss_chunk_tokens=cfg.loss_chunk_tokens)
+            loss_total = accumulate_gradients(model, batches, amp_dtype, step_targets=step_targets, parallel=par)
             loss_total, stop_votes = par.all_sum([loss_total, float(stop.requested)])
             stop_requested = stop_votes > 0  # all ranks stop at the same step
             lr = scheduler.get_last_lr()[0]
@@ -396,8 +394,7 @@ def train(
                 bar.set_postfix(loss=f"{loss_total:.4f}", tok_s=f"{state.train_tokens / state.train_seconds:.0f}")
                 bar.update(1)
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps and eval_batches:
-                state.last_eval_loss = evaluate_loss(model, eval_batches, amp_dtype, parallel=par,
-                                                   loss_chunk_tokens=cfg.loss_chunk_tokens)
+                state.last_eval_loss = evaluate_loss(model, eval_batches, amp_dtype, parallel=par)
                 emit({"type": "eval", "step": state.step, "eval_loss": round(state.last_eval_loss, 6)})
             should_save = cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps
             if should_save or (stop_requested and state.step < total_steps):
@@ -410,8 +407,7 @@ def train(
     if bar is not None:
         bar.close()
     if eval_batches:
-        state.last_eval_loss = evaluate_loss(model, eval_batches, amp_dtype, parallel=par,
-                                                   loss_chunk_tokens=cfg.loss_chunk_tokens)
+        state.last_eval_loss = evaluate_loss(model, eval_batches, amp_dtype, parallel=par)
         emit({"type": "eval", "step": state.step, "eval_loss": round(state.last_eval_loss, 6)})
     return state
 

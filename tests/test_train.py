@@ -275,3 +275,16 @@ def test_adapter_methods_train_on_a_bf16_base(tiny_llama_dir, chat_file, tmp_pat
     assert result.summary["final_train_loss"] == pytest.approx(result.summary["final_train_loss"])  # not NaN
     saved = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
     assert saved and all(t.dtype == torch.float32 for t in saved.values())
+
+
+def test_loss_chunk_tokens_reaches_training_and_keeps_the_loss(tiny_llama_dir, chat_file, tmp_path, monkeypatch):
+    import slmtune.train
+
+    whole = run(make_recipe(tiny_llama_dir, chat_file, tmp_path / "whole", max_steps=2), progress=False)
+    head_calls = []
+    head_loss = slmtune.train._head_loss_sum
+    monkeypatch.setattr(slmtune.train, "_head_loss_sum", lambda *a: head_calls.append(len(a[2])) or head_loss(*a))
+    chunked = run(make_recipe(tiny_llama_dir, chat_file, tmp_path / "chunked", max_steps=2, loss_chunk_tokens=3),
+                  progress=False)
+    assert head_calls and max(head_calls) <= 3
+    assert chunked.summary["final_train_loss"] == pytest.approx(whole.summary["final_train_loss"], rel=1e-5)
