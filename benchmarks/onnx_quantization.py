@@ -55,16 +55,15 @@ def main() -> None:
 
     from slmtune.models import end_of_turn_ids, load_model, load_tokenizer, resolve
     from slmtune.onnx_export import _agreement, _torch_greedy, build_onnx, genai_eos_ids, onnx_greedy, \
-        onnx_next_token_matches
+        onnx_next_token_matches, prompt_ids
 
     model_dir = resolve(args.model)
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
     eos = end_of_turn_ids(model, tokenizer)
     with CHAT_TEST.open() as f:
         texts = [json.loads(next(f))["messages"][0]["content"] for _ in range(args.prompts)]
-    prompt_ids = [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                     tokenize=True, return_dict=True)["input_ids"]) for t in texts]
-    answers = [_torch_greedy(model, tokenizer, ids, args.max_tokens, eos) for ids in prompt_ids]
+    encoded = [prompt_ids(tokenizer, t) for t in texts]
+    answers = [_torch_greedy(model, tokenizer, ids, args.max_tokens, eos) for ids in encoded]
     reference_tokens = sum(map(len, answers))
     del model
 
@@ -79,12 +78,12 @@ def main() -> None:
             stop = eos | genai_eos_ids(out)
             agreed = generated = 0
             started = time.perf_counter()
-            for ids, answer in zip(prompt_ids, answers):
+            for ids, answer in zip(encoded, answers):
                 got = onnx_greedy(exported, ids, args.max_tokens, stop)
                 generated += len(got)
                 agreed += _agreement(answer, got)
             seconds = time.perf_counter() - started
-            matches = sum(onnx_next_token_matches(exported, ids, answer) for ids, answer in zip(prompt_ids, answers))
+            matches = sum(onnx_next_token_matches(exported, ids, answer) for ids, answer in zip(encoded, answers))
             size = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith("model.onnx")) / 1e6
             rows.append((label, agreed / reference_tokens, matches / reference_tokens, generated / seconds, size))
             print(f"{label}: done", flush=True)

@@ -168,13 +168,12 @@ def agreement(reference: dict[str, str], other: dict[str, str], tokenizer) -> fl
 def reference_answers(model_dir: str, texts: list[str], max_tokens: int):
     """PyTorch fp32 greedy answers (token ids) to the given prompts, and the prompts' ids."""
     from slmtune.models import end_of_turn_ids, load_model, load_tokenizer
-    from slmtune.onnx_export import _torch_greedy
+    from slmtune.onnx_export import _torch_greedy, prompt_ids
 
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
     eos = end_of_turn_ids(model, tokenizer)
-    prompt_ids = [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                     tokenize=True, return_dict=True)["input_ids"]) for t in texts]
-    return prompt_ids, [_torch_greedy(model, tokenizer, ids, max_tokens, eos) for ids in prompt_ids]
+    encoded = [prompt_ids(tokenizer, t) for t in texts]
+    return encoded, [_torch_greedy(model, tokenizer, ids, max_tokens, eos) for ids in encoded]
 
 
 def next_token_agreement(count, prompt_ids, answers) -> float:

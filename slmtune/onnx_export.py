@@ -146,6 +146,14 @@ def torch_next_token_matches(model, prompt_ids: list[int], reference: list[int])
     return int((logits.argmax(-1) == torch.tensor(reference)).sum())
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A one-turn user prompt ready for the assistant's answer (plain text without a chat template)."""
+    if tokenizer.chat_template:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])  # a base model without a chat template continues plain text
+
+
 # --- parity ----------------------------------------------------------------------------------
 def _torch_greedy(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> list[int]:
     import torch
@@ -206,11 +214,7 @@ def parity(run_dir: str | Path, export_dir: str | Path, fmt: str, *, prompts: li
 
     rows = []
     for prompt in prompts:
-        if tokenizer.chat_template:
-            ids = list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                     tokenize=True, return_dict=True)["input_ids"])
-        else:  # a base model without a chat template continues plain text
-            ids = list(tokenizer(prompt)["input_ids"])
+        ids = prompt_ids(tokenizer, prompt)
         want = _torch_greedy(model, tokenizer, ids, max_new_tokens, eos_ids)
         got = generate(ids)
         agreed = _agreement(want, got)

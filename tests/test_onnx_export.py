@@ -6,12 +6,7 @@ import json
 import pytest
 
 from slmtune.cli import main
-from slmtune.onnx_export import PARITY_PROMPTS, genai_eos_ids, onnx_greedy
-
-
-def _prompt_ids(tokenizer, prompt):
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=True)["input_ids"])
+from slmtune.onnx_export import PARITY_PROMPTS, genai_eos_ids, onnx_greedy, prompt_ids
 
 
 def test_fp32_onnx_export_matches_pytorch_greedy(onnx_export, tiny_llama_dir):
@@ -40,7 +35,7 @@ def test_fp32_onnx_export_matches_pytorch_greedy(onnx_export, tiny_llama_dir):
     model = og.Model(str(out))
     base_answers, onnx_answers = [], []
     for prompt in PARITY_PROMPTS:
-        ids = _prompt_ids(tokenizer, prompt)
+        ids = prompt_ids(tokenizer, prompt)
         base_answers.append(_torch_greedy(base, tokenizer, ids, report["max_new_tokens"], eos))
         onnx_answers.append(onnx_greedy(model, ids, report["max_new_tokens"], eos))
     assert onnx_answers == [e["exported_tokens"] for e in report["examples"]]
