@@ -118,8 +118,9 @@ def resolve_frozen_dtype(recipe: Recipe, method, device, *, quantized: bool) -> 
         return recipe.model.frozen_dtype
     # A frozen base needs no fp32 master copy: under bf16 autocast its matmuls read bf16 weights
     # anyway, and a bf16 residual stream keeps smaller activations for backward (SmolLM2-135M: 0.90x
-    # peak RSS, 1.04x tokens/s; docs/benchmarks.md). Adapters stay fp32 (PEFT upcasts them). Sharded strategies
-    # flatten parameters of one dtype, so they keep fp32; QLoRA's base is quantized already.
+    # peak RSS, 1.04x tokens/s; docs/benchmarks.md). Adapters stay fp32 (PEFT upcasts them).
+    # Sharded strategies flatten parameters of one dtype, so they keep fp32; QLoRA's base is
+    # quantized already.
     # PiSSA/OLoRA move the top singular directions into the adapter and keep the residual in the base:
     # that residual is trained against, so it keeps full precision.
     rewrites_base = getattr(recipe.method, "lora_init", None) in ("pissa", "olora")
