@@ -12,9 +12,9 @@ same 8 examples per optimizer step (`train.examples_per_step: 8`, packed into ro
 trainer runs in its own process, so peak RSS is its own. Both adapters are then scored by the
 same function on the same validation conversations, so the losses are comparable.
 
-`--levers` adds a second table: slmtune's levers (bf16 frozen base, packing, bf16 autocast, gradient
-checkpointing, chunked cross-entropy, threads, QLoRA) switched one at a time on `--lever-rows` rows, with tokens/s, peak RSS and the
-validation loss of each.
+`--levers` adds a second table: slmtune's levers (bf16 frozen base, rows per forward pass, packing,
+bf16 autocast, gradient checkpointing, chunked cross-entropy, threads, QLoRA) switched one at a time
+on `--lever-rows` rows, with tokens/s, peak RSS and the validation loss of each.
 
 Run with the machine otherwise idle: on 2 cores a busy neighbour can slow PyTorch several-fold.
 """
@@ -50,6 +50,7 @@ def peak_rss_mb() -> float:
 VARIANTS = {
     "slmtune": {},
     "fp32 frozen base": {"model": {"frozen_dtype": "float32"}},
+    "2 rows/forward": {"train": {"micro_batch_size": 2}},
     "no packing": {"train": {"packing": False, "micro_batch_size": 8}},
     "fp32": {"train": {"precision": "fp32"}},
     "grad ckpt": {"train": {"gradient_checkpointing": True}},
@@ -72,7 +73,7 @@ def worker_slmtune(model: str, train_file: str, out: Path, variant: str = "slmtu
                    **overrides.get("method", {})},
         "data": {"train": train_file, "max_length": MAX_LENGTH},
         # TRL's default batch is 8 examples per optimizer step; slmtune packs those 8 into rows.
-        "train": {"epochs": 1, "micro_batch_size": 2, "examples_per_step": 8, "learning_rate": LR,
+        "train": {"epochs": 1, "examples_per_step": 8, "learning_rate": LR,
                   "schedule": "linear", "warmup_ratio": 0.0, "seed": 42, **overrides.get("train", {})},
         "output": {"dir": str(out / "run"), "overwrite": True},
     })
@@ -142,6 +143,35 @@ def matmul_gflops(dtype_name: str, size: int = 2048, repeats: int = 10) -> float
     for _ in range(repeats):
         a @ b
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def model_matmul_gflops(model_dir: str, tokens: int, repeats: int = 5) -> float:
+    """bf16 GFLOP/s of the model's own matmuls on one `tokens`-row forward pass: each decoder layer's
+    projections (x @ W.T) and their input gradients (dy @ W), the shapes a LoRA step multiplies. The
+    square 2048 matmul of `matmul_gflops` is the machine's peak; this is the best the model's shapes
+    allow, an upper bound on the MFU any trainer can reach with it here."""
+    import torch
+
+    from slmtune.plan import architecture
+
+    arch = architecture(model_dir)
+    h, kv, i = arch.hidden_size, arch.num_key_value_heads * arch.head_dim, arch.intermediate_size
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]  # q k v o gate up down: (out, in)
+    weights = [torch.randn(out, inp, dtype=torch.bfloat16) for out, inp in shapes]
+    x = {inp: torch.randn(tokens, inp, dtype=torch.bfloat16) for _, inp in shapes}
+    dy = {out: torch.randn(tokens, out, dtype=torch.bfloat16) for out, _ in shapes}
+
+    def layer():
+        for w in weights:
+            x[w.shape[1]] @ w.T
+            dy[w.shape[0]] @ w
+
+    layer()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        layer()
+    flops = 2 * 2 * tokens * sum(out * inp for out, inp in shapes) * repeats
+    return flops / (time.perf_counter() - started) / 1e9
 
 
 def lora_step_flops_per_token(model_dir: str, target_fraction: float) -> float:
@@ -237,6 +267,9 @@ def main() -> None:
         print(f"{kind:8} {r['tokens']:>8} {r['seconds']:>8.1f} {tps:>9.1f} {r['steps']:>6} "
               f"{r['examples'] / r['steps']:>7.1f} {r['peak_rss_mb']:>11.0f} {r['eval_loss']:>9.4f} {100 * mfu:>7.1f}%")
     s, t = results["slmtune"], results["trl"]
+    shapes_gflops = model_matmul_gflops(resolve(args.model), MAX_LENGTH)
+    print(f"the model's own matmul shapes ({MAX_LENGTH}-token rows, forward and input gradients) run at "
+          f"{shapes_gflops:.0f} GFLOP/s: {100 * shapes_gflops / peak_bf16:.0f}% of the bf16 peak, the MFU ceiling here")
     print(f"ratios slmtune/TRL: tokens/s {(s['tokens'] / s['seconds']) / (t['tokens'] / t['seconds']):.2f}x, "
           f"peak RSS {s['peak_rss_mb'] / t['peak_rss_mb']:.2f}x, eval loss {s['eval_loss'] / t['eval_loss']:.3f}x")
     if args.levers:

@@ -96,14 +96,23 @@ class DistributedSection(Section):
         return self
 
 
+ROWS_PER_STEP = 8  # the default optimizer step, in rows, on any device
+
+
 class TrainSection(Section):
     epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
-    # 4 rows x 1024 tokens keep activations near 7 GB for a 135M model on CPU (docs/methods.md);
-    # accumulation brings the optimizer step back to 8 rows.
-    micro_batch_size: int = Field(4, ge=1, description="Rows per forward pass (a packed row holds several examples).")
+    # On CPU one packed row of max_length tokens already keeps the matmuls busy: a second row per
+    # forward pass doubles the activations held for backward without raising tokens/s (SmolLM2-135M,
+    # 1024-token rows: 0.66x peak RSS at equal speed; docs/benchmarks.md). Accumulation keeps the
+    # optimizer step at 8 rows either way.
+    micro_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Rows per forward pass (a packed row holds several examples). auto: 1 on CPU, "
+        "4 on a GPU."
+    )
     gradient_accumulation_steps: int | None = Field(
-        None, ge=1, description="Micro-batches per optimizer step (default 2; unset when examples_per_step is)."
+        None, ge=1, description=f"Micro-batches per optimizer step. Default: {ROWS_PER_STEP} rows per step "
+        f"({ROWS_PER_STEP} / micro_batch_size, at least 1); unset when examples_per_step is."
     )
     examples_per_step: int | None = Field(
         None, ge=1, description="Exactly this many examples per optimizer step, packed into as few rows as fit "
@@ -155,9 +164,15 @@ class TrainSection(Section):
         if accumulation is not None and examples is not None:
             raise ValueError("set either examples_per_step or gradient_accumulation_steps, not both: "
                              "examples_per_step decides how many micro-batches a step takes")
-        if accumulation is None and examples is None:
-            values = {**values, "gradient_accumulation_steps": 2}
         return values
+
+    def resolved(self, accelerator: bool) -> "TrainSection":
+        """The step size made concrete for this machine: what the run uses and saves in recipe.yaml."""
+        micro = self.micro_batch_size if self.micro_batch_size != "auto" else (4 if accelerator else 1)
+        accumulation = self.gradient_accumulation_steps
+        if accumulation is None and self.examples_per_step is None:
+            accumulation = max(1, ROWS_PER_STEP // micro)
+        return self.model_copy(update={"micro_batch_size": micro, "gradient_accumulation_steps": accumulation})
 
 
 class OutputSection(Section):

@@ -101,6 +101,7 @@ def run(
 
     Under torchrun (`slmtune train --nproc N`) every process calls run(): they train together as
     train.distributed says, and rank 0 alone writes files, prints and calls `on_event`."""
+    recipe = recipe.model_copy(update={"train": recipe.train.resolved(accelerator=torch.cuda.is_available())})
     par = distributed.start(recipe.train)
     try:
         result = _run(recipe, par, resume=resume, on_event=on_event if par.is_main else None,

@@ -132,7 +132,8 @@ def test_examples_per_step_fixes_the_examples_of_every_step(tiny_llama_dir, chat
     saved = load_recipe(tmp_path / "run" / "recipe.yaml").train
     assert saved.examples_per_step == 5 and saved.gradient_accumulation_steps is None
     default = load_recipe(_saved(make_recipe(tiny_llama_dir, chat_file, tmp_path / "d"), tmp_path / "d.yaml"))
-    assert default.train.gradient_accumulation_steps == 2 and default.train.examples_per_step is None
+    assert default.train.gradient_accumulation_steps is None and default.train.examples_per_step is None
+    assert default.train.resolved(accelerator=False).gradient_accumulation_steps == 2  # 4 rows x 2 = 8
     with pytest.raises(RecipeError, match="examples_per_step or gradient_accumulation_steps"):
         make_recipe(tiny_llama_dir, chat_file, tmp_path / "x", examples_per_step=5, gradient_accumulation_steps=2)
 
@@ -288,3 +289,33 @@ def test_loss_chunk_tokens_reaches_training_and_keeps_the_loss(tiny_llama_dir, c
                   progress=False)
     assert head_calls and max(head_calls) <= 3
     assert chunked.summary["final_train_loss"] == pytest.approx(whole.summary["final_train_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("accelerator, micro, accumulation, expected", [
+    (False, "auto", None, (1, 8)),   # CPU: one packed row per forward pass, 8 rows per step
+    (True, "auto", None, (4, 2)),
+    (False, 4, None, (4, 2)),
+    (False, 3, None, (3, 2)),
+    (False, 16, None, (16, 1)),
+    (True, "auto", 5, (4, 5)),
+])
+def test_step_size_resolution(accelerator, micro, accumulation, expected):
+    from slmtune.config import TrainSection
+
+    cfg = TrainSection(micro_batch_size=micro, gradient_accumulation_steps=accumulation).resolved(accelerator)
+    assert (cfg.micro_batch_size, cfg.gradient_accumulation_steps) == expected
+    per_example = TrainSection(examples_per_step=8).resolved(accelerator)
+    assert per_example.gradient_accumulation_steps is None and per_example.examples_per_step == 8
+
+
+def test_run_saves_the_resolved_step_size(tiny_llama_dir, chat_file, tmp_path):
+    recipe = recipe_from_dict({
+        "model": {"name": str(tiny_llama_dir)}, "method": {"name": "lora", "lora_r": 4},
+        "data": {"train": str(chat_file), "max_length": 128}, "train": {"max_steps": 1, "precision": "fp32"},
+        "output": {"dir": str(tmp_path / "run")}})
+    assert recipe.train.micro_batch_size == "auto"
+    run(recipe, progress=False)
+    from slmtune.config import load_recipe
+
+    saved = load_recipe(tmp_path / "run" / "recipe.yaml").train
+    assert (saved.micro_batch_size, saved.gradient_accumulation_steps) == (1, 8)
