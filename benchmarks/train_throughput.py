@@ -12,9 +12,10 @@ same 8 examples per optimizer step (`train.examples_per_step: 8`, packed into ro
 trainer runs in its own process, so peak RSS is its own. Both adapters are then scored by the
 same function on the same validation conversations, so the losses are comparable.
 
-`--levers` adds a second table: slmtune's levers (bf16 frozen base, rows per forward pass, packing,
-bf16 autocast, gradient checkpointing, chunked cross-entropy, threads, QLoRA) switched one at a time
-on `--lever-rows` rows, with tokens/s, peak RSS and the validation loss of each.
+`--levers` adds a second table: slmtune's levers (bf16 frozen base, per-example attention of packed
+rows, rows per forward pass, packing, bf16 autocast, gradient checkpointing, chunked cross-entropy,
+threads, QLoRA) switched one at a time on `--lever-rows` rows, with tokens/s, peak RSS and the
+validation loss of each.
 
 Run with the machine otherwise idle: on 2 cores a busy neighbour can slow PyTorch several-fold.
 """
@@ -50,6 +51,7 @@ def peak_rss_mb() -> float:
 VARIANTS = {
     "slmtune": {},
     "fp32 frozen base": {"model": {"frozen_dtype": "float32"}},
+    "masked attention": {"model": {"attn_implementation": "sdpa_mask"}},
     "2 rows/forward": {"train": {"micro_batch_size": 2}},
     "no packing": {"train": {"packing": False, "micro_batch_size": 8}},
     "fp32": {"train": {"precision": "fp32"}},

@@ -31,8 +31,10 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     name: str = Field(description="Catalog name (smollm2-135m-instruct), local HF directory, .gguf file or hub id.")
-    attn_implementation: Literal["sdpa", "eager"] = Field(
-        "sdpa", description="Attention kernel; packing builds a 4D mask that both honour."
+    attn_implementation: Literal["sdpa", "sdpa_mask", "eager"] = Field(
+        "sdpa", description="Attention kernel. sdpa: PyTorch's scaled_dot_product_attention, on packed rows "
+        "run on each packed example alone; sdpa_mask: sdpa over whole packed rows with the 4D "
+        "block-diagonal mask (computes the masked-out blocks too); eager: transformers' reference, with the mask."
     )
     frozen_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Storage dtype of the base weights an adapter method keeps frozen. auto: bfloat16 "

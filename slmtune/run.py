@@ -33,7 +33,7 @@ from slmtune.data import build_datasets
 from slmtune.data.batching import collate, make_rows, should_pack
 from slmtune.data.tokenize import check_end_of_turn
 from slmtune.methods import METHODS
-from slmtune.models import end_of_turn_ids, load_model, load_tokenizer
+from slmtune.models import end_of_turn_ids, load_model, load_tokenizer, use_per_example_attention
 from slmtune.train import (TrainState, atomic_write_text, autocast_dtype, latest_checkpoint, peak_rss_mb, train,
                            write_trained)
 
@@ -147,8 +147,9 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: Callable[[dict], None] 
         load_kwargs["device_map"] = {"": par.device.index or 0}  # quantized weights are placed while loading
     tokenizer = load_tokenizer(recipe.model.name)
     frozen_dtype = resolve_frozen_dtype(recipe, method, par.device, quantized=bool(load_kwargs))
-    model = load_model(recipe.model.name, attn_implementation=recipe.model.attn_implementation, dtype=frozen_dtype,
-                       **load_kwargs)
+    attention = recipe.model.attn_implementation
+    model = load_model(recipe.model.name, attn_implementation="eager" if attention == "eager" else "sdpa",
+                       dtype=frozen_dtype, **load_kwargs)
     if torch.cuda.is_available() and not load_kwargs:
         model.to(par.device)
     data = build_datasets(recipe.data, tokenizer, cfg.seed)
@@ -170,12 +171,14 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: Callable[[dict], None] 
         if cfg.packing is True:
             raise RecipeError(f"method {recipe.method.name} cannot train on packed rows; set train.packing: false")
         packed = False
+    if packed and attention == "sdpa":
+        use_per_example_attention(model)
     rows = make_rows(data.train, recipe.data.max_length, packed)
     val_rows = make_rows(data.validation, recipe.data.max_length, packed)
     pad_id = tokenizer.pad_token_id
     eval_batches = [
         collate([[data.validation[i] for i in row] for row in val_rows[at : at + cfg.micro_batch_size]],
-                pad_id, packed, recipe.model.attn_implementation)
+                pad_id, packed, attention)
         for at in range(0, len(val_rows), cfg.micro_batch_size)
     ]
 
@@ -201,7 +204,7 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: Callable[[dict], None] 
     try:
         state: TrainState = train(
             model, method, data.train, rows, eval_batches, cfg, run_dir=run_dir, pad_id=pad_id, packed=packed,
-            attn_implementation=recipe.model.attn_implementation, max_length=recipe.data.max_length,
+            attn_implementation=attention, max_length=recipe.data.max_length,
             resume_from=checkpoint, emit=emit,
             progress=progress, parallel=par,
         )

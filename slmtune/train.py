@@ -29,7 +29,7 @@ from slmtune.config import TrainSection
 from slmtune.data.batching import collate, example_steps, micro_batches, step_micro_batches, steps_per_epoch
 from slmtune.data.tokenize import IGNORE, Example
 from slmtune.distributed import SingleProcess
-from slmtune.models import has_native_bf16
+from slmtune.models import PER_EXAMPLE_SDPA, has_native_bf16
 
 Event = dict
 EventSink = Callable[[Event], None]
@@ -71,12 +71,16 @@ def target_loss_sum(model, batch: dict, amp_dtype: torch.dtype | None, loss_chun
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and peft_config.is_prompt_learning:
         return _prompt_learning_loss_sum(model, batch, targets, select, amp_dtype)
+    # Only a model switched to per-example attention is given the spans (other attention code
+    # need not accept the extra argument).
+    per_example = "packed_examples" in batch and base.config._attn_implementation == PER_EXAMPLE_SDPA
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         hidden = base.get_decoder()(
             input_ids=batch["input_ids"].to(device),
             attention_mask=batch["attention_mask"].to(device),
             position_ids=batch["position_ids"].to(device),
             use_cache=False,
+            **({"packed_examples": batch["packed_examples"]} if per_example else {}),
         ).last_hidden_state
     hidden, targets = hidden[select], targets[select]
     head, softcap = base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)

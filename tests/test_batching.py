@@ -39,10 +39,15 @@ def _examples(tokenizer, n=5):
                    tokenizer, None) for q, a in texts[:n]]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "per_example", "eager"])
 def test_packed_loss_equals_unpacked_loss(tiny_model_dir, attn):
+    from slmtune.models import use_per_example_attention
+
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    model = load_model(str(tiny_model_dir), attn_implementation=attn)
+    model = load_model(str(tiny_model_dir), attn_implementation="sdpa" if attn == "per_example" else attn)
+    if attn == "per_example":
+        use_per_example_attention(model)
+        attn = "sdpa"
     examples = _examples(tokenizer)
     pad = tokenizer.pad_token_id
     unpacked = sum(target_loss_sum(model, collate([[e]], pad, False, attn), None).item() for e in examples)

@@ -319,3 +319,40 @@ def test_run_saves_the_resolved_step_size(tiny_llama_dir, chat_file, tmp_path):
 
     saved = load_recipe(tmp_path / "run" / "recipe.yaml").train
     assert (saved.micro_batch_size, saved.gradient_accumulation_steps) == (1, 8)
+
+
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_per_example_attention_equals_the_block_diagonal_mask(tiny_model_dir, amp_dtype):
+    from slmtune.models import use_per_example_attention
+    from slmtune.train import target_loss_sum
+
+    model, batch = _lever_case(tiny_model_dir)
+    widths = [sum(n for _, n in spans) for spans in batch["packed_examples"]]
+    assert len(set(widths)) == 2 and max(widths) == batch["input_ids"].shape[1]  # one row is padded
+    masked = _loss_and_grads(model, lambda: target_loss_sum(model, batch, amp_dtype))
+    use_per_example_attention(model)
+    # The spans alone decide who attends to whom: a mask letting every token see the whole row
+    # must change nothing.
+    unmasked = {**batch, "attention_mask": torch.ones_like(batch["attention_mask"]).tril()}
+    per_example = _loss_and_grads(model, lambda: target_loss_sum(model, unmasked, amp_dtype))
+    if amp_dtype is None:
+        assert per_example[0] == pytest.approx(masked[0], rel=1e-5)
+        for name, grad in masked[1].items():
+            torch.testing.assert_close(per_example[1][name], grad, rtol=1e-4, atol=1e-6)
+        return
+    # bf16: the two kernels round differently; both gradients must agree to bf16's precision.
+    assert per_example[0] == pytest.approx(masked[0], rel=1e-2)
+    for name, grad in masked[1].items():
+        assert (per_example[1][name] - grad).norm() <= 2e-2 * grad.norm(), name
+
+
+def test_per_example_attention_falls_back_to_the_mask_without_spans(tiny_llama_dir):
+    from slmtune.models import use_per_example_attention
+    from slmtune.train import target_loss_sum
+
+    model, batch = _lever_case(tiny_llama_dir)
+    without_spans = {k: v for k, v in batch.items() if k != "packed_examples"}
+    with torch.no_grad():
+        masked = target_loss_sum(model, without_spans, None)
+        use_per_example_attention(model)
+        assert target_loss_sum(model, without_spans, None) == pytest.approx(masked.item(), rel=1e-5)

@@ -3,7 +3,9 @@
 A packed row holds several examples back to back. Each keeps its own position ids (restarting
 at 0) and attends only to itself through an explicit 4D block-diagonal causal mask: sdpa and
 eager attention honour such a mask, while position ids alone would let attention leak across
-examples. Unpacked rows use an ordinary 2D padding mask.
+examples. The batch also lists each row's example spans (`packed_examples`), so attention can run
+on each example alone (slmtune.models.per_example_sdpa) instead of masking a whole row. Unpacked
+rows use an ordinary 2D padding mask.
 """
 
 from __future__ import annotations
@@ -82,6 +84,14 @@ def steps_per_epoch(n_rows: int, micro_batch_size: int, gradient_accumulation_st
     return math.ceil(math.ceil(n_rows / micro_batch_size) / gradient_accumulation_steps)
 
 
+def _starts(row: list[Example]) -> list[int]:
+    starts, at = [], 0
+    for example in row:
+        starts.append(at)
+        at += len(example)
+    return starts
+
+
 def collate(rows: list[list[Example]], pad_id: int, packed: bool, attn_implementation: str = "sdpa") -> dict:
     """Tensors for one micro-batch of rows; each row is a list of examples."""
     width = max(sum(len(e) for e in row) for row in rows)
@@ -105,6 +115,8 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool, attn_implement
     if not packed:
         out["attention_mask"] = real.long()
         return out
+    # Per-example attention (slmtune.models.per_example_sdpa) reads the spans; sdpa and eager the mask.
+    out["packed_examples"] = [[(at, len(e)) for at, e in zip(_starts(row), row)] for row in rows]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = (segment[:, :, None] == segment[:, None, :]) & real[:, None, :] & causal
     # Padding queries attend to themselves so no softmax row is empty (an empty row gives NaN).
