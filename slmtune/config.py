@@ -106,8 +106,8 @@ class TrainSection(Section):
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
     # On CPU one packed row of max_length tokens already keeps the matmuls busy: a second row per
     # forward pass doubles the activations held for backward without raising tokens/s (SmolLM2-135M,
-    # 1024-token rows: 0.66x peak RSS at equal speed; docs/benchmarks.md). Accumulation keeps the
-    # optimizer step at 8 rows either way.
+    # 1024-token rows, one row against two: 0.69x peak RSS, 1.12x tokens/s; docs/benchmarks.md).
+    # Accumulation keeps the optimizer step at 8 rows either way.
     micro_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="Rows per forward pass (a packed row holds several examples). auto: 1 on CPU, "
         "4 on a GPU."
