@@ -226,8 +226,7 @@ def per_example_sdpa(module, query, key, value, attention_mask, dropout: float =
         if end < query.shape[2]:
             # Padding after the last example: no real token attends to it and its outputs are never
             # scored, so zeros stand in for the attention of pads to themselves.
-            parts.append(value.new_zeros((1, query.shape[1], query.shape[2] - end, value.shape[-1]),
-                                         dtype=parts[0].dtype if parts else value.dtype))
+            parts.append(parts[0].new_zeros((1, query.shape[1], query.shape[2] - end, value.shape[-1])))
         rows.append(torch.cat(parts, dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 

@@ -84,14 +84,6 @@ def steps_per_epoch(n_rows: int, micro_batch_size: int, gradient_accumulation_st
     return math.ceil(math.ceil(n_rows / micro_batch_size) / gradient_accumulation_steps)
 
 
-def _starts(row: list[Example]) -> list[int]:
-    starts, at = [], 0
-    for example in row:
-        starts.append(at)
-        at += len(example)
-    return starts
-
-
 def collate(rows: list[list[Example]], pad_id: int, packed: bool, attn_implementation: str = "sdpa") -> dict:
     """Tensors for one micro-batch of rows; each row is a list of examples."""
     width = max(sum(len(e) for e in row) for row in rows)
@@ -100,6 +92,7 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool, attn_implement
     targets = torch.full((batch, width), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((batch, width), dtype=torch.long)
     segment = torch.full((batch, width), -1, dtype=torch.long)
+    spans: list[list[tuple[int, int]]] = [[] for _ in rows]
     for b, row in enumerate(rows):
         at = 0
         for s, example in enumerate(row):
@@ -108,6 +101,7 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool, attn_implement
             targets[b, at : at + n] = torch.tensor(example.targets)
             position_ids[b, at : at + n] = torch.arange(n)
             segment[b, at : at + n] = s
+            spans[b].append((at, n))
             at += n
     real = segment >= 0
     out = {"input_ids": input_ids, "targets": targets, "position_ids": position_ids,
@@ -116,7 +110,7 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool, attn_implement
         out["attention_mask"] = real.long()
         return out
     # Per-example attention (slmtune.models.per_example_sdpa) reads the spans; sdpa and eager the mask.
-    out["packed_examples"] = [[(at, len(e)) for at, e in zip(_starts(row), row)] for row in rows]
+    out["packed_examples"] = spans
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = (segment[:, :, None] == segment[:, None, :]) & real[:, None, :] & causal
     # Padding queries attend to themselves so no softmax row is empty (an empty row gives NaN).
