@@ -321,11 +321,15 @@ def test_run_saves_the_resolved_step_size(tiny_llama_dir, chat_file, tmp_path):
     assert (saved.micro_batch_size, saved.gradient_accumulation_steps) == (1, 8)
 
 
+@pytest.mark.parametrize("kernel", ["math", "flash"])
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
-def test_per_example_attention_equals_the_block_diagonal_mask(tiny_model_dir, amp_dtype):
+def test_per_example_attention_equals_the_block_diagonal_mask(tiny_model_dir, amp_dtype, kernel, monkeypatch):
+    from slmtune import models
     from slmtune.models import use_per_example_attention
     from slmtune.train import target_loss_sum
 
+    # These examples are short: every one takes the math kernel unless the limit is 0.
+    monkeypatch.setattr(models, "MATH_ATTENTION_MAX_TOKENS", 256 if kernel == "math" else 0)
     model, batch = _lever_case(tiny_model_dir)
     widths = [sum(n for _, n in spans) for spans in batch["packed_examples"]]
     assert len(set(widths)) == 2 and max(widths) == batch["input_ids"].shape[1]  # one row is padded
