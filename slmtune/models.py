@@ -196,8 +196,8 @@ def has_native_bf16(device) -> bool:
 
 PER_EXAMPLE_SDPA = "slmtune_per_example_sdpa"
 # Examples up to this many tokens take SDPA's math kernel: on CPU its backward (plain matmuls over
-# saved probabilities) ran ~1.3x faster per step than the flash kernel's for chat-length examples.
-# It keeps heads x length^2 probabilities per example for backward, so longer ones take flash.
+# saved probabilities) is faster than the flash kernel's at chat lengths (docs/benchmarks.md). It
+# keeps heads x length^2 probabilities per example for backward, so longer examples take flash.
 MATH_ATTENTION_MAX_TOKENS = 256
 
 
