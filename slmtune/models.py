@@ -211,6 +211,8 @@ def per_example_sdpa(module, query, key, value, attention_mask, dropout: float =
     causal attentions, not one 1024 x 1024 attention with the block-diagonal mask: PyTorch's CPU flash
     kernel computes every masked block too. Same result as the masked attention on every real token.
     Without `packed_examples` (unpacked rows, generation) it is plain sdpa with the given mask."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -220,14 +222,16 @@ def per_example_sdpa(module, query, key, value, attention_mask, dropout: float =
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     gqa = query.shape[1] != key.shape[1]
+
     rows = []
     for b, spans in enumerate(packed_examples):
         parts, end = [], 0
         for start, length in spans:
             q, k, v = (t[b : b + 1, :, start : start + length] for t in (query, key, value))
-            kernels = [SDPBackend.MATH] if length <= MATH_ATTENTION_MAX_TOKENS else [SDPBackend.FLASH_ATTENTION,
-                                                                                      SDPBackend.MATH]
-            with sdpa_kernel(kernels):
+            # The kernel choice was measured on CPU; elsewhere SDPA picks its own (cuDNN, mem-efficient...).
+            kernels = ([SDPBackend.MATH] if length <= MATH_ATTENTION_MAX_TOKENS
+                       else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+            with sdpa_kernel(kernels) if q.device.type == "cpu" else contextlib.nullcontext():
                 parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout,
                                                             enable_gqa=gqa))
             end = start + length
