@@ -13,8 +13,8 @@ trainer runs in its own process, so peak RSS is its own. Both adapters are then 
 same function on the same validation conversations, so the losses are comparable.
 
 `--levers` adds a second table: slmtune's levers (bf16 frozen base, per-example attention of packed
-rows, rows per forward pass, packing, bf16 autocast, gradient checkpointing, chunked cross-entropy,
-threads, QLoRA) switched one at a time on `--lever-rows` rows, with tokens/s, peak RSS and the
+rows, rows per forward pass, packing, bf16 autocast, gradient checkpointing, fused cross-entropy,
+adapter inputs left in bf16, threads, QLoRA) switched one at a time on `--lever-rows` rows, with tokens/s, peak RSS and the
 validation loss of each.
 
 Run with the machine otherwise idle: on 2 cores a busy neighbour can slow PyTorch several-fold.
@@ -56,8 +56,8 @@ VARIANTS = {
     "no packing": {"train": {"packing": False, "micro_batch_size": 8}},
     "fp32": {"train": {"precision": "fp32"}},
     "grad ckpt": {"train": {"gradient_checkpointing": True}},
-    "chunked CE": {"train": {"loss_chunk_tokens": 256}},
-    "ckpt+chunk": {"train": {"gradient_checkpointing": True, "loss_chunk_tokens": 256}},
+    "plain CE": {"train": {"cross_entropy": "plain"}},
+    "PEFT input cast": {"peft_input_upcast": True},
     "1 thread": {"train": {"num_threads": 1}},
     "qlora": {"method": {"name": "qlora"}},
     "qlora+ckpt": {"method": {"name": "qlora"}, "train": {"gradient_checkpointing": True}},
@@ -69,6 +69,11 @@ def worker_slmtune(model: str, train_file: str, out: Path, variant: str = "slmtu
     from slmtune.run import run
 
     overrides = VARIANTS[variant]
+    if overrides.get("peft_input_upcast"):
+        # PEFT's own behaviour, for comparison: adapter inputs cast to fp32 (and back by autocast).
+        import slmtune.run
+
+        slmtune.run.skip_adapter_input_upcast = lambda model: None
     recipe = recipe_from_dict({
         "model": {"name": model, **overrides.get("model", {})},
         "method": {"name": "lora", "lora_r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0,

@@ -136,10 +136,14 @@ class TrainSection(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: much less memory, ~15% slower."
     )
+    cross_entropy: Literal["fused", "plain"] = Field(
+        "fused", description="fused: the LM head and cross-entropy run on loss_chunk_tokens targets at a time "
+        "with their gradients made in forward, so targets x vocabulary logits never exist at once; plain: one "
+        "cross-entropy over all targets' logits."
+    )
     loss_chunk_tokens: int | None = Field(
-        None, ge=1, description="Run the LM head and cross-entropy on this many target tokens at a time, "
-        "recomputing each chunk's logits in backward, so targets x vocabulary logits never exist at once. "
-        "null: all targets at once."
+        None, ge=1, description="Target tokens per chunk of the fused cross-entropy; null: about 16M logits "
+        "per chunk (256 targets for a 49k vocabulary)."
     )
     eval_every: int = Field(0, ge=0, description="Validation loss every N steps; 0 = only at the end.")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps; 0 = no intermediate checkpoints.")
@@ -167,6 +171,12 @@ class TrainSection(Section):
             raise ValueError("set either examples_per_step or gradient_accumulation_steps, not both: "
                              "examples_per_step decides how many micro-batches a step takes")
         return values
+
+    @model_validator(mode="after")
+    def _chunks_need_fused_loss(self) -> "TrainSection":
+        if self.loss_chunk_tokens is not None and self.cross_entropy == "plain":
+            raise ValueError("loss_chunk_tokens sets the chunks of cross_entropy: fused; plain takes all targets at once")
+        return self
 
     def resolved(self, accelerator: bool) -> "TrainSection":
         """The step size made concrete for this machine: what the run uses and saves in recipe.yaml."""

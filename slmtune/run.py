@@ -33,6 +33,7 @@ from slmtune.data import build_datasets
 from slmtune.data.batching import collate, make_rows, should_pack
 from slmtune.data.tokenize import check_end_of_turn
 from slmtune.methods import METHODS
+from slmtune.methods.peft_common import skip_adapter_input_upcast
 from slmtune.models import end_of_turn_ids, load_model, load_tokenizer, use_per_example_attention
 from slmtune.train import (TrainState, atomic_write_text, autocast_dtype, latest_checkpoint, peak_rss_mb, train,
                            write_trained)
@@ -162,6 +163,8 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: Callable[[dict], None] 
         model = method.prepare(model, recipe.method)
     except ValueError as err:
         raise RecipeError(f"method {recipe.method.name}: {err}") from None
+    if autocast_dtype(cfg.precision, par.device) is not None:
+        skip_adapter_input_upcast(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from slmtune.config import TrainSection
+from slmtune.cross_entropy import linear_cross_entropy_sum
 from slmtune.data.batching import collate, example_steps, micro_batches, step_micro_batches, steps_per_epoch
 from slmtune.data.tokenize import IGNORE, Example
 from slmtune.distributed import SingleProcess
@@ -46,23 +47,16 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _head_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor, amp_dtype, softcap) -> torch.Tensor:
-    with torch.autocast(hidden.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        logits = head(hidden)
-    logits = logits.float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
-
-
-def target_loss_sum(model, batch: dict, amp_dtype: torch.dtype | None, loss_chunk_tokens: int | None = None
-                    ) -> torch.Tensor:
+def target_loss_sum(model, batch: dict, amp_dtype: torch.dtype | None, cross_entropy: str = "fused",
+                    loss_chunk_tokens: int | None = None) -> torch.Tensor:
     """Sum of next-token cross-entropy over target positions only.
 
     The LM head runs on target positions alone: prompt tokens need no logits, and a full
     tokens x vocabulary logits tensor (49k columns for SmolLM2) is the largest activation of a step.
-    With `loss_chunk_tokens`, the head and the cross-entropy run on that many targets at a time and
-    each chunk's logits are recomputed in backward, so targets x vocabulary logits never exist at once.
+    `cross_entropy: fused` (slmtune/cross_entropy.py) runs the head and the loss on
+    `loss_chunk_tokens` targets at a time with their gradients made in forward, so targets x
+    vocabulary logits never exist at once; `plain` is one F.cross_entropy over all targets' logits
+    (also used for heads the fused path does not cover: a bias, logit soft-capping, sharded weights).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(model.parameters()).device
@@ -84,18 +78,18 @@ def target_loss_sum(model, batch: dict, amp_dtype: torch.dtype | None, loss_chun
         ).last_hidden_state
     hidden, targets = hidden[select], targets[select]
     head, softcap = base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
-    if not loss_chunk_tokens or len(targets) <= loss_chunk_tokens:
-        return _head_loss_sum(head, hidden, targets, amp_dtype, softcap)
-    from torch.utils.checkpoint import checkpoint
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for at in range(0, len(targets), loss_chunk_tokens):
-        part = slice(at, at + loss_chunk_tokens)
-        # Recomputing a chunk's logits in backward costs one more LM-head matmul on its tokens and
-        # saves keeping its fp32 logits, their bf16 copy and the softmax for backward.
-        total = total + checkpoint(_head_loss_sum, head, hidden[part], targets[part], amp_dtype, softcap,
-                                   use_reentrant=False)
-    return total
+    weight = getattr(head, "weight", None)
+    # ZeRO-3 gathers a weight only inside its module's forward (ds_id marks such a parameter).
+    fusable = (type(head) is torch.nn.Linear and head.bias is None and not softcap and not hasattr(weight, "ds_id")
+               and weight.dim() == 2 and weight.shape[1] == hidden.shape[-1])
+    if cross_entropy == "fused" and fusable:
+        return linear_cross_entropy_sum(hidden, weight, targets, amp_dtype or weight.dtype, loss_chunk_tokens)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = head(hidden)
+    logits = logits.float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, reduction="sum")
 
 
 def accumulate_gradients(model, batches: list[dict], amp_dtype: torch.dtype | None, *,
@@ -125,13 +119,14 @@ def accumulate_gradients(model, batches: list[dict], amp_dtype: torch.dtype | No
 class TargetLoss(torch.nn.Module):
     """`target_loss_sum` as a module's forward: the one module DDP, FSDP and DeepSpeed wrap."""
 
-    def __init__(self, model, loss_chunk_tokens: int | None = None):
+    def __init__(self, model, cross_entropy: str = "fused", loss_chunk_tokens: int | None = None):
         super().__init__()
         self.model = model
+        self.cross_entropy = cross_entropy
         self.loss_chunk_tokens = loss_chunk_tokens
 
     def forward(self, batch: dict, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-        return target_loss_sum(self.model, batch, amp_dtype, self.loss_chunk_tokens)
+        return target_loss_sum(self.model, batch, amp_dtype, self.cross_entropy, self.loss_chunk_tokens)
 
 
 def optimizer_groups(model, weight_decay: float) -> list[dict]:
@@ -324,7 +319,7 @@ def train(
     if resume_from is not None:  # full weights, loaded before any sharding
         method.load_trained(model, resume_from / method.ARTIFACT)
     # The loss module carries the chunk size: every training and evaluation pass goes through `par`.
-    optimizer = par.setup(TargetLoss(model, cfg.loss_chunk_tokens),
+    optimizer = par.setup(TargetLoss(model, cfg.cross_entropy, cfg.loss_chunk_tokens),
                           lambda module: optimizer_groups(module, cfg.weight_decay),
                           lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
     scheduler = make_scheduler(optimizer, cfg, total_steps)

@@ -81,3 +81,10 @@ def test_resolved_recipe_round_trips(tmp_path):
     again = tmp_path / "again.yaml"
     again.write_text(recipe.to_yaml())
     assert load_recipe(again) == recipe
+
+
+def test_loss_chunks_need_the_fused_cross_entropy():
+    base = {"model": "m", "data": {"train": "t"}, "output": {"dir": "o"}}
+    with pytest.raises(RecipeError, match=r"train: .*loss_chunk_tokens sets the chunks of cross_entropy: fused"):
+        recipe_from_dict({**base, "train": {"cross_entropy": "plain", "loss_chunk_tokens": 64}})
+    assert recipe_from_dict({**base, "train": {"loss_chunk_tokens": 64}}).train.cross_entropy == "fused"

@@ -178,17 +178,50 @@ def test_lm_head_at_target_positions_only_equals_full_logits_cross_entropy(tiny_
 
 
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
-def test_chunked_cross_entropy_equals_all_targets_at_once(tiny_model_dir, amp_dtype):
+@pytest.mark.parametrize("trains_head", [False, True], ids=["lora", "full-tied-head"])
+def test_fused_cross_entropy_equals_plain(tiny_model_dir, amp_dtype, trains_head):
     from slmtune.train import target_loss_sum
 
     model, batch = _lever_case(tiny_model_dir)
-    n_targets = int(batch["n_targets"])
-    assert n_targets > 7  # several chunks of 3, the last one shorter
-    loss, grads = _loss_and_grads(model, lambda: target_loss_sum(model, batch, amp_dtype))
-    chunked, chunked_grads = _loss_and_grads(model, lambda: target_loss_sum(model, batch, amp_dtype, 3))
-    assert chunked == pytest.approx(loss, rel=1e-5)
-    for name in grads:
-        torch.testing.assert_close(chunked_grads[name], grads[name], rtol=1e-4, atol=1e-6)
+    if trains_head:
+        # Full fine-tuning of a model whose head shares the embedding matrix: the head's gradient
+        # made in forward must add up with the embedding's in backward.
+        model = model.get_base_model()
+        model.lm_head.weight = model.get_input_embeddings().weight
+        for p in model.parameters():
+            p.requires_grad_(True)
+    assert int(batch["n_targets"]) > 7  # several chunks of 3, the last one shorter
+    plain, plain_grads = _loss_and_grads(model, lambda: target_loss_sum(model, batch, amp_dtype, "plain") / 7)
+    fused, fused_grads = _loss_and_grads(model, lambda: target_loss_sum(model, batch, amp_dtype, "fused", 3) / 7)
+    assert fused == pytest.approx(plain, rel=1e-5)
+    for name in plain_grads:
+        if amp_dtype is None:
+            torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
+        else:
+            # bf16 rounds (softmax - one-hot) before the 1/7 scale in the fused path, after it in the
+            # plain one: single elements differ by bf16 rounding, each gradient as a whole agrees.
+            difference = (fused_grads[name] - plain_grads[name]).norm() / plain_grads[name].norm()
+            assert difference < 2e-2, name
+    with torch.no_grad():
+        assert target_loss_sum(model, batch, amp_dtype, "fused", 3).item() == pytest.approx(plain * 7, rel=1e-5)
+
+
+def test_cross_entropy_setting_reaches_training_and_keeps_the_loss(tiny_llama_dir, chat_file, tmp_path, monkeypatch):
+    import slmtune.train
+
+    def recipe(name, **train):
+        made = make_recipe(tiny_llama_dir, chat_file, tmp_path / name, max_steps=2, **train)
+        made.data.validation_split = 0.25
+        return made
+
+    plain = run(recipe("plain", cross_entropy="plain"), progress=False)
+    chunks = []
+    fused_loss = slmtune.train.linear_cross_entropy_sum
+    monkeypatch.setattr(slmtune.train, "linear_cross_entropy_sum", lambda *a: chunks.append(a[4]) or fused_loss(*a))
+    fused = run(recipe("fused", loss_chunk_tokens=3), progress=False)
+    assert chunks and set(chunks) == {3}
+    assert fused.summary["final_train_loss"] == pytest.approx(plain.summary["final_train_loss"], rel=1e-5)
+    assert fused.summary["eval_loss"] == pytest.approx(plain.summary["eval_loss"], rel=1e-5)
 
 
 def test_gradient_checkpointing_and_bf16_autocast_keep_loss_and_gradients(tiny_llama_dir):
@@ -278,19 +311,6 @@ def test_adapter_methods_train_on_a_bf16_base(tiny_llama_dir, chat_file, tmp_pat
     assert saved and all(t.dtype == torch.float32 for t in saved.values())
 
 
-def test_loss_chunk_tokens_reaches_training_and_keeps_the_loss(tiny_llama_dir, chat_file, tmp_path, monkeypatch):
-    import slmtune.train
-
-    whole = run(make_recipe(tiny_llama_dir, chat_file, tmp_path / "whole", max_steps=2), progress=False)
-    head_calls = []
-    head_loss = slmtune.train._head_loss_sum
-    monkeypatch.setattr(slmtune.train, "_head_loss_sum", lambda *a: head_calls.append(len(a[2])) or head_loss(*a))
-    chunked = run(make_recipe(tiny_llama_dir, chat_file, tmp_path / "chunked", max_steps=2, loss_chunk_tokens=3),
-                  progress=False)
-    assert head_calls and max(head_calls) <= 3
-    assert chunked.summary["final_train_loss"] == pytest.approx(whole.summary["final_train_loss"], rel=1e-5)
-
-
 @pytest.mark.parametrize("accelerator, micro, accumulation, expected", [
     (False, "auto", None, (1, 8)),   # CPU: one packed row per forward pass, 8 rows per step
     (True, "auto", None, (4, 2)),
@@ -360,3 +380,27 @@ def test_per_example_attention_falls_back_to_the_mask_without_spans(tiny_llama_d
         masked = target_loss_sum(model, without_spans, None)
         use_per_example_attention(model)
         assert target_loss_sum(model, without_spans, None) == pytest.approx(masked.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_adapters_skipping_the_input_upcast_under_bf16_autocast_give_the_same_loss_and_gradients(tiny_llama_dir,
+                                                                                                  method):
+    from slmtune.methods import METHODS
+    from slmtune.methods.peft_common import skip_adapter_input_upcast
+    from slmtune.train import target_loss_sum
+
+    module = METHODS[method]
+    _, batch = _lever_case(tiny_llama_dir)
+    torch.manual_seed(0)
+    model = module.prepare(load_model(str(tiny_llama_dir), dtype="bfloat16"), module.Config())
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # away from the initial values (LoRA's B = 0, IA3's ones) so every path counts
+            torch.nn.init.normal_(p, mean=1.0 if method == "ia3" else 0.0, std=0.05)
+    upcast, upcast_grads = _loss_and_grads(model, lambda: target_loss_sum(model, batch, torch.bfloat16))
+    skip_adapter_input_upcast(model)
+    skipping = [m for m in model.modules() if getattr(m, "cast_input_dtype_enabled", True) is False]
+    assert bool(skipping) == (method != "dora")  # DoRA keeps the cast (its magnitude path is not autocast)
+    skipped, skipped_grads = _loss_and_grads(model, lambda: target_loss_sum(model, batch, torch.bfloat16))
+    assert skipped == upcast
+    for name in upcast_grads:
+        torch.testing.assert_close(skipped_grads[name], upcast_grads[name], rtol=0, atol=0)

@@ -39,3 +39,19 @@ def remember_initial_adapter(model) -> None:
     import atexit
 
     atexit.register(shutil.rmtree, folder, True)
+
+
+def skip_adapter_input_upcast(model) -> None:
+    """Let PEFT's adapter layers take their input as it comes (bf16 under autocast) instead of first
+    casting it to the dtype of the fp32 adapter weights. Call it only for bf16-autocast training.
+
+    Under autocast each adapter matmul casts that fp32 copy straight back to bf16, so the result is
+    the same bit for bit; the round trip cost two activation-sized copies per adapted layer in
+    forward and two more in backward (~15% of a LoRA step on a CPU, docs/benchmarks.md). Without
+    autocast fp32 adapters need fp32 inputs, so the cast stays. DoRA keeps it too: part of its
+    magnitude path runs outside autocast's matmuls, so skipping the cast would change its numerics."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and not any(getattr(module, "use_dora", {}).values()):
+            module.cast_input_dtype_enabled = False
