@@ -28,8 +28,9 @@ def default_chunk_tokens(vocab_size: int) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, compute_dtype, chunk_tokens):
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, targets, compute_dtype, chunk_tokens, with_grads):
+        # Autograd runs forward with gradients off, so the caller's grad mode comes in `with_grads`.
+        need_hidden, need_weight = with_grads and ctx.needs_input_grad[0], with_grads and ctx.needs_input_grad[1]
         ctx.dtypes = hidden.dtype, weight.dtype
         # The dtypes are set by hand below; autocast would refuse the out= buffers.
         with torch.autocast(hidden.device.type, enabled=False):
@@ -75,7 +76,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden_dtype, weight_dtype = ctx.dtypes
         grad_hidden = (saved.pop(0) * grad_total).to(hidden_dtype) if ctx.has[0] else None
         grad_weight = (saved.pop(0) * grad_total).to(weight_dtype) if ctx.has[1] else None
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -87,16 +88,4 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     in this call and kept until backward: (targets x hidden size) and, when the weight trains, an
     fp32 copy of its size. Under no_grad only the loss is computed."""
     chunk_tokens = chunk_tokens or default_chunk_tokens(weight.shape[0])
-    if not torch.is_grad_enabled():
-        with torch.no_grad():
-            return _LinearCrossEntropy.forward(_NoGrad(), hidden, weight, targets, compute_dtype, chunk_tokens)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, chunk_tokens)
-
-
-class _NoGrad:
-    """Stands in for autograd's context when only the loss is wanted (evaluation)."""
-
-    needs_input_grad = (False, False)
-
-    def save_for_backward(self, *tensors):
-        pass
+    return _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, chunk_tokens, torch.is_grad_enabled())
