@@ -38,7 +38,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             n, vocab = len(targets), w.shape[0]
             width = max(1, min(chunk_tokens, n))
             log_probs = hidden.new_empty((width, vocab), dtype=torch.float32)
-            logits = log_probs if compute_dtype == torch.float32 else hidden.new_empty((width, vocab), dtype=compute_dtype)
+            logits = (log_probs if compute_dtype == torch.float32
+                      else hidden.new_empty((width, vocab), dtype=compute_dtype))
             grad_hidden = hidden.new_empty((n, hidden.shape[1]), dtype=compute_dtype) if need_hidden else None
             grad_weight = torch.zeros_like(w, dtype=torch.float32) if need_weight else None
             weight_part = torch.empty_like(w) if need_weight else None

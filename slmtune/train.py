@@ -318,7 +318,7 @@ def train(
 
     if resume_from is not None:  # full weights, loaded before any sharding
         method.load_trained(model, resume_from / method.ARTIFACT)
-    # The loss module carries the chunk size: every training and evaluation pass goes through `par`.
+    # The loss module carries the cross-entropy settings: every training and evaluation pass goes through `par`.
     optimizer = par.setup(TargetLoss(model, cfg.cross_entropy, cfg.loss_chunk_tokens),
                           lambda module: optimizer_groups(module, cfg.weight_decay),
                           lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)

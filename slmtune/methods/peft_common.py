@@ -47,7 +47,7 @@ def skip_adapter_input_upcast(model) -> None:
 
     Under autocast each adapter matmul casts that fp32 copy straight back to bf16, so the result is
     the same bit for bit; the round trip cost two activation-sized copies per adapted layer in
-    forward and two more in backward (~15% of a LoRA step on a CPU, docs/benchmarks.md). Without
+    forward and two more in backward (with them a LoRA step ran at 0.83x, docs/benchmarks.md). Without
     autocast fp32 adapters need fp32 inputs, so the cast stays. DoRA keeps it too: part of its
     magnitude path runs outside autocast's matmuls, so skipping the cast would change its numerics."""
     from peft.tuners.tuners_utils import BaseTunerLayer
