@@ -14,8 +14,8 @@ same function on the same validation conversations, so the losses are comparable
 
 `--levers` adds a second table: slmtune's levers (bf16 frozen base, per-example attention of packed
 rows, rows per forward pass, packing, bf16 autocast, gradient checkpointing, fused cross-entropy,
-adapter inputs left in bf16, threads, QLoRA) switched one at a time on `--lever-rows` rows, with tokens/s, peak RSS and the
-validation loss of each.
+adapter inputs left in bf16, threads, QLoRA) switched one at a time on `--lever-rows` rows, with
+tokens/s, peak RSS and the validation loss of each.
 
 Run with the machine otherwise idle: on 2 cores a busy neighbour can slow PyTorch several-fold.
 """

@@ -67,16 +67,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_weight:
                     torch.mm(logits[:m].T, h, out=weight_part)
                     grad_weight += weight_part
-        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
-        ctx.has = need_hidden, need_weight
+        ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        saved = list(ctx.saved_tensors)
+        grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        grad_hidden = (saved.pop(0) * grad_total).to(hidden_dtype) if ctx.has[0] else None
-        grad_weight = (saved.pop(0) * grad_total).to(weight_dtype) if ctx.has[1] else None
+        if grad_hidden is not None:
+            grad_hidden = (grad_hidden * grad_total).to(hidden_dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None
 
 
