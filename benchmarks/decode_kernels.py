@@ -38,7 +38,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from slmtune.models import resolve
-    from slmtune.plan import architecture
+    from slmtune.training.plan import architecture
 
     arch = architecture(resolve(args.model))
     h, kv, i = arch.hidden_size, arch.num_key_value_heads * arch.head_dim, arch.intermediate_size

@@ -54,7 +54,7 @@ def main() -> None:
     import onnxruntime_genai as og
 
     from slmtune.models import end_of_turn_ids, load_model, load_tokenizer, resolve
-    from slmtune.onnx_export import _agreement, _torch_greedy, build_onnx, genai_eos_ids, onnx_greedy, \
+    from slmtune.export.onnx import _agreement, _torch_greedy, build_onnx, genai_eos_ids, onnx_greedy, \
         onnx_next_token_matches, prompt_ids
 
     model_dir = resolve(args.model)

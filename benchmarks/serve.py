@@ -168,7 +168,7 @@ def agreement(reference: dict[str, str], other: dict[str, str], tokenizer) -> fl
 def reference_answers(model_dir: str, texts: list[str], max_tokens: int):
     """PyTorch fp32 greedy answers (token ids) to the given prompts, and the prompts' ids."""
     from slmtune.models import end_of_turn_ids, load_model, load_tokenizer
-    from slmtune.onnx_export import _torch_greedy, prompt_ids
+    from slmtune.export.onnx import _torch_greedy, prompt_ids
 
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
     eos = end_of_turn_ids(model, tokenizer)
@@ -234,7 +234,7 @@ def main() -> None:
     finally:
         server.close()
     from slmtune.models import load_model
-    from slmtune.onnx_export import torch_next_token_matches
+    from slmtune.export.onnx import torch_next_token_matches
 
     bf16 = load_model(model_dir, dtype="bfloat16").eval()
     rows[-3][2]["next"] = next_token_agreement(lambda ids, ref: torch_next_token_matches(bf16, ids, ref),
@@ -245,7 +245,7 @@ def main() -> None:
     if not args.skip_onnx:
         import onnxruntime_genai as og
 
-        from slmtune.onnx_export import build_onnx, onnx_next_token_matches
+        from slmtune.export.onnx import build_onnx, onnx_next_token_matches
 
         for precision in ("fp32", "int8", "int4"):
             label = precision

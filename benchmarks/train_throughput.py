@@ -66,14 +66,14 @@ VARIANTS = {
 
 def worker_slmtune(model: str, train_file: str, out: Path, variant: str = "slmtune") -> dict:
     from slmtune.config import recipe_from_dict
-    from slmtune.run import run
+    from slmtune.training.run import run
 
     overrides = VARIANTS[variant]
     if overrides.get("peft_input_upcast"):
         # PEFT's own behaviour, for comparison: adapter inputs cast to fp32 (and back by autocast).
-        import slmtune.run
+        import slmtune.training.run
 
-        slmtune.run.skip_adapter_input_upcast = lambda model: None
+        slmtune.training.run.skip_adapter_input_upcast = lambda model: None
     recipe = recipe_from_dict({
         "model": {"name": model, **overrides.get("model", {})},
         "method": {"name": "lora", "lora_r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0,
@@ -124,7 +124,7 @@ def worker_eval(model: str, adapters: list[str], validation_file: str) -> dict:
     from slmtune.data import build_datasets
     from slmtune.data.batching import collate
     from slmtune.models import load_model, load_tokenizer
-    from slmtune.train import evaluate_loss
+    from slmtune.training.loop import evaluate_loss
 
     tokenizer = load_tokenizer(model)
     data = build_datasets(DataSection(train=validation_file, max_length=MAX_LENGTH), tokenizer, 0)
@@ -165,7 +165,7 @@ def model_matmul_gflops(model_dir: str, tokens: int, repeats: int = 5, trials: i
     allow, an upper bound on the MFU any trainer can reach with it here (best of `trials`)."""
     import torch
 
-    from slmtune.plan import architecture
+    from slmtune.training.plan import architecture
 
     arch = architecture(model_dir)
     h, kv, i = arch.hidden_size, arch.num_key_value_heads * arch.head_dim, arch.intermediate_size
@@ -192,7 +192,7 @@ def model_matmul_gflops(model_dir: str, tokens: int, repeats: int = 5, trials: i
 def lora_step_flops_per_token(model_dir: str, target_fraction: float) -> float:
     """Forward 2N, backward ~2N (activation gradients through frozen weights; no weight gradients
     except the small adapters), per token; the LM head only at target positions."""
-    from slmtune.plan import architecture
+    from slmtune.training.plan import architecture
 
     arch = architecture(model_dir)
     body = arch.num_hidden_layers * arch.linear_params_per_layer()

@@ -72,7 +72,7 @@ def cmd_train(args) -> int:
 
     if args.nproc > 1 or args.nnodes > 1:  # the recipe is valid: run this command on every process
         return _launch_train(args, recipe)
-    from slmtune.run import run
+    from slmtune.training.run import run
 
     on_event = None
     if args.json_events:
@@ -91,7 +91,7 @@ def cmd_train(args) -> int:
 
 def _launch_train(args, recipe) -> int:
     """`slmtune train ... --nproc N`: run this same command on N processes through torchrun."""
-    from slmtune import distributed
+    from slmtune.training import distributed
 
     distributed.check_available(recipe.train.distributed.strategy)
     argv = list(args.argv)
@@ -244,7 +244,7 @@ def cmd_adapters(args) -> int:
 
 def cmd_export(args) -> int:
     from slmtune.config import RecipeError
-    from slmtune.export import merge
+    from slmtune.export.merged import merge
 
     fmt = args.format or "merged"
     if args.merge and args.output:
@@ -259,7 +259,7 @@ def cmd_export(args) -> int:
     if fmt == "merged" and args.builder_option:
         raise RecipeError("--builder-option applies to --format onnx")
     if fmt == "onnx":
-        from slmtune.onnx_export import export_onnx, format_parity
+        from slmtune.export.onnx import export_onnx, format_parity
 
         options = {}
         for item in args.builder_option:
@@ -271,7 +271,7 @@ def cmd_export(args) -> int:
                              builder_options=options)
         path, report = result.path, result.parity
     else:
-        from slmtune.onnx_export import format_parity, parity
+        from slmtune.export.onnx import format_parity, parity
 
         path = merge(args.run_dir, out)
         report = None if args.no_parity else parity(args.run_dir, path, "merged")
@@ -282,7 +282,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from slmtune import plan
+    from slmtune.training import plan
 
     try:
         rows, best, why, hw = plan.plan_table(args.model, args.hardware, args.seq_len, args.micro_batch,
@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
-        from slmtune.train import TrainingStopped
+        from slmtune.training.loop import TrainingStopped
 
         if not isinstance(err, TrainingStopped):
             raise

@@ -76,7 +76,7 @@ ZERO_STAGES = ("zero1", "zero2", "zero3")
 class DistributedSection(Section):
     """Data parallelism over the processes `slmtune train --nproc N` (torchrun) starts. Each optimizer
     step then consumes micro_batch_size x gradient_accumulation_steps x processes rows, with the loss
-    trajectory of one process on the same global batch (slmtune/distributed.py)."""
+    trajectory of one process on the same global batch (slmtune/training/distributed.py)."""
 
     strategy: Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp"] = Field(
         "none", description="none: one process (ddp when launched on several); ddp: every process holds "

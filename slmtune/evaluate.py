@@ -7,7 +7,7 @@ Rows are turned into prompts by the task's template (slmtune/tasks/<task>.py), e
 training; the model answers with batched greedy decoding (left padding, KV cache, logits of the
 last position only); the task parses each answer and scores the predictions. Tasks measured by
 loss (domain: perplexity; chat: validation loss, besides ROUGE-L of generated replies) use the
-target-only loss of training (`slmtune.train.target_loss_sum`).
+target-only loss of training (`slmtune.training.loop.target_loss_sum`).
 
 Results go to eval.json in the run directory (or --output): the metrics, the settings and every
 example's prompt, raw output, parsed prediction and reference. A table of metrics is printed.
@@ -146,7 +146,7 @@ def loss_batches(tokenizer, examples: list[dict], fmt: str, *, max_length: int, 
 def loss_sums(model, tokenizer, batches: list[list], amp_dtype=None, on_batch=None) -> list[dict]:
     """Target-only loss of each batch, as in training: [{"loss_sum", "n_tokens"}]."""
     from slmtune.data.batching import collate
-    from slmtune.train import target_loss_sum
+    from slmtune.training.loss import target_loss_sum
 
     out = []
     for examples in batches:
@@ -184,7 +184,7 @@ def evaluate(
     (into the run directory, or to `output`). `limit` keeps the first N rows."""
     from slmtune.chat import load_for_inference
     from slmtune.models import end_of_turn_ids
-    from slmtune.train import autocast_dtype
+    from slmtune.training.loss import autocast_dtype
 
     start = time.perf_counter()
     if batch_size < 1:

@@ -121,8 +121,8 @@ def onnx_export(tmp_path_factory, tiny_llama_dir):
     from types import SimpleNamespace
 
     from slmtune.config import recipe_from_dict
-    from slmtune.onnx_export import export_onnx
-    from slmtune.run import run
+    from slmtune.export.onnx import export_onnx
+    from slmtune.training.run import run
 
     root = tmp_path_factory.mktemp("onnx")
     data = write_jsonl(root / "train.jsonl", [chat_example(f"What is fact number {i}?",

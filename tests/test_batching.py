@@ -7,7 +7,7 @@ from slmtune.data.batching import (collate, example_steps, micro_batches, pack_r
                                    step_micro_batches)
 from slmtune.data.tokenize import encode
 from slmtune.models import load_model, load_tokenizer
-from slmtune.train import target_loss_sum
+from slmtune.training.loss import target_loss_sum
 
 
 def test_pack_rows_respects_capacity_and_keeps_every_example():
@@ -41,7 +41,7 @@ def _examples(tokenizer, n=5):
 
 @pytest.mark.parametrize("attn", ["sdpa", "per_example", "eager"])
 def test_packed_loss_equals_unpacked_loss(tiny_model_dir, attn):
-    from slmtune.models import use_per_example_attention
+    from slmtune.training.attention import use_per_example_attention
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = load_model(str(tiny_model_dir), attn_implementation="sdpa" if attn == "per_example" else attn)

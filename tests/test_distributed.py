@@ -1,4 +1,4 @@
-"""Data parallelism (slmtune/distributed.py): pure parts, and 2-process CPU runs (gloo) launched the
+"""Data parallelism (slmtune/training/distributed.py): pure parts, and 2-process CPU runs (gloo) launched the
 real way, `slmtune train --nproc 2`, on the tiny Llama.
 
 The invariant under test: one process with gradient_accumulation_steps=4 and two processes with 2
@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from slmtune import distributed
+from slmtune.training import distributed
 from slmtune.config import RecipeError, load_recipe, recipe_from_dict
-from slmtune.run import run
+from slmtune.training.run import run
 from tests.conftest import chat_example, write_jsonl
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,

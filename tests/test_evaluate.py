@@ -12,7 +12,7 @@ from slmtune.config import recipe_from_dict
 from slmtune.data.tokenize import IGNORE, encode
 from slmtune.evaluate import evaluate, generate_batched
 from slmtune.models import load_model, load_tokenizer
-from slmtune.run import run
+from slmtune.training.run import run
 from tests.conftest import write_jsonl
 from tests.tasks.shared import shared_rows
 

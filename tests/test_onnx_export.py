@@ -6,14 +6,14 @@ import json
 import pytest
 
 from slmtune.cli import main
-from slmtune.onnx_export import PARITY_PROMPTS, genai_eos_ids, onnx_greedy, prompt_ids
+from slmtune.export.onnx import PARITY_PROMPTS, genai_eos_ids, onnx_greedy, prompt_ids
 
 
 def test_fp32_onnx_export_matches_pytorch_greedy(onnx_export, tiny_llama_dir):
     import onnxruntime_genai as og
 
     from slmtune.chat import load_for_inference
-    from slmtune.onnx_export import _torch_greedy
+    from slmtune.export.onnx import _torch_greedy
     from slmtune.models import end_of_turn_ids
 
     out = onnx_export.export_dir
@@ -112,8 +112,8 @@ def test_onnx_export_refuses_a_non_empty_output(onnx_export, capsys):
 def test_real_smollm2_lora_run_exports_to_onnx_fp32_with_full_parity(tmp_path, monkeypatch):
     """The real model (pulled once into the test cache): a 2-step LoRA run, ONNX fp32, parity 100%."""
     from slmtune.config import recipe_from_dict
-    from slmtune.onnx_export import export_onnx
-    from slmtune.run import run
+    from slmtune.export.onnx import export_onnx
+    from slmtune.training.run import run
     from tests.test_models import real_home
 
     monkeypatch.setenv("SLMTUNE_HOME", str(real_home()))

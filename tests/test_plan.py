@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from slmtune import plan
+from slmtune.training import plan
 from slmtune.cli import main
 
 

@@ -12,7 +12,7 @@ def test_quickstart_recipe_teaches_the_heldout_facts(tmp_path, monkeypatch):
     """`make quickstart` in-process (~2.5 min on 2 cores): README and docs/benchmarks.md say 13/15."""
     from slmtune import models
     from slmtune.config import load_recipe
-    from slmtune.run import run
+    from slmtune.training.run import run
     from tests.test_models import real_home
 
     monkeypatch.setenv("SLMTUNE_HOME", str(real_home()))

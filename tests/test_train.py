@@ -8,8 +8,8 @@ from slmtune.data.batching import collate
 from slmtune.data.tokenize import encode
 from slmtune.methods import lora
 from slmtune.models import load_model, load_tokenizer
-from slmtune.run import run
-from slmtune.train import accumulate_gradients
+from slmtune.training.run import run
+from slmtune.training.loop import accumulate_gradients
 from tests.conftest import chat_example, write_jsonl
 
 
@@ -160,7 +160,7 @@ def _loss_and_grads(model, loss_fn):
 
 def test_lm_head_at_target_positions_only_equals_full_logits_cross_entropy(tiny_model_dir):
     from slmtune.data.tokenize import IGNORE
-    from slmtune.train import target_loss_sum
+    from slmtune.training.loss import target_loss_sum
 
     model, batch = _lever_case(tiny_model_dir)
 
@@ -180,7 +180,7 @@ def test_lm_head_at_target_positions_only_equals_full_logits_cross_entropy(tiny_
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("trains_head", [False, True], ids=["lora", "full-tied-head"])
 def test_fused_cross_entropy_equals_plain(tiny_model_dir, amp_dtype, trains_head):
-    from slmtune.train import target_loss_sum
+    from slmtune.training.loss import target_loss_sum
 
     model, batch = _lever_case(tiny_model_dir)
     if trains_head:
@@ -207,7 +207,7 @@ def test_fused_cross_entropy_equals_plain(tiny_model_dir, amp_dtype, trains_head
 
 
 def test_cross_entropy_setting_reaches_training_and_keeps_the_loss(tiny_llama_dir, chat_file, tmp_path, monkeypatch):
-    import slmtune.train
+    import slmtune.training.loss
 
     def recipe(name, **train):
         made = make_recipe(tiny_llama_dir, chat_file, tmp_path / name, max_steps=2, **train)
@@ -216,8 +216,8 @@ def test_cross_entropy_setting_reaches_training_and_keeps_the_loss(tiny_llama_di
 
     plain = run(recipe("plain", cross_entropy="plain"), progress=False)
     chunks = []
-    fused_loss = slmtune.train.linear_cross_entropy_sum
-    monkeypatch.setattr(slmtune.train, "linear_cross_entropy_sum", lambda *a: chunks.append(a[4]) or fused_loss(*a))
+    fused_loss = slmtune.training.loss.linear_cross_entropy_sum
+    monkeypatch.setattr(slmtune.training.loss, "linear_cross_entropy_sum", lambda *a: chunks.append(a[4]) or fused_loss(*a))
     fused = run(recipe("fused", loss_chunk_tokens=3), progress=False)
     assert chunks and set(chunks) == {3}
     assert fused.summary["final_train_loss"] == pytest.approx(plain.summary["final_train_loss"], rel=1e-5)
@@ -225,7 +225,7 @@ def test_cross_entropy_setting_reaches_training_and_keeps_the_loss(tiny_llama_di
 
 
 def test_gradient_checkpointing_and_bf16_autocast_keep_loss_and_gradients(tiny_llama_dir):
-    from slmtune.train import target_loss_sum
+    from slmtune.training.loss import target_loss_sum
 
     model, batch = _lever_case(tiny_llama_dir)
     loss, grads = _loss_and_grads(model, lambda: target_loss_sum(model, batch, None))
@@ -263,7 +263,7 @@ def _saved(recipe, path):
 ])
 def test_frozen_base_dtype(tiny_llama_dir, chat_file, tmp_path, method, precision, extra, frozen_dtype, expected):
     from slmtune.methods import METHODS
-    from slmtune.run import resolve_frozen_dtype
+    from slmtune.training.run import resolve_frozen_dtype
 
     recipe = recipe_from_dict({"model": {"name": str(tiny_llama_dir), "frozen_dtype": frozen_dtype}, "method": method,
                                "data": {"train": str(chat_file)}, "train": {"precision": precision, **extra},
@@ -280,7 +280,7 @@ def test_full_fine_tuning_refuses_a_bf16_base(tiny_llama_dir, chat_file, tmp_pat
 
 
 def test_a_bf16_frozen_base_gives_the_fp32_base_loss_and_gradients_under_bf16_autocast(tiny_model_dir):
-    from slmtune.train import target_loss_sum
+    from slmtune.training.loss import target_loss_sum
 
     model, batch = _lever_case(tiny_model_dir)
     loss, grads = _loss_and_grads(model, lambda: target_loss_sum(model, batch, torch.bfloat16))
@@ -344,12 +344,12 @@ def test_run_saves_the_resolved_step_size(tiny_llama_dir, chat_file, tmp_path):
 @pytest.mark.parametrize("kernel", ["math", "flash"])
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
 def test_per_example_attention_equals_the_block_diagonal_mask(tiny_model_dir, amp_dtype, kernel, monkeypatch):
-    from slmtune import models
-    from slmtune.models import use_per_example_attention
-    from slmtune.train import target_loss_sum
+    from slmtune.training import attention
+    from slmtune.training.attention import use_per_example_attention
+    from slmtune.training.loss import target_loss_sum
 
     # These examples are short: every one takes the math kernel unless the limit is 0.
-    monkeypatch.setattr(models, "MATH_ATTENTION_MAX_TOKENS", 256 if kernel == "math" else 0)
+    monkeypatch.setattr(attention, "MATH_ATTENTION_MAX_TOKENS", 256 if kernel == "math" else 0)
     model, batch = _lever_case(tiny_model_dir)
     widths = [sum(n for _, n in spans) for spans in batch["packed_examples"]]
     assert len(set(widths)) == 2 and max(widths) == batch["input_ids"].shape[1]  # one row is padded
@@ -371,8 +371,8 @@ def test_per_example_attention_equals_the_block_diagonal_mask(tiny_model_dir, am
 
 
 def test_per_example_attention_falls_back_to_the_mask_without_spans(tiny_llama_dir):
-    from slmtune.models import use_per_example_attention
-    from slmtune.train import target_loss_sum
+    from slmtune.training.attention import use_per_example_attention
+    from slmtune.training.loss import target_loss_sum
 
     model, batch = _lever_case(tiny_llama_dir)
     without_spans = {k: v for k, v in batch.items() if k != "packed_examples"}
@@ -387,7 +387,7 @@ def test_adapters_skipping_the_input_upcast_under_bf16_autocast_give_the_same_lo
                                                                                                   method):
     from slmtune.methods import METHODS
     from slmtune.methods.peft_common import skip_adapter_input_upcast
-    from slmtune.train import target_loss_sum
+    from slmtune.training.loss import target_loss_sum
 
     module = METHODS[method]
     _, batch = _lever_case(tiny_llama_dir)

@@ -81,7 +81,7 @@ class OnnxEngine(Engine):
              max_loaded_adapters: int = 0, **kwargs) -> "OnnxEngine":
         from transformers import AutoTokenizer
 
-        from slmtune.onnx_export import ExportError, _og
+        from slmtune.export.onnx import ExportError, _og
 
         if adapters:
             raise AdapterError("the ONNX backend cannot serve adapters: export each run with its adapter merged")

@@ -5,7 +5,7 @@ API key the user signs in with (kept in the browser's sessionStorage), like the 
     GET /                                         the console (index.html); /static/... its assets
     GET /v1/slmtune/auto_hyperparameters          ?training_file=ID: what "auto" picks for that file
     GET /v1/slmtune/plan                          ?model=BASE&method=lora[&batch_size=N][&seq_len=N]:
-                                                  slmtune.plan's memory estimate on this server's
+                                                  slmtune.training.plan's memory estimate on this server's
                                                   hardware (GPU memory, else RAM as cpu:NGB)
 """
 
@@ -28,7 +28,7 @@ DEFAULT_SEQ_LEN = 1024  # data.max_length's default, which jobs train with
 
 
 def server_hardware() -> str:
-    """slmtune.plan's hardware string for this machine: NxGB of the visible GPUs, else cpu:RAM."""
+    """slmtune.training.plan's hardware string for this machine: NxGB of the visible GPUs, else cpu:RAM."""
     try:
         import torch
 
@@ -70,7 +70,7 @@ def install(app: FastAPI, service, tenant) -> None:
     def plan(model: str, method: Literal["lora", "qlora", "dora", "full"] = "lora",
              batch_size: int = Query(1, ge=1, le=256), seq_len: int = Query(DEFAULT_SEQ_LEN, ge=16, le=131072),
              t=Depends(tenant)):
-        from slmtune import plan as planner
+        from slmtune.training import plan as planner
 
         if model not in settings.models:
             raise ApiError(400, f"Model `{model}` is not available for fine-tuning (offered: "
@@ -92,6 +92,6 @@ def install(app: FastAPI, service, tenant) -> None:
 
         rows = [row(m) for m in ("full", "dora", "lora", "qlora")]
         chosen = next(r for r in rows if r["method"] == method)
-        return {"object": "slmtune.plan", "model": model, "method": method, "hardware": str(hw),
+        return {"object": "slmtune.training.plan", "model": model, "method": method, "hardware": str(hw),
                 "budget_bytes": budget, "seq_len": seq_len, "micro_batch": batch_size,
                 "total_params": arch.total_params(), "estimate": chosen, "fits": chosen["fits"], "methods": rows}

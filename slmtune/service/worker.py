@@ -39,7 +39,7 @@ def _die_with_parent() -> None:  # runs in the child before exec
 
 
 def _latest_checkpoint(run_dir: Path):
-    from slmtune.train import latest_checkpoint
+    from slmtune.training.loop import latest_checkpoint
 
     try:
         return latest_checkpoint(run_dir) if run_dir.exists() else None

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from slmtune.config import recipe_from_dict
-from slmtune.export import load_merged, merge
+from slmtune.export.merged import load_merged, merge
 from slmtune.methods import METHODS
 from slmtune.models import load_model
-from slmtune.run import run
+from slmtune.training.run import run
 
 # method section, learning rate
 CASES = {

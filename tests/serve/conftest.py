@@ -77,7 +77,7 @@ def perturbed_adapter(base_dir: Path, out: Path, seed: int) -> Path:
 def trained_run(base_dir: Path, out: Path, data_dir: Path) -> Path:
     """A real run directory (recipe.yaml + adapter/) from a few high-learning-rate steps."""
     from slmtune.config import recipe_from_dict
-    from slmtune.run import run
+    from slmtune.training.run import run
 
     data = write_jsonl(data_dir / "train.jsonl",
                        [chat_example(f"What is fact {i}?", f"Fact {i}: the lamp lasts {i} hours.") for i in range(8)])

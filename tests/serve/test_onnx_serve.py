@@ -30,7 +30,7 @@ def _greedy_reference(export_dir, engine, prompt_ids):
     """What the ONNX model itself generates greedily, decoded as the server decodes."""
     import onnxruntime_genai as og
 
-    from slmtune.onnx_export import onnx_greedy
+    from slmtune.export.onnx import onnx_greedy
 
     tokens = onnx_greedy(og.Model(str(export_dir)), prompt_ids, MAX_TOKENS, engine.eos_ids)
     text_tokens = [t for t in tokens if t not in engine.eos_ids]

@@ -10,7 +10,7 @@ from slmtune.data import build_datasets
 from slmtune.data.formats import DataError
 from slmtune.data.validate import validate_file
 from slmtune.models import load_tokenizer
-from slmtune.run import run
+from slmtune.training.run import run
 from slmtune.tasks import TASKS
 from tests.conftest import write_jsonl
 from tests.tasks.shared import shared_rows

@@ -1,7 +1,7 @@
 """`run(recipe)`: the one fine-tuning pipeline. The CLI and the service worker both call it.
 
     from slmtune.config import load_recipe
-    from slmtune.run import run
+    from slmtune.training.run import run
     result = run(load_recipe("recipes/quickstart/support_assistant.yaml"))
 
 A run directory ends up holding exactly:
@@ -27,16 +27,17 @@ from typing import Callable
 
 import torch
 
-from slmtune import distributed
+from slmtune.training import distributed
 from slmtune.config import Recipe, RecipeError
 from slmtune.data import build_datasets
 from slmtune.data.batching import collate, make_rows, should_pack
 from slmtune.data.tokenize import check_end_of_turn
 from slmtune.methods import METHODS
 from slmtune.methods.peft_common import skip_adapter_input_upcast
-from slmtune.models import end_of_turn_ids, load_model, load_tokenizer, use_per_example_attention
-from slmtune.train import (TrainState, atomic_write_text, autocast_dtype, latest_checkpoint, peak_rss_mb, train,
-                           write_trained)
+from slmtune.models import end_of_turn_ids, load_model, load_tokenizer
+from slmtune.training.attention import use_per_example_attention
+from slmtune.training.loop import TrainState, atomic_write_text, latest_checkpoint, peak_rss_mb, train, write_trained
+from slmtune.training.loss import autocast_dtype
 
 
 @dataclass

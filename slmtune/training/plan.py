@@ -243,7 +243,8 @@ def measure_one(model: str, method: str, seq_len: int, micro_batch: int, steps: 
     from slmtune.data.tokenize import Example
     from slmtune.methods import METHODS
     from slmtune.models import load_model
-    from slmtune.train import accumulate_gradients, autocast_dtype, peak_rss_mb
+    from slmtune.training.loop import accumulate_gradients, peak_rss_mb
+    from slmtune.training.loss import autocast_dtype
 
     module = METHODS[method]
     cfg = module.Config(name=method, **({"lora_r": lora_r, "lora_alpha": 2 * lora_r} if method != "full" else {}))
@@ -278,7 +279,7 @@ def measure(model: str, methods: list[str], seq_len: int, micro_batch: int, **kw
 
     results = {}
     for method in methods:
-        code = ("import sys, json; from slmtune.plan import measure_one; "
+        code = ("import sys, json; from slmtune.training.plan import measure_one; "
                 f"print(json.dumps(measure_one({model!r}, {method!r}, {seq_len}, {micro_batch}, **{kw!r})))")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if proc.returncode != 0:

@@ -1,7 +1,7 @@
 """Export a run as a standalone Hugging Face model with the adapter merged into the weights.
 
     slmtune export runs/quickstart --merge exports/lumo-assistant
-    slmtune export runs/quickstart --format onnx --output exports/lumo-onnx   # slmtune/onnx_export.py
+    slmtune export runs/quickstart --format onnx --output exports/lumo-onnx   # slmtune/export/onnx.py
 
 LoRA/DoRA/IA3 adapters are folded into the base weights (W + scale·B·A). For QLoRA the base is
 first dequantized, exactly as training saw it, then merged, so the merged model reproduces the

@@ -3,7 +3,7 @@
 Read it top to bottom in `train()`. The loss of one optimizer step is the sum of token losses over
 every micro-batch it accumulates, divided by the number of target tokens in all of them, so 4
 micro-batches of 2 rows give exactly the loss and gradients of 1 micro-batch of 8 rows. With
-several processes (train.distributed, slmtune/distributed.py) a step takes world_size times as many
+several processes (train.distributed, slmtune/training/distributed.py) a step takes world_size times as many
 micro-batches, each rank every world_size-th of them, with the same loss and updates as one process.
 """
 
@@ -23,14 +23,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from slmtune.config import TrainSection
-from slmtune.cross_entropy import linear_cross_entropy_sum
 from slmtune.data.batching import collate, example_steps, micro_batches, step_micro_batches, steps_per_epoch
-from slmtune.data.tokenize import IGNORE, Example
-from slmtune.distributed import SingleProcess
-from slmtune.models import PER_EXAMPLE_SDPA, has_native_bf16
+from slmtune.data.tokenize import Example
+from slmtune.training.distributed import SingleProcess
+from slmtune.training.loss import TargetLoss, autocast_dtype, target_loss_sum
 
 Event = dict
 EventSink = Callable[[Event], None]
@@ -38,58 +36,6 @@ EventSink = Callable[[Event], None]
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """None means plain fp32. bf16 is autocast only: master weights and optimizer stay fp32."""
-    if precision == "bf16" or (precision == "auto" and has_native_bf16(device)):
-        return torch.bfloat16
-    return None
-
-
-def target_loss_sum(model, batch: dict, amp_dtype: torch.dtype | None, cross_entropy: str = "fused",
-                    loss_chunk_tokens: int | None = None) -> torch.Tensor:
-    """Sum of next-token cross-entropy over target positions only.
-
-    The LM head runs on target positions alone: prompt tokens need no logits, and a full
-    tokens x vocabulary logits tensor (49k columns for SmolLM2) is the largest activation of a step.
-    `cross_entropy: fused` (slmtune/cross_entropy.py) runs the head and the loss on
-    `loss_chunk_tokens` targets at a time with their gradients made in forward, so targets x
-    vocabulary logits never exist at once; `plain` is one F.cross_entropy over all targets' logits
-    (also used for heads the fused path does not cover: a bias, logit soft-capping, sharded weights).
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    device = next(model.parameters()).device
-    targets = batch["targets"].to(device)
-    select = targets != IGNORE
-    peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None and peft_config.is_prompt_learning:
-        return _prompt_learning_loss_sum(model, batch, targets, select, amp_dtype)
-    # Only a model switched to per-example attention is given the spans (other attention code
-    # need not accept the extra argument).
-    per_example = "packed_examples" in batch and base.config._attn_implementation == PER_EXAMPLE_SDPA
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        hidden = base.get_decoder()(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            position_ids=batch["position_ids"].to(device),
-            use_cache=False,
-            **({"packed_examples": batch["packed_examples"]} if per_example else {}),
-        ).last_hidden_state
-    hidden, targets = hidden[select], targets[select]
-    head, softcap = base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
-    weight = getattr(head, "weight", None)
-    # ZeRO-3 gathers a weight only inside its module's forward (ds_id marks such a parameter).
-    fusable = (type(head) is torch.nn.Linear and head.bias is None and not softcap and not hasattr(weight, "ds_id")
-               and weight.dim() == 2 and weight.shape[1] == hidden.shape[-1])
-    if cross_entropy == "fused" and fusable:
-        return linear_cross_entropy_sum(hidden, weight, targets, amp_dtype or weight.dtype, loss_chunk_tokens)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        logits = head(hidden)
-    logits = logits.float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
 
 
 def accumulate_gradients(model, batches: list[dict], amp_dtype: torch.dtype | None, *,
@@ -116,36 +62,12 @@ def accumulate_gradients(model, batches: list[dict], amp_dtype: torch.dtype | No
     return total
 
 
-class TargetLoss(torch.nn.Module):
-    """`target_loss_sum` as a module's forward: the one module DDP, FSDP and DeepSpeed wrap."""
-
-    def __init__(self, model, cross_entropy: str = "fused", loss_chunk_tokens: int | None = None):
-        super().__init__()
-        self.model = model
-        self.cross_entropy = cross_entropy
-        self.loss_chunk_tokens = loss_chunk_tokens
-
-    def forward(self, batch: dict, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-        return target_loss_sum(self.model, batch, amp_dtype, self.cross_entropy, self.loss_chunk_tokens)
-
-
 def optimizer_groups(model, weight_decay: float) -> list[dict]:
     """AdamW groups, weight decay on matrices only; the same order under every strategy, so
     optimizer states are indexed alike in every checkpoint."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
             {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
-
-
-def _prompt_learning_loss_sum(model, batch, targets, select, amp_dtype) -> torch.Tensor:
-    """Prompt and prefix tuning inject virtual tokens inside PeftModel.forward, so they need the
-    full forward (and an unpacked 2D mask); logits of virtual positions come first and are dropped."""
-    device = targets.device
-    input_ids = batch["input_ids"].to(device)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
-    logits = logits[:, -input_ids.shape[1]:][select].float()
-    return F.cross_entropy(logits, targets[select], reduction="sum")
 
 
 @torch.no_grad()
@@ -300,7 +222,7 @@ def train(
 ) -> TrainState:
     """Train `model` in place. Returns the final state; the caller saves the result.
 
-    `parallel` (slmtune.distributed.start) is this process's part of a data-parallel run; the
+    `parallel` (slmtune.training.distributed.start) is this process's part of a data-parallel run; the
     default is one process. Every rank calls train(); `emit` and `progress` matter on rank 0 only."""
     par = parallel or SingleProcess()
     device = next(model.parameters()).device

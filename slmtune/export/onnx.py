@@ -260,7 +260,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", *
     """Merge the run's adapter, build the ONNX model into `out` and (by default) check parity.
 
     Everything is written in a temporary folder beside `out` and renamed at the end."""
-    from slmtune.export import merge
+    from slmtune.export.merged import merge
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

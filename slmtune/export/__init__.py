@@ -1,0 +1,5 @@
+"""Exports of a finished run, one module per format.
+
+merged.py   the adapter merged into its base: a standalone Hugging Face model (`--format merged`)
+onnx.py     ONNX Runtime GenAI (`--format onnx`) and the parity check every format reports
+"""
