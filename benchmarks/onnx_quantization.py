@@ -54,8 +54,9 @@ def main() -> None:
     import onnxruntime_genai as og
 
     from slmtune.models import end_of_turn_ids, load_model, load_tokenizer, resolve
-    from slmtune.export.onnx import _agreement, _torch_greedy, build_onnx, genai_eos_ids, onnx_greedy, \
-        onnx_next_token_matches, prompt_ids
+    from slmtune.export.onnx import OnnxDecoder, build_onnx, genai_eos_ids, genai_vocab_size, onnx_next_token_matches
+    from slmtune.export.parity import agreement, greedy_tokens, prompt_ids
+    from slmtune.generation import TorchDecoder, pad_id_of
 
     model_dir = resolve(args.model)
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
@@ -63,7 +64,7 @@ def main() -> None:
     with CHAT_TEST.open() as f:
         texts = [json.loads(next(f))["messages"][0]["content"] for _ in range(args.prompts)]
     encoded = [prompt_ids(tokenizer, t) for t in texts]
-    answers = [_torch_greedy(model, tokenizer, ids, args.max_tokens, eos) for ids in encoded]
+    answers = greedy_tokens(TorchDecoder(model, pad_id_of(tokenizer, eos)), tokenizer, encoded, args.max_tokens, eos)
     reference_tokens = sum(map(len, answers))
     del model
 
@@ -78,10 +79,11 @@ def main() -> None:
             stop = eos | genai_eos_ids(out)
             agreed = generated = 0
             started = time.perf_counter()
+            decoder = OnnxDecoder(exported, genai_vocab_size(out, tokenizer))
             for ids, answer in zip(encoded, answers):
-                got = onnx_greedy(exported, ids, args.max_tokens, stop)
+                [got] = greedy_tokens(decoder, tokenizer, [ids], args.max_tokens, stop)
                 generated += len(got)
-                agreed += _agreement(answer, got)
+                agreed += agreement(answer, got)
             seconds = time.perf_counter() - started
             matches = sum(onnx_next_token_matches(exported, ids, answer) for ids, answer in zip(encoded, answers))
             size = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith("model.onnx")) / 1e6

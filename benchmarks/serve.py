@@ -167,13 +167,14 @@ def agreement(reference: dict[str, str], other: dict[str, str], tokenizer) -> fl
 
 def reference_answers(model_dir: str, texts: list[str], max_tokens: int):
     """PyTorch fp32 greedy answers (token ids) to the given prompts, and the prompts' ids."""
+    from slmtune.export.parity import greedy_tokens, prompt_ids
+    from slmtune.generation import TorchDecoder, pad_id_of
     from slmtune.models import end_of_turn_ids, load_model, load_tokenizer
-    from slmtune.export.onnx import _torch_greedy, prompt_ids
 
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
     eos = end_of_turn_ids(model, tokenizer)
     encoded = [prompt_ids(tokenizer, t) for t in texts]
-    return encoded, [_torch_greedy(model, tokenizer, ids, max_tokens, eos) for ids in encoded]
+    return encoded, greedy_tokens(TorchDecoder(model, pad_id_of(tokenizer, eos)), tokenizer, encoded, max_tokens, eos)
 
 
 def next_token_agreement(count, prompt_ids, answers) -> float:
@@ -234,7 +235,7 @@ def main() -> None:
     finally:
         server.close()
     from slmtune.models import load_model
-    from slmtune.export.onnx import torch_next_token_matches
+    from slmtune.export.parity import torch_next_token_matches
 
     bf16 = load_model(model_dir, dtype="bfloat16").eval()
     rows[-3][2]["next"] = next_token_agreement(lambda ids, ref: torch_next_token_matches(bf16, ids, ref),

@@ -121,7 +121,7 @@ def worker_eval(model: str, adapters: list[str], validation_file: str) -> dict:
     from peft import PeftModel
 
     from slmtune.config import DataSection
-    from slmtune.data import build_datasets
+    from slmtune.data.dataset import build_datasets
     from slmtune.data.batching import collate
     from slmtune.models import load_model, load_tokenizer
     from slmtune.training.loop import evaluate_loss
@@ -203,7 +203,7 @@ def lora_step_flops_per_token(model_dir: str, target_fraction: float) -> float:
 def target_fraction(model_dir: str, tmp: Path) -> float:
     """Share of the training tokens that are assistant (target) tokens: the LM head runs only there."""
     from slmtune.config import DataSection
-    from slmtune.data import build_datasets
+    from slmtune.data.dataset import build_datasets
     from slmtune.models import load_tokenizer
 
     examples = build_datasets(DataSection(train=str(tmp / "train.jsonl"), max_length=MAX_LENGTH),

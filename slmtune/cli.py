@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -72,12 +71,13 @@ def cmd_train(args) -> int:
 
     if args.nproc > 1 or args.nnodes > 1:  # the recipe is valid: run this command on every process
         return _launch_train(args, recipe)
+    from slmtune.training import events
     from slmtune.training.run import run
 
     on_event = None
     if args.json_events:
         def on_event(event):
-            print(json.dumps(event), flush=True)
+            print(events.to_json(event), flush=True)
 
     result = run(recipe, resume=bool(args.resume), on_event=on_event, progress=not args.no_progress)
     s = result.summary
@@ -258,8 +258,10 @@ def cmd_export(args) -> int:
         raise RecipeError("--precision int8/int4 applies to --format onnx; the merged model is fp32 safetensors")
     if fmt == "merged" and args.builder_option:
         raise RecipeError("--builder-option applies to --format onnx")
+    from slmtune.export.parity import format_parity
+
     if fmt == "onnx":
-        from slmtune.export.onnx import export_onnx, format_parity
+        from slmtune.export.onnx import export_onnx
 
         options = {}
         for item in args.builder_option:
@@ -271,10 +273,14 @@ def cmd_export(args) -> int:
                              builder_options=options)
         path, report = result.path, result.parity
     else:
-        from slmtune.export.onnx import format_parity, parity
+        from slmtune.export.parity import TorchCandidate, parity
+        from slmtune.models import load_model, load_tokenizer
 
         path = merge(args.run_dir, out)
-        report = None if args.no_parity else parity(args.run_dir, path, "merged")
+        report = None
+        if not args.no_parity:
+            exported = TorchCandidate(load_model(str(path)).eval(), load_tokenizer(str(path)))
+            report = parity(args.run_dir, path, exported, "merged")
     if report is not None:
         print(format_parity(report) + f"; details in {path / 'parity.json'}", file=sys.stderr)
     print(path)
@@ -293,9 +299,10 @@ def cmd_plan(args) -> int:
         raise RecipeError(str(err)) from None
     print(plan.format_plan(args.model, rows, best, why, hw))
     if args.measure:
+        from slmtune.methods import SERVICE_METHODS
         from slmtune.models import resolve
 
-        methods = ["lora", "qlora", "dora", "full"]
+        methods = list(SERVICE_METHODS)  # the methods the planner models
         print(f"\nMeasuring {args.steps} real steps per method on this machine (seq_len {args.seq_len}, "
               f"micro_batch {args.micro_batch})...", flush=True)
         measured = plan.measure(resolve(args.model), methods, args.seq_len, args.micro_batch, steps=args.steps,
@@ -526,6 +533,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
+        if getattr(args, "json_events", False):  # the service's worker reads the error from the events
+            from slmtune.training import events
+
+            print(events.to_json(events.Error(str(err))), flush=True)
         return 2
     except Exception as err:
         from slmtune.training.loop import TrainingStopped

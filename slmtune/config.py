@@ -10,6 +10,7 @@ the working directory, the way every recipe's first-line command runs them.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -17,7 +18,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from slmtune.methods import METHOD_CONFIGS
+from slmtune.methods import METHOD_CONFIGS, METHODS
 from slmtune.tasks import TASK_NAMES
 
 
@@ -211,7 +212,7 @@ class Recipe(Section):
         if self.method.name == "qlora" and strategy not in ("none", "ddp"):
             raise ValueError(f"train.distributed.strategy {strategy}: QLoRA's 4-bit base weights cannot be "
                              "sharded; use ddp (or lora/full with fsdp or a zero stage)")
-        if getattr(self.method, "lora_init", None) in ("pissa", "olora") and strategy in ("zero3", "fsdp"):
+        if METHODS[self.method.name].rewrites_base(self.method) and strategy in ("zero3", "fsdp"):
             raise ValueError(f"train.distributed.strategy {strategy}: lora_init {self.method.lora_init} converts "
                              "the adapter with the full base weights at the end; use ddp, zero1 or zero2")
         return self
@@ -278,8 +279,10 @@ def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int]) -
 
 
 def recipe_from_dict(raw: dict, source: str = "<recipe>", text: str = "") -> Recipe:
+    """Validate a recipe given as a dict (`raw` is not changed); `source`/`text` locate errors."""
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping with sections model, method, data, train, output")
+    raw = copy.deepcopy(raw)
     if isinstance(raw.get("model"), str):
         raw["model"] = {"name": raw["model"]}
     if isinstance(raw.get("method"), str):

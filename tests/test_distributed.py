@@ -160,7 +160,7 @@ def lab(tmp_path_factory, tiny_llama_dir):
 
 def losses(run_dir: Path, kind: str = "step") -> list[float]:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [line["loss" if kind == "step" else "eval_loss"] for line in lines if line["kind"] == kind]
+    return [line["loss" if kind == "step" else "eval_loss"] for line in lines if line["event"] == kind]
 
 
 def summary(run_dir: Path) -> dict:

@@ -28,8 +28,14 @@ def test_pull_unknown_catalog_name():
         models.pull("gpt-17")
 
 
-def test_list_local_is_empty_in_a_fresh_home():
-    assert models.list_local() == []
+def test_list_local_lists_only_model_directories(tiny_llama_dir):
+    import shutil
+
+    assert models.list_local() == []  # the tests' own SLMTUNE_HOME starts empty
+    shutil.copytree(tiny_llama_dir, models.models_dir() / "mine")
+    (models.models_dir() / "half-pulled").mkdir()  # no config.json: not a model
+    (models.models_dir() / "notes.txt").write_text("not a model")
+    assert models.list_local() == [("mine", models.models_dir() / "mine")]
 
 
 def real_home() -> Path:
@@ -44,7 +50,8 @@ def test_pull_real_smollm2_and_chat(monkeypatch):
     path = models.pull("smollm2-135m-instruct")
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
     assert ("smollm2-135m-instruct", path) in models.list_local()
-    from slmtune.chat import generate_reply, load_for_inference
+    from slmtune.chat import generate_reply
+    from slmtune.training.rundir import load_for_inference
 
     model, tokenizer = load_for_inference("smollm2-135m-instruct")
     reply = generate_reply(model, tokenizer, [{"role": "user", "content": "What is the capital of France?"}],

@@ -6,15 +6,14 @@ import json
 import pytest
 
 from slmtune.cli import main
-from slmtune.export.onnx import PARITY_PROMPTS, genai_eos_ids, onnx_greedy, prompt_ids
+from slmtune.export.onnx import OnnxCandidate, genai_eos_ids
+from slmtune.export.parity import PARITY_PROMPTS, greedy_tokens, prompt_ids
+from slmtune.generation import TorchDecoder, pad_id_of
 
 
 def test_fp32_onnx_export_matches_pytorch_greedy(onnx_export, tiny_llama_dir):
-    import onnxruntime_genai as og
-
-    from slmtune.chat import load_for_inference
-    from slmtune.export.onnx import _torch_greedy
     from slmtune.models import end_of_turn_ids
+    from slmtune.training.rundir import load_for_inference
 
     out = onnx_export.export_dir
     for name in ("model.onnx", "genai_config.json", "tokenizer.json", "parity.json"):
@@ -32,12 +31,10 @@ def test_fp32_onnx_export_matches_pytorch_greedy(onnx_export, tiny_llama_dir):
     # The adapter is merged into the export: it answers like the run, not like the base model.
     base, tokenizer = load_for_inference(str(tiny_llama_dir))
     eos = end_of_turn_ids(base, tokenizer) | genai_eos_ids(out)
-    model = og.Model(str(out))
-    base_answers, onnx_answers = [], []
-    for prompt in PARITY_PROMPTS:
-        ids = prompt_ids(tokenizer, prompt)
-        base_answers.append(_torch_greedy(base, tokenizer, ids, report["max_new_tokens"], eos))
-        onnx_answers.append(onnx_greedy(model, ids, report["max_new_tokens"], eos))
+    ids = [prompt_ids(tokenizer, prompt) for prompt in PARITY_PROMPTS]
+    base_answers = greedy_tokens(TorchDecoder(base, pad_id_of(tokenizer, eos)), tokenizer, ids,
+                                 report["max_new_tokens"], eos)
+    onnx_answers = greedy_tokens(OnnxCandidate(out, tokenizer).decoder, tokenizer, ids, report["max_new_tokens"], eos)
     assert onnx_answers == [e["exported_tokens"] for e in report["examples"]]
     assert onnx_answers != base_answers
 

@@ -8,6 +8,7 @@ from slmtune.data.batching import collate
 from slmtune.data.tokenize import encode
 from slmtune.methods import lora
 from slmtune.models import load_model, load_tokenizer
+from slmtune.training import events
 from slmtune.training.run import run
 from slmtune.training.loop import accumulate_gradients
 from tests.conftest import chat_example, write_jsonl
@@ -53,7 +54,7 @@ def test_only_lora_parameters_change_and_loss_goes_down(tiny_model_dir, chat_fil
     recipe.method.lora_r, recipe.method.lora_alpha = 16, 32
     result = run(recipe, progress=False)
     steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [s["loss"] for s in steps if s["kind"] == "step"]
+    losses = [s["loss"] for s in steps if s["event"] == "step"]
     assert losses[-1] < losses[0] - 0.5  # from ln(vocab) ~ 6.0
     from peft import PeftModel
 
@@ -77,7 +78,7 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_llama_dir, chat_file, tmp_p
         pass
 
     def crash_after_first_checkpoint(event):
-        if event["type"] == "checkpoint":
+        if isinstance(event, events.Checkpoint):
             raise Crash
 
     recipe = make_recipe(tiny_llama_dir, chat_file, tmp_path / "b", max_steps=6, save_every=3)
@@ -110,7 +111,7 @@ def test_validation_split_and_eval_loss(tiny_llama_dir, chat_file, tmp_path):
     result = run(recipe, progress=False)
     assert result.summary["validation_examples"] == 6 and result.summary["train_examples"] == 18
     evals = [json.loads(l) for l in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(l)["kind"] == "eval"]
+             if json.loads(l)["event"] == "eval"]
     assert [e["step"] for e in evals] == [2, 4]
     assert result.summary["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-5)
 
@@ -124,7 +125,7 @@ def test_examples_per_step_fixes_the_examples_of_every_step(tiny_llama_dir, chat
                              micro_batch_size=1), progress=False)
     assert result.summary["steps"] == 2 * math.ceil(24 / 5)
     steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [s for s in steps if s["kind"] == "step"]
+    steps = [s for s in steps if s["event"] == "step"]
     assert steps[-1]["loss"] < steps[0]["loss"]
     # The saved recipe spells out both step sizes (one null) and loads back as it was.
     from slmtune.config import load_recipe

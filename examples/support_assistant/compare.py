@@ -11,7 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from slmtune.chat import generate_reply, load_for_inference
+from slmtune.chat import generate_reply
+from slmtune.training.rundir import load_for_inference
 
 HERE = Path(__file__).parent
 SYSTEM = json.loads((HERE / "train.jsonl").open().readline())["messages"][0]["content"]

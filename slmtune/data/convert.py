@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from slmtune.data.formats import DataError
+from slmtune.data.formats import DataError, check_example
+from slmtune.tasks import TASKS
 
 SOURCES = ("alpaca", "sharegpt", "csv", "hf-datasets")
 
@@ -201,13 +202,9 @@ def _task_row(task: str | None, record: dict, mapping: dict[str, str]) -> dict:
 
 
 def _check(task: str | None, row: dict, where, problems: _Problems) -> bool:
-    from slmtune.data.validate import check_example
-
     if task is None:
         found = [(c, m) for c, m in check_example("prompt_completion", row)]
     else:
-        from slmtune.tasks import TASKS
-
         found = [p[:2] for p in TASKS[task].check(row) if len(p) < 3 or p[2] != "warning"]
     for code, message in found:
         problems.add(where, code, message)
@@ -314,8 +311,6 @@ def read_hf_datasets(path: Path, split: str | None, task: str | None, mapping: d
 def convert(source: str, src: str | os.PathLike, dest: str | os.PathLike, *, task: str | None = None,
             mapping: dict[str, str] | None = None, split: str | None = None) -> ConvertResult:
     """Convert `src` (alpaca, sharegpt, csv or hf-datasets) into JSON Lines at `dest`."""
-    from slmtune.tasks import TASKS
-
     src, dest = Path(src), Path(dest)
     mapping = dict(mapping or {})
     if source not in SOURCES:

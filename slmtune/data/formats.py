@@ -60,16 +60,40 @@ def detect_format(data: Any) -> str | None:
     return None
 
 
-def read_records(path: str | Path, fmt: str = "auto", task: str | None = None) -> tuple[str, list[Record]]:
-    """Read a training file after validating it; raises DataError listing every problem with its line.
-    With `task`, the records are the task's rows as written (slmtune.data.convert_task_records turns
-    them into examples) and the returned format is the one the task's examples have."""
-    from slmtune.data.validate import validate_file
+def _nonblank_str(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != ""
 
-    report = validate_file(path, fmt=fmt, min_examples=1, task=task)
-    if report.errors:
-        shown = "\n".join(str(issue) for issue in report.errors[:20])
-        more = f"\n... and {len(report.errors) - 20} more" if len(report.errors) > 20 else ""
-        raise DataError(f"{path}: {len(report.errors)} problem(s); run `slmtune data validate {path}`\n{shown}{more}")
-    records = [Record(line, data) for line, err, data in iter_jsonl(path) if err is None]
-    return report.format, records
+
+def check_example(fmt: str, data: dict) -> list[tuple[str, str]]:
+    """Problems with one example of a known format, as (code, message) pairs."""
+    problems = []
+    if fmt == "chat":
+        messages = data.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return [("missing_messages", "`messages` must be a non-empty list")]
+        has_assistant = False
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, dict):
+                problems.append(("invalid_message", f"messages[{i}] is not an object"))
+                continue
+            role = msg.get("role")
+            if role not in ROLES:
+                problems.append(("unknown_role", f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}"))
+            if not _nonblank_str(msg.get("content")):
+                problems.append(("empty_content", f"messages[{i}].content is missing or empty"))
+            if "weight" in msg:
+                if role != "assistant":
+                    problems.append(("bad_weight", f"messages[{i}].weight is only allowed on assistant messages"))
+                elif msg["weight"] not in (0, 1) or isinstance(msg["weight"], bool):
+                    problems.append(("bad_weight", f"messages[{i}].weight is {msg['weight']!r}; expected 0 or 1"))
+            has_assistant |= role == "assistant"
+        if not has_assistant:
+            problems.append(("no_assistant_message", "the example has no assistant message to learn from"))
+    elif fmt == "prompt_completion":
+        for key in ("prompt", "completion"):
+            if not _nonblank_str(data.get(key)):
+                problems.append(("missing_field", f"`{key}` is missing, not a string, or empty"))
+    elif fmt == "text":
+        if not _nonblank_str(data.get("text")):
+            problems.append(("missing_field", "`text` is missing, not a string, or empty"))
+    return problems

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from slmtune.data.formats import ROLES, detect_format, iter_jsonl
+from slmtune.data.formats import DataError, Record, check_example, detect_format, iter_jsonl
+from slmtune.data.tokenize import encode
+from slmtune.tasks import TASKS
 
 MIN_EXAMPLES = 10
 
@@ -70,45 +71,6 @@ class Report:
         return [i for i in self.issues if i.severity == "warning"]
 
 
-def _nonblank_str(value: Any) -> bool:
-    return isinstance(value, str) and value.strip() != ""
-
-
-def check_example(fmt: str, data: dict) -> list[tuple[str, str]]:
-    """Problems with one example of a known format, as (code, message) pairs."""
-    problems = []
-    if fmt == "chat":
-        messages = data.get("messages")
-        if not isinstance(messages, list) or not messages:
-            return [("missing_messages", "`messages` must be a non-empty list")]
-        has_assistant = False
-        for i, msg in enumerate(messages):
-            if not isinstance(msg, dict):
-                problems.append(("invalid_message", f"messages[{i}] is not an object"))
-                continue
-            role = msg.get("role")
-            if role not in ROLES:
-                problems.append(("unknown_role", f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}"))
-            if not _nonblank_str(msg.get("content")):
-                problems.append(("empty_content", f"messages[{i}].content is missing or empty"))
-            if "weight" in msg:
-                if role != "assistant":
-                    problems.append(("bad_weight", f"messages[{i}].weight is only allowed on assistant messages"))
-                elif msg["weight"] not in (0, 1) or isinstance(msg["weight"], bool):
-                    problems.append(("bad_weight", f"messages[{i}].weight is {msg['weight']!r}; expected 0 or 1"))
-            has_assistant |= role == "assistant"
-        if not has_assistant:
-            problems.append(("no_assistant_message", "the example has no assistant message to learn from"))
-    elif fmt == "prompt_completion":
-        for key in ("prompt", "completion"):
-            if not _nonblank_str(data.get(key)):
-                problems.append(("missing_field", f"`{key}` is missing, not a string, or empty"))
-    elif fmt == "text":
-        if not _nonblank_str(data.get("text")):
-            problems.append(("missing_field", "`text` is missing, not a string, or empty"))
-    return problems
-
-
 def validate_file(
     path: str | Path,
     *,
@@ -126,8 +88,6 @@ def validate_file(
     good: list[tuple[int, dict]] = []
     task_module = None
     if task is not None:
-        from slmtune.tasks import TASKS
-
         task_module = TASKS.get(task)
         if task_module is None:
             report.issues.append(Issue("unknown_task", path, None,
@@ -169,8 +129,6 @@ def validate_file(
         report.issues.append(Issue("too_few_examples", path, None,
                                    f"{report.n_examples} valid example(s); at least {min_examples} are required"))
     if tokenizer is not None and good:
-        from slmtune.data.tokenize import encode
-
         if task_module is not None:
             context = task_module.context([data for _, data in good])
             good = [(line, task_module.to_example(data, **context)) for line, data in good]
@@ -188,3 +146,17 @@ def validate_file(
                 report.issues.append(Issue("no_trainable_tokens", path, line,
                                            "no token of this example reaches the loss (weights 0, or cut by max_length)"))
     return report
+
+
+def read_records(path: str | Path, fmt: str = "auto", task: str | None = None) -> tuple[str, list[Record]]:
+    """Read a training file after validating it; raises DataError listing every problem with its line.
+    With `task`, the records are the task's rows as written (slmtune.data.convert_task_records turns
+    them into examples) and the returned format is the one the task's examples have."""
+    report = validate_file(path, fmt=fmt, min_examples=1, task=task)
+    if report.errors:
+        shown = "\n".join(str(issue) for issue in report.errors[:20])
+        more = f"\n... and {len(report.errors) - 20} more" if len(report.errors) > 20 else ""
+        hint = f"slmtune data validate {path}" + (f" --task {task}" if task else "")
+        raise DataError(f"{path}: {len(report.errors)} problem(s); run `{hint}`\n{shown}{more}")
+    records = [Record(line, data) for line, err, data in iter_jsonl(path) if err is None]
+    return report.format, records

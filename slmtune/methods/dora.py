@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Literal
 
 from slmtune.methods import lora
-from slmtune.methods.peft_common import ARTIFACT, load_trained, save_trained  # noqa: F401
+from slmtune.methods.method import Method
+from slmtune.methods.peft_common import load_trained, save_trained
 
 
 class Config(lora.Config):
@@ -19,3 +20,8 @@ class Config(lora.Config):
 
 def prepare(model, cfg: Config):
     return lora.wrap(model, cfg, use_dora=True)
+
+
+METHOD = Method(name="dora", Config=Config, prepare=prepare, save_trained=save_trained, load_trained=load_trained,
+                artifact="adapter", summary="LoRA with a trained magnitude per output (weight-decomposed)",
+                rewrites_base=lora.rewrites_base, auto_learning_rate=1e-3)

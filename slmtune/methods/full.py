@@ -12,8 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ARTIFACT = "model"
-
+from slmtune.methods.method import Method
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -62,3 +61,7 @@ def load_trained(model, path) -> None:
     missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+METHOD = Method(name="full", Config=Config, prepare=prepare, save_trained=save_trained, load_trained=load_trained,
+                artifact="model", summary="every weight trains", auto_learning_rate=5e-5)

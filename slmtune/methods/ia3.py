@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slmtune.methods.peft_common import ARTIFACT, load_trained, save_trained  # noqa: F401
+from slmtune.methods.method import Method
+from slmtune.methods.peft_common import load_trained, save_trained
 
 # Keys (k), values (v) and the MLP's down projection input, per architecture family;
 # PEFT's own table lacks some families (Phi-3's fused qkv_proj cannot scale k and v separately).
@@ -38,3 +39,7 @@ def prepare(model, cfg: Config):
         task_type="CAUSAL_LM",
     )
     return peft.get_peft_model(model, config)
+
+
+METHOD = Method(name="ia3", Config=Config, prepare=prepare, save_trained=save_trained, load_trained=load_trained,
+                artifact="adapter", summary="learned rescaling vectors of keys, values and MLP activations")

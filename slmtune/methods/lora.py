@@ -15,7 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slmtune.methods.peft_common import ARTIFACT, load_trained, remember_initial_adapter, save_trained  # noqa: F401
+from slmtune.methods.method import Method
+from slmtune.methods.peft_common import load_trained, remember_initial_adapter, save_trained
 
 
 class Config(BaseModel):
@@ -62,3 +63,13 @@ def wrap(model, cfg, **extra):
 
 def prepare(model, cfg: Config):
     return wrap(model, cfg)
+
+
+def rewrites_base(cfg: Config) -> bool:
+    """PiSSA/OLoRA move the top singular directions of each weight into the adapter."""
+    return cfg.lora_init in ("pissa", "olora")
+
+
+METHOD = Method(name="lora", Config=Config, prepare=prepare, save_trained=save_trained, load_trained=load_trained,
+                artifact="adapter", summary="low-rank adapters beside frozen weights", rewrites_base=rewrites_base,
+                auto_learning_rate=1e-3)

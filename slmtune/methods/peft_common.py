@@ -6,9 +6,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-ARTIFACT = "adapter"  # the run directory's subfolder holding the trained weights
-
-
 def save_trained(model, path, final: bool = False, state_dict: dict | None = None) -> None:
     """Write the adapter in PEFT format (loadable with PeftModel.from_pretrained).
 
@@ -55,3 +52,17 @@ def skip_adapter_input_upcast(model) -> None:
     for module in model.modules():
         if isinstance(module, BaseTunerLayer) and not any(getattr(module, "use_dora", {}).values()):
             module.cast_input_dtype_enabled = False
+
+
+# A PeftModel is recognised by its interface rather than isinstance(model, peft.PeftModel): importing
+# peft takes ~9 s here, and plain models (full fine-tuning, base models) never need it.
+def unwrap(model):
+    """The transformers model under a PEFT wrapper (the model itself when it has none)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if get_base_model is not None else model
+
+
+def prompt_learning_config(model):
+    """The active PEFT config when `model` is a prompt/prefix-tuning PeftModel (virtual tokens), else None."""
+    config = getattr(model, "active_peft_config", None)
+    return config if config is not None and config.is_prompt_learning else None

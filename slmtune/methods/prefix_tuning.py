@@ -12,10 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slmtune.methods.peft_common import ARTIFACT, load_trained, save_trained  # noqa: F401
-
-PACKING = False
-
+from slmtune.methods.method import Method
+from slmtune.methods.peft_common import load_trained, save_trained
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -28,3 +26,8 @@ def prepare(model, cfg: Config):
     import peft
 
     return peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens))
+
+
+METHOD = Method(name="prefix_tuning", Config=Config, prepare=prepare, save_trained=save_trained,
+                load_trained=load_trained, artifact="adapter", summary="learned key/value prefixes in every layer",
+                packing=False)

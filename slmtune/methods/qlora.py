@@ -16,7 +16,8 @@ from typing import Literal
 from pydantic import Field
 
 from slmtune.methods import lora
-from slmtune.methods.peft_common import ARTIFACT, load_trained, save_trained  # noqa: F401
+from slmtune.methods.method import Method
+from slmtune.methods.peft_common import load_trained, save_trained
 
 
 class Config(lora.Config):
@@ -68,3 +69,8 @@ def prepare(model, cfg: Config):
             raise ValueError(f"lora_init: loftq needs a local model with one model.safetensors file; {weights_file} is missing")
         replace_lora_weights_loftq(model, model_path=str(weights_file))
     return model
+
+
+METHOD = Method(name="qlora", Config=Config, prepare=prepare, save_trained=save_trained, load_trained=load_trained,
+                artifact="adapter", summary="LoRA over a 4-bit (or 8-bit) quantized frozen base",
+                load_kwargs=load_kwargs, quantized_base=True, auto_learning_rate=1e-3)

@@ -24,6 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from slmtune.config import RecipeError
+from slmtune.models import CATALOG, models_dir
+from slmtune.training.rundir import RunDir
+
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
 
@@ -69,17 +73,19 @@ def resolve_adapter(name: str, path: str | Path, base_model: str | None = None) 
     given = Path(path).expanduser()
     root = given.resolve()
     trained_on = None
-    if (root / "recipe.yaml").is_file() and (root / "adapter").is_dir():
-        from slmtune.config import RecipeError, load_recipe
-
+    if RunDir.holds_run(root):
+        run_dir = RunDir(root)
         try:
-            trained_on = load_recipe(root / "recipe.yaml").model.name
+            trained_on = run_dir.recipe().model.name
         except RecipeError as err:
             raise AdapterError(f"{given}: cannot read the run's recipe.yaml: {err}") from None
-        adapter_dir = root / "adapter"
-    elif (root / "recipe.yaml").is_file() and (root / "model").is_dir():
-        raise AdapterError(f"{given} is a full fine-tune: a whole model, not an adapter; serve it with "
-                           f"`slmtune serve --model {given / 'model'}`")
+        kind = run_dir.artifact_kind()
+        if kind == "model":
+            raise AdapterError(f"{given} is a full fine-tune: a whole model, not an adapter; serve it with "
+                               f"`slmtune serve --model {run_dir.artifact()}`")
+        if kind is None:
+            raise AdapterError(f"{given}: the run has not finished (no adapter/ yet)")
+        adapter_dir = run_dir.artifact()
     elif root.is_dir():
         adapter_dir = root
     else:
@@ -182,7 +188,7 @@ class AdapterRegistry:
     @contextmanager
     def use(self, name: str | None) -> Iterator[object]:
         """The model with adapter `name` active, or the base (adapters disabled) for None."""
-        from peft import PeftModel
+        from peft import PeftModel  # ~9 s to import; a server with no adapter loaded never needs it
 
         if name is None:
             if isinstance(self.model, PeftModel):
@@ -232,7 +238,7 @@ class AdapterRegistry:
             return self._loaded[name][1]
 
     def _load(self, source: AdapterSource) -> None:
-        from peft import PeftModel
+        from peft import PeftModel  # ~9 s to import; a server with no adapter loaded never needs it
 
         while len(self._loaded) >= self.max_loaded:
             self._unload(next(iter(self._loaded)))

@@ -28,11 +28,10 @@ from contextlib import asynccontextmanager
 from typing import Literal
 
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from starlette.exceptions import HTTPException
 
+from slmtune.http.errors import ApiError, error_body, install_error_handlers, server_error
 from slmtune.serve.adapters import AdapterError, UnknownModel
 from slmtune.serve.engine import Engine, Request, RequestError, SamplingParams
 
@@ -125,22 +124,8 @@ class AdapterBody(_Body):
 
 
 # --- errors ----------------------------------------------------------------------------------
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-
-def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def _error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(error_body(err.message, err.type, err.param, err.code), status_code=err.status)
-
-
-def _as_api_error(err: Exception) -> ApiError:
+def engine_error(err: Exception) -> ApiError | None:
+    """The engine's own exceptions as API errors (None: not one of them, a server error)."""
     if isinstance(err, ApiError):
         return err
     if isinstance(err, UnknownModel):
@@ -149,29 +134,11 @@ def _as_api_error(err: Exception) -> ApiError:
         return ApiError(400, str(err), param=err.param, code=err.code)
     if isinstance(err, AdapterError):
         return ApiError(500, str(err), type="server_error", code="adapter_load_failed")
-    return ApiError(500, f"The server had an error while processing your request: {type(err).__name__}",
-                    type="server_error")
+    return None
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "none", "TextPart", "ChatMessage", "StreamOptions"}
-_VALIDATION_CODES = {"extra_forbidden": "unknown_parameter", "missing": "missing_required_parameter",
-                     "json_invalid": "invalid_json"}
-
-
-def _validation_error(err: RequestValidationError) -> ApiError:
-    first = err.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # pydantic puts union members' type names ("str", "list[TextPart]") into the location; they mean
-    # nothing to a client.
-    loc = [p for p in loc if p not in _TYPE_TAGS and not p.startswith(("list[", "function-", "literal["))] or loc
-    param = ".".join(loc) or None
-    if first["type"] == "extra_forbidden":
-        message = f"Unrecognized request argument supplied: {param}"
-    elif first["type"] == "json_invalid":
-        message, param = "We could not parse the JSON body of your request.", None
-    else:
-        message = f"{param}: {first['msg']}" if param else first["msg"]
-    return ApiError(400, message, param=param, code=_VALIDATION_CODES.get(first["type"], "invalid_value"))
+def as_api_error(err: Exception) -> ApiError:
+    return engine_error(err) or server_error(err)
 
 
 # --- running requests --------------------------------------------------------------------------
@@ -247,24 +214,7 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
 
     app = FastAPI(title="slmtune", lifespan=lifespan)
     app.state.engine = engine
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: HttpRequest, err: ApiError):
-        return _error_response(err)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: HttpRequest, err: RequestValidationError):
-        return _error_response(_validation_error(err))
-
-    @app.exception_handler(HTTPException)
-    async def _http(request: HttpRequest, err: HTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-        return JSONResponse(error_body(str(err.detail), "invalid_request_error", None, code),
-                            status_code=err.status_code, headers=getattr(err, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _crash(request: HttpRequest, err: Exception):
-        return _error_response(_as_api_error(err))
+    install_error_handlers(app, translate=engine_error)
 
     def require_admin(request: HttpRequest) -> None:
         if admin_token is None:
@@ -294,7 +244,7 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
         try:
             engine.check_model(name)
         except UnknownModel as err:
-            raise _as_api_error(err) from None
+            raise as_api_error(err) from None
         loaded = name == engine.base_name or name in engine.registry.loaded()
         return model_card(name, loaded, None if name == engine.base_name else engine.base_name)
 
@@ -302,7 +252,7 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
         try:
             batch = _Batch(engine, body.model, prompts, body, max_tokens)
         except (UnknownModel, RequestError) as err:
-            raise _as_api_error(err) from None
+            raise as_api_error(err) from None
         batch.submit()
         return batch
 
@@ -310,7 +260,7 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
         try:
             requests = await batch.wait()
         except (UnknownModel, RequestError, AdapterError) as err:
-            raise _as_api_error(err) from None
+            raise as_api_error(err) from None
         return {"choices": [shape(i, r.text, r.finish_reason) for i, r in enumerate(requests)],
                 "usage": batch.usage()}
 
@@ -325,7 +275,7 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
             raise
         if first[0] == "done" and first[2].error is not None:
             batch.cancel()
-            raise _as_api_error(first[2].error)
+            raise as_api_error(first[2].error)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events():
@@ -341,7 +291,7 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
                         continue
                     remaining -= 1
                     if value.error is not None:
-                        err = _as_api_error(value.error)
+                        err = as_api_error(value.error)
                         yield _sse(error_body(err.message, err.type, err.param, err.code))
                         break
                     yield _sse(meta | {"choices": [shape(index, "", value.finish_reason)]})
@@ -360,7 +310,7 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
         try:
             prompt = await asyncio.to_thread(engine.encode_chat, messages)
         except RequestError as err:
-            raise _as_api_error(err) from None
+            raise as_api_error(err) from None
         batch = start(body, [prompt], body.max_completion_tokens or body.max_tokens)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
                 "system_fingerprint": None}

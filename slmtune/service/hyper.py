@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import math
 
-BASE_LEARNING_RATE = {"lora": 1e-3, "qlora": 1e-3, "dora": 1e-3, "full": 5e-5}
+from slmtune.config import Recipe, recipe_from_dict
+from slmtune.methods import METHODS, SERVICE_METHODS
+
+# The learning rate "auto" trains each method with (learning_rate_multiplier 1).
+BASE_LEARNING_RATE = {name: METHODS[name].auto_learning_rate for name in SERVICE_METHODS}
 LIMITS = {"n_epochs": (1, 50), "batch_size": (1, 256)}
 
 
@@ -67,16 +71,16 @@ def resolve(requested: dict, n_examples: int) -> dict:
 
 
 def build_recipe(*, base: str, method: str, train_path: str, validation_path: str | None, resolved: dict,
-                 seed: int, run_dir: str, n_examples: int, save_every: int, threads: int | None) -> dict:
-    """The recipe (as a dict) of a job. Rows are not packed, so an epoch is exactly
-    ceil(n_examples / batch_size) steps and `save_every: 0` means one checkpoint per epoch."""
+                 seed: int, run_dir: str, n_examples: int, save_every: int, threads: int | None) -> Recipe:
+    """The recipe of a job (raises RecipeError if it is not valid). Rows are not packed, so an epoch
+    is exactly ceil(n_examples / batch_size) steps and `save_every: 0` means one checkpoint per epoch."""
     per_epoch = math.ceil(n_examples / resolved["batch_size"])
     data = {"train": train_path} | ({"validation": validation_path} if validation_path else {})
     train = {
         "epochs": resolved["n_epochs"], "micro_batch_size": resolved["batch_size"],
         "gradient_accumulation_steps": 1,
-        "learning_rate": BASE_LEARNING_RATE[method] * resolved["learning_rate_multiplier"],
+        "learning_rate": METHODS[method].auto_learning_rate * resolved["learning_rate_multiplier"],
         "seed": seed, "packing": False, "save_every": save_every or per_epoch, "keep_checkpoints": 3,
     } | ({"num_threads": threads} if threads else {})
-    return {"model": {"name": base}, "method": {"name": method}, "data": data, "train": train,
-            "output": {"dir": run_dir, "overwrite": True}}
+    return recipe_from_dict({"model": {"name": base}, "method": {"name": method}, "data": data, "train": train,
+                             "output": {"dir": run_dir, "overwrite": True}}, "job")

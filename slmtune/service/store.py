@@ -93,6 +93,10 @@ class Store:
                 s.flush()
             s.add(ApiKey(tenant_id=row.id, key_hash=key_hash, created_at=time.time()))
 
+    def tenant_by_name(self, name: str) -> Tenant | None:
+        with self.session() as s:
+            return s.scalar(select(Tenant).where(Tenant.name == name))
+
     def tenant_for_key(self, key_hash: str) -> Tenant | None:
         with self.session() as s:
             return s.scalar(select(Tenant).join(ApiKey, ApiKey.tenant_id == Tenant.id)

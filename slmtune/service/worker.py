@@ -12,7 +12,6 @@ subprocess, sends heartbeats and streams the training events into the store.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import signal
@@ -25,8 +24,12 @@ from pathlib import Path
 
 import yaml
 
+from slmtune import atomic
+from slmtune.service.models import File
 from slmtune.service.settings import Settings
 from slmtune.service.store import Store, new_id
+from slmtune.training import events
+from slmtune.training.rundir import RunDir
 
 
 def _die_with_parent() -> None:  # runs in the child before exec
@@ -36,15 +39,6 @@ def _die_with_parent() -> None:  # runs in the child before exec
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:  # noqa: BLE001 - not Linux: heartbeats still protect the job
         pass
-
-
-def _latest_checkpoint(run_dir: Path):
-    from slmtune.training.loop import latest_checkpoint
-
-    try:
-        return latest_checkpoint(run_dir) if run_dir.exists() else None
-    except Exception:  # noqa: BLE001
-        return None
 
 
 class Worker:
@@ -74,10 +68,10 @@ class Worker:
 
     # --- one job --------------------------------------------------------------------------------
     def run_job(self, job) -> None:
-        run_dir = Path(job.run_dir)
-        job_dir = run_dir.parent
+        run_dir = RunDir(job.run_dir)
+        job_dir = run_dir.path.parent
         job_dir.mkdir(parents=True, exist_ok=True)
-        if (run_dir / "summary.json").exists():  # trained, but the previous worker died before recording it
+        if run_dir.is_finished():  # trained, but the previous worker died before recording it
             self._succeed(job, run_dir)
             return
         if job.attempts > self.settings.max_attempts:
@@ -86,10 +80,10 @@ class Worker:
             self.store.finish(job.id, self.id, "failed", error={"code": "worker_lost", "message": message,
                                                                  "param": None}, message=f"Job failed: {message}")
             return
-        checkpoint = _latest_checkpoint(run_dir)
+        checkpoint = run_dir.latest_checkpoint()
         base = [sys.executable, "-m", "slmtune.cli", "train"]
         if checkpoint is not None:
-            cmd = base + ["--resume", str(run_dir)]
+            cmd = base + ["--resume", str(run_dir.path)]
             self.store.append_event(job.id, f"Resuming from checkpoint {checkpoint.name} (attempt {job.attempts})")
         else:
             recipe = job_dir / "recipe.yaml"
@@ -102,7 +96,7 @@ class Worker:
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env,
                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-            outcome = self._follow(job, proc)
+            outcome, error = self._follow(job, proc)
         if outcome == "lost":
             return
         if outcome in ("cancelled", "paused"):
@@ -111,10 +105,10 @@ class Worker:
         if outcome == "interrupted":
             self.store.requeue(job.id, self.id)
             return
-        if proc.returncode == 0 and (run_dir / "summary.json").exists():
+        if proc.returncode == 0 and run_dir.is_finished():
             self._succeed(job, run_dir)
             return
-        message = self._error_message(log_path, proc.returncode)
+        message = error or self._error_message(log_path, proc.returncode)
         data = job.resolved["recipe"]["data"]
         for path, file_id in ((data.get("train"), job.training_file), (data.get("validation"), job.validation_file)):
             if path and file_id:
@@ -124,8 +118,9 @@ class Worker:
                                  message=f"Job failed: {message}"):
             self.store.release(job.id, self.id)
 
-    def _follow(self, job, proc) -> str:
-        """Relay events until the process exits; returns "done", "cancelled", "paused" or "lost"."""
+    def _follow(self, job, proc) -> tuple[str, str | None]:
+        """Relay events until the process exits; returns the outcome ("done", "cancelled", "paused",
+        "interrupted" or "lost") and the trainer's error message, if it reported one."""
         lines: queue.Queue = queue.Queue()
 
         def read():
@@ -134,7 +129,7 @@ class Worker:
             lines.put(None)
 
         threading.Thread(target=read, daemon=True).start()
-        state = {"total": None, "last": {}}
+        state = {"total": None, "last": {}, "error": None}
         next_beat = time.monotonic() + self.settings.heartbeat_interval
         outcome, stop_sent = "done", None
         while True:
@@ -144,16 +139,16 @@ class Worker:
                 raw = ""
             if raw is None:
                 proc.wait()
-                return outcome
+                return outcome, state["error"]
             if raw:
-                self._relay(job, raw, state)
+                self.relay(job, raw, state)
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + self.settings.heartbeat_interval
                 status = self.store.heartbeat(job.id, self.id)
                 if status is None:  # another worker owns the job now: stop at once, write nothing
                     proc.kill()
                     proc.wait()
-                    return "lost"
+                    return "lost", None
                 if status != "running" and stop_sent is None:
                     # cancelled, paused, or paused and already resumed (queued): checkpoint, stop, let go
                     outcome, stop_sent = ("cancelled" if status == "cancelled" else "paused"), time.monotonic()
@@ -164,37 +159,40 @@ class Worker:
                 if stop_sent is not None and time.monotonic() - stop_sent > 60:
                     proc.kill()
 
-    def _relay(self, job, raw: bytes, state: dict) -> None:
+    def relay(self, job, raw: bytes, state: dict) -> None:
+        """Store one line of the trainer's --json-events output (other output is ignored)."""
         try:
-            ev = json.loads(raw)
-        except ValueError:
+            ev = events.parse(raw)
+        except events.EventError:
             return
-        if not isinstance(ev, dict):
-            return
-        kind = ev.get("type")
-        if kind == "start":
-            state["total"] = ev.get("total_steps")
-            if ev.get("resumed_at"):
-                self.store.append_event(job.id, f"Training resumed at step {ev['resumed_at']}/{state['total']}")
-        elif kind == "step":
-            metrics = {"step": ev["step"], "train_loss": ev.get("loss"), "learning_rate": ev.get("lr"),
-                       "tokens": ev.get("tokens"), "total_steps": state["total"], "epoch": ev.get("epoch")}
+        if isinstance(ev, events.Start):
+            state["total"] = ev.total_steps
+            if ev.resumed_at:
+                self.store.append_event(job.id, f"Training resumed at step {ev.resumed_at}/{state['total']}")
+        elif isinstance(ev, events.Step):
+            metrics = {"step": ev.step, "train_loss": ev.loss, "learning_rate": ev.lr, "tokens": ev.tokens,
+                       "total_steps": ev.total_steps or state["total"], "epoch": ev.epoch} | ev.metrics
             state["last"] = metrics
-            self.store.append_event(job.id, f"Step {ev['step']}/{state['total']}: training loss={ev['loss']:.4f}",
+            loss = f"{ev.loss:.4f}" if ev.loss is not None else "nan"
+            self.store.append_event(job.id, f"Step {ev.step}/{metrics['total_steps']}: training loss={loss}",
                                     type="metrics", data=metrics)
-        elif kind == "eval":
-            state["last"] = state["last"] | {"valid_loss": ev.get("eval_loss")}
-            self.store.append_event(job.id, f"Step {ev['step']}: validation loss={ev['eval_loss']:.4f}",
-                                    type="metrics", data={"step": ev["step"], "valid_loss": ev.get("eval_loss")})
-        elif kind == "checkpoint":
-            self.store.add_checkpoint(job.id, ev["step"], ev["path"], state["last"] | {"step": ev["step"]})
-            self.store.append_event(job.id, f"Checkpoint created at step {ev['step']}")
+        elif isinstance(ev, events.Eval):
+            metrics = {"step": ev.step, "valid_loss": ev.eval_loss} | {f"valid_{k}": v for k, v in ev.metrics.items()}
+            state["last"] = state["last"] | metrics
+            loss = f"{ev.eval_loss:.4f}" if ev.eval_loss is not None else "nan"
+            self.store.append_event(job.id, f"Step {ev.step}: validation loss={loss}", type="metrics", data=metrics)
+        elif isinstance(ev, events.Checkpoint):
+            self.store.add_checkpoint(job.id, ev.step, ev.path, state["last"] | {"step": ev.step})
+            self.store.append_event(job.id, f"Checkpoint created at step {ev.step}")
+        elif isinstance(ev, events.Notice):
+            self.store.append_event(job.id, ev.message, level="warn")
+        elif isinstance(ev, events.Error):
+            state["error"] = ev.message[:2000]
 
-    def _succeed(self, job, run_dir: Path) -> None:
-        summary = json.loads((run_dir / "summary.json").read_text())
+    def _succeed(self, job, run_dir: RunDir) -> None:
+        summary = run_dir.summary()
         result = write_result_file(self.settings, self.store, job, run_dir)
-        artifact = run_dir / ("model" if (run_dir / "model").is_dir() else "adapter")
-        self.store.add_checkpoint(job.id, summary["steps"], str(artifact),
+        self.store.add_checkpoint(job.id, summary["steps"], str(run_dir.artifact()),
                                   {"step": summary["steps"], "train_loss": summary.get("final_train_loss"),
                                    "valid_loss": summary.get("eval_loss"), "final": True})
         name = job.resolved["fine_tuned_model"]
@@ -232,29 +230,27 @@ def main(settings: Settings) -> int:
     return 0
 
 
-def write_result_file(settings: Settings, store: Store, job, run_dir: Path) -> str:
+def write_result_file(settings: Settings, store: Store, job, run_dir: RunDir) -> str:
     """step_metrics.csv (step, train_loss, valid_loss, tokens) as a file of the job's tenant; its id."""
-    from slmtune.service.models import File
-
     rows: dict[int, dict] = {}
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                row = rows.setdefault(entry["step"], {})
-                if entry.get("kind") == "eval":
-                    row["valid_loss"] = entry.get("eval_loss")
-                else:
-                    row |= {"train_loss": entry.get("loss"), "tokens": entry.get("tokens")}
+    for event in run_dir.metrics():
+        row = rows.setdefault(event.step, {})
+        if isinstance(event, events.Eval):
+            row["valid_loss"] = event.eval_loss
+        else:
+            row |= {"train_loss": event.loss, "tokens": event.tokens}
     text = "step,train_loss,valid_loss,tokens\n" + "".join(
-        f"{step},{r.get('train_loss', '')},{r.get('valid_loss', '') if r.get('valid_loss') is not None else ''},"
-        f"{r.get('tokens', '')}\n" for step, r in sorted(rows.items()))
+        f"{step},{_cell(r.get('train_loss'))},{_cell(r.get('valid_loss'))},{_cell(r.get('tokens'))}\n"
+        for step, r in sorted(rows.items()))
     file_id = new_id("file")
     path = settings.service_dir / "files" / f"{file_id}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    atomic.write_text(path, text)
     store.add_file(File(id=file_id, tenant_id=job.tenant_id, filename="step_metrics.csv",
                         purpose="fine-tune-results", bytes=len(text.encode()), path=str(path), format=None,
                         n_examples=0, created_at=time.time()))
     return file_id
+
+
+def _cell(value) -> str:
+    return "" if value is None else str(value)

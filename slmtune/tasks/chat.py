@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 
+from slmtune.data.formats import check_example
 from slmtune.tasks.common import split_last_assistant
 from slmtune.tasks.domain import loss_metrics
 
@@ -24,8 +25,6 @@ USES_LOSS = True
 
 
 def check(row: dict) -> list:
-    from slmtune.data.validate import check_example
-
     return check_example("chat", row)
 
 

@@ -20,6 +20,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from slmtune.methods.peft_common import unwrap
+
 PER_EXAMPLE_SDPA = "slmtune_per_example_sdpa"
 # Examples up to this many tokens take SDPA's math kernel: on CPU its backward (plain matmuls over
 # saved probabilities) is faster than the flash kernel's at chat lengths (docs/benchmarks.md). It
@@ -66,5 +68,5 @@ def use_per_example_attention(model) -> None:
     """Switch a loaded sdpa model (or the base of a PEFT model) to `per_example_sdpa`."""
     AttentionInterface.register(PER_EXAMPLE_SDPA, per_example_sdpa)
     AttentionMaskInterface.register(PER_EXAMPLE_SDPA, sdpa_mask)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     base.set_attn_implementation(PER_EXAMPLE_SDPA)

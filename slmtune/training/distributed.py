@@ -26,6 +26,7 @@ Each strategy is a class with the small interface train.py calls:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import math
 import os
@@ -36,8 +37,14 @@ import sys
 from typing import Callable
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
 
-ZERO_STAGES = ("zero1", "zero2", "zero3")
+from slmtune.config import ZERO_STAGES, RecipeError
+
 # `slmtune train` flags that start processes; the re-launched command must not see them.
 LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port")
 
@@ -148,11 +155,7 @@ def launched_world_size() -> int:
 
 def check_available(strategy: str) -> None:
     """Raise RecipeError now, not inside every process, when the strategy's library is missing."""
-    import importlib.util
-
     if strategy in ZERO_STAGES and importlib.util.find_spec("deepspeed") is None:
-        from slmtune.config import RecipeError
-
         raise RecipeError(f"train.distributed.strategy {strategy} needs DeepSpeed: pip install -e '.[deepspeed]'")
 
 
@@ -182,8 +185,6 @@ def _free_port() -> int:
 def _init_process_group() -> list[str]:
     """Join torchrun's process group (gloo on CPU, NCCL with CUDA); without torchrun, a world of one.
     Returns the environment variables it set, removed again at shutdown."""
-    import torch.distributed as dist
-
     owned = []
     if "MASTER_ADDR" not in os.environ:
         defaults = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "LOCAL_RANK": "0",
@@ -203,14 +204,10 @@ def _init_process_group() -> list[str]:
 
 def _full(tensor):
     """A DTensor's whole value (collective); any other tensor as it is."""
-    from torch.distributed.tensor import DTensor
-
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _local(tensor):
-    from torch.distributed.tensor import DTensor
-
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
@@ -314,17 +311,13 @@ class SingleProcess:
     def all_sum(self, values: list[float]) -> list[float]:
         if self.world_size == 1:
             return list(values)
-        import torch.distributed as dist
-
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+                dist.barrier()
 
     # full state, in the one-process format
     def trained_state_dict(self, model, trainable_only: bool) -> dict | None:
@@ -351,8 +344,6 @@ class SingleProcess:
         measured at the first optimizer step, for every rank. Every rank calls it."""
         if self.world_size == 1:
             return [self.memory]
-        import torch.distributed as dist
-
         out: list = [None] * self.world_size
         dist.all_gather_object(out, self.memory)
         return out
@@ -360,8 +351,6 @@ class SingleProcess:
     def shutdown(self, clean: bool = True) -> None:
         """Leave the process group (after a barrier when the run ended normally on every rank: tearing
         down while a peer still communicates can abort it)."""
-        import torch.distributed as dist
-
         if self.strategy != "none" and dist.is_available() and dist.is_initialized():
             if clean:
                 dist.barrier()
@@ -372,16 +361,12 @@ class SingleProcess:
 
 class _Distributed(SingleProcess):
     def __init__(self, strategy: str, offload: str = "none", **options):
-        import torch.distributed as dist
-
         super().__init__(strategy, offload, **options)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.grad_scale = float(self.world_size)
 
     def _broadcast_trainable(self, module) -> None:
         """Rank 0's initial trainable weights everywhere (they agree anyway: same seed, same data)."""
-        import torch.distributed as dist
-
         for p in module.parameters():
             if p.requires_grad:
                 dist.broadcast(p.data, src=0)
@@ -391,8 +376,6 @@ class DDP(_Distributed):
     """Every rank holds the whole model and optimizer; gradients are all-reduced once per step."""
 
     def _wrap(self, module):
-        from torch.nn.parallel import DistributedDataParallel
-
         cuda = self.device.type == "cuda"
         return DistributedDataParallel(module, device_ids=[self.device.index] if cuda else None)
 
@@ -405,8 +388,6 @@ class FSDP(_Distributed):
     are sharded over ranks; each transformer block is gathered for its forward/backward only."""
 
     def _wrap(self, module):
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
         self._broadcast_trainable(module)
         mesh = init_device_mesh(self.device.type, (self.world_size,))
@@ -438,8 +419,6 @@ class FSDP(_Distributed):
         return state
 
     def load_optimizer_state_dict(self, state):
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
 
         def shard(value, p):
@@ -458,7 +437,7 @@ class DeepSpeedZeRO(_Distributed):
     DeepSpeedCPUAdam. Needs `pip install -e '.[deepspeed]'`; the first run compiles DeepSpeed's ops."""
 
     def setup(self, module, param_groups, **adamw):
-        import deepspeed
+        import deepspeed  # the optional extra .[deepspeed]
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)
@@ -501,7 +480,7 @@ class DeepSpeedZeRO(_Distributed):
     def trained_state_dict(self, model, trainable_only):
         if self.strategy != "zero3":
             return None  # ZeRO-1/2 keep whole parameters on every rank
-        import deepspeed
+        import deepspeed  # the optional extra .[deepspeed]
 
         out = {}
         for name, p in model.named_parameters():

@@ -11,28 +11,26 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import resource
-import shutil
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from slmtune.config import TrainSection
 from slmtune.data.batching import collate, example_steps, micro_batches, step_micro_batches, steps_per_epoch
 from slmtune.data.tokenize import Example
+from slmtune.methods import Method
+from slmtune.training import events
 from slmtune.training.distributed import SingleProcess
 from slmtune.training.loss import TargetLoss, autocast_dtype, target_loss_sum
-
-Event = dict
-EventSink = Callable[[Event], None]
-
+from slmtune.training.rundir import CHECKPOINT_STATE, RunDir
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -90,8 +88,6 @@ def evaluate_loss(model, batches: list[dict], amp_dtype, parallel=None) -> float
 
 
 def make_scheduler(optimizer, cfg: TrainSection, total_steps: int):
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
-
     warmup = int(round(cfg.warmup_ratio * total_steps))
     if cfg.schedule == "cosine":
         return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
@@ -120,45 +116,28 @@ def write_trained(method, model, path: Path, weights: dict | None, final: bool =
         method.save_trained(model, path, final=final, state_dict=weights)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file and rename, so a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(run_dir: Path, method, model, parallel, scheduler, state: TrainState, keep: int) -> Path | None:
-    """Write checkpoints/step-N atomically (temp dir, then rename) and prune old ones.
+def save_checkpoint(run_dir: RunDir, method: Method, model, parallel, scheduler, state: TrainState, keep: int,
+                    protect: int | None = None) -> Path | None:
+    """Write checkpoints/step-N (weights, optimizer, scheduler, RNG, loop state) and prune old ones.
 
     Always the one-process format (full trainable weights and optimizer states), so any number of
     processes can resume it. In a data-parallel run every rank gathers, rank 0 writes (others get None)."""
-    weights = parallel.trained_state_dict(model, trainable_only=method.ARTIFACT == "adapter")
+    weights = parallel.trained_state_dict(model, trainable_only=method.artifact == "adapter")
     optimizer_state = parallel.optimizer_state_dict(state.step)
     if not parallel.is_main:
         return None
-    root = run_dir / "checkpoints"
-    root.mkdir(exist_ok=True)
-    final = root / f"step-{state.step:06d}"
-    tmp = root / f".tmp-step-{state.step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write_trained(method, model, tmp / method.ARTIFACT, weights)
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "rng.pt")
-    atomic_write_text(tmp / "state.json", json.dumps(state.__dict__, indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(p for p in root.iterdir() if p.name.startswith("step-"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    with run_dir.writing_checkpoint(state.step, keep, protect) as tmp:
+        write_trained(method, model, tmp / method.artifact, weights)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "rng.pt")
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps(state.__dict__, indent=2) + "\n")
+    return run_dir.checkpoint(state.step)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    root = run_dir / "checkpoints"
-    found = sorted(p for p in root.iterdir() if p.name.startswith("step-")) if root.is_dir() else []
-    return found[-1] if found else None
+def checkpoint_state(path: Path) -> TrainState:
+    return TrainState(**json.loads((path / CHECKPOINT_STATE).read_text()))
 
 
 def load_checkpoint(path: Path, parallel, scheduler) -> TrainState:
@@ -171,7 +150,7 @@ def load_checkpoint(path: Path, parallel, scheduler) -> TrainState:
     random.setstate(rng["python"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return TrainState(**json.loads((path / "state.json").read_text()))
+    return checkpoint_state(path)
 
 
 class StopRequested:
@@ -210,13 +189,13 @@ def train(
     eval_batches: list[dict],
     cfg: TrainSection,
     *,
-    run_dir: Path,
+    run_dir: RunDir,
     pad_id: int,
     packed: bool,
     attn_implementation: str,
     max_length: int | None = None,
     resume_from: Path | None = None,
-    emit: EventSink = lambda event: None,
+    emit: events.EventSink = lambda event: None,
     progress: bool = True,
     parallel: SingleProcess | None = None,
 ) -> TrainState:
@@ -239,7 +218,7 @@ def train(
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
 
     if resume_from is not None:  # full weights, loaded before any sharding
-        method.load_trained(model, resume_from / method.ARTIFACT)
+        method.load_trained(model, resume_from / method.artifact)
     # The loss module carries the cross-entropy settings: every training and evaluation pass goes through `par`.
     optimizer = par.setup(TargetLoss(model, cfg.cross_entropy, cfg.loss_chunk_tokens),
                           lambda module: optimizer_groups(module, cfg.weight_decay),
@@ -253,16 +232,16 @@ def train(
             note = (f"the checkpoint's steps took {state.micro_batches_per_step} micro-batches, this run's take "
                     f"{per_step} (gradient_accumulation_steps x processes); to continue exactly as before, set "
                     f"train.gradient_accumulation_steps={state.micro_batches_per_step / par.world_size:g}")
-            emit({"type": "warning", "message": note})
+            emit(events.Notice(note))
             if par.is_main:
                 print(f"warning: {note}", file=sys.stderr, flush=True)
     else:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
     state.micro_batches_per_step = per_step
-    emit({"type": "start", "total_steps": total_steps, "steps_per_epoch": per_epoch, "resumed_at": state.step,
-          "precision": "bf16" if amp_dtype else "fp32", "packed": packed, "threads": torch.get_num_threads(),
-          "strategy": par.strategy, "world_size": par.world_size})
+    emit(events.Start(total_steps=total_steps, steps_per_epoch=per_epoch, resumed_at=state.step,
+                      precision="bf16" if amp_dtype else "fp32", packed=packed, threads=torch.get_num_threads(),
+                      strategy=par.strategy, world_size=par.world_size))
 
     def batches_of_step(step: int) -> list[dict]:
         """This rank's micro-batches of global step `step` (all of them in one process)."""
@@ -279,8 +258,6 @@ def train(
     model.train()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
     measured = False
     with StopRequested() as stop:
@@ -299,7 +276,7 @@ def train(
             scheduler.step()
             if not measured:  # parameter+gradient+optimizer bytes of each rank, at its first step
                 state.state_bytes_per_rank, measured = par.state_bytes_per_rank(), True
-                emit({"type": "memory", "step": state.step + 1, "state_bytes_per_rank": state.state_bytes_per_rank})
+                emit(events.Memory(step=state.step + 1, state_bytes_per_rank=state.state_bytes_per_rank))
 
             elapsed = time.perf_counter() - started
             state.step += 1
@@ -308,19 +285,19 @@ def train(
             state.train_seconds += elapsed
             state.last_loss = loss_total
             if state.step % cfg.log_every == 0 or state.step == total_steps:
-                emit({"type": "step", "step": state.step, "epoch": round(state.step / per_epoch, 4),
-                      "loss": round(loss_total, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
-                      "tokens": state.train_tokens, "tokens_per_second": round(step_tokens / elapsed, 1)})
+                emit(events.Step(step=state.step, epoch=round(state.step / per_epoch, 4), loss=round(loss_total, 6),
+                                 lr=lr, grad_norm=round(grad_norm, 6), tokens=state.train_tokens,
+                                 tokens_per_second=round(step_tokens / elapsed, 1), total_steps=total_steps))
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_total:.4f}", tok_s=f"{state.train_tokens / state.train_seconds:.0f}")
                 bar.update(1)
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps and eval_batches:
                 state.last_eval_loss = evaluate_loss(model, eval_batches, amp_dtype, parallel=par)
-                emit({"type": "eval", "step": state.step, "eval_loss": round(state.last_eval_loss, 6)})
+                emit(events.Eval(step=state.step, eval_loss=round(state.last_eval_loss, 6)))
             should_save = cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps
             if should_save or (stop_requested and state.step < total_steps):
                 path = save_checkpoint(run_dir, method, model, par, scheduler, state, cfg.keep_checkpoints)
-                emit({"type": "checkpoint", "step": state.step, "path": str(path)})
+                emit(events.Checkpoint(step=state.step, path=str(path)))
             if stop_requested and state.step < total_steps:
                 if bar is not None:
                     bar.close()
@@ -329,13 +306,13 @@ def train(
         bar.close()
     if eval_batches:
         state.last_eval_loss = evaluate_loss(model, eval_batches, amp_dtype, parallel=par)
-        emit({"type": "eval", "step": state.step, "eval_loss": round(state.last_eval_loss, 6)})
+        emit(events.Eval(step=state.step, eval_loss=round(state.last_eval_loss, 6)))
     return state
 
 
 class TrainingStopped(Exception):
     """Training was asked to stop (SIGINT/SIGTERM); a checkpoint at `step` allows --resume."""
 
-    def __init__(self, step: int, run_dir: Path | None = None):
+    def __init__(self, step: int, run_dir: RunDir | None = None):
         super().__init__(f"stopped at step {step}; a checkpoint was saved")
         self.step, self.run_dir = step, run_dir

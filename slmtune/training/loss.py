@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from slmtune.data.tokenize import IGNORE
+from slmtune.methods.peft_common import prompt_learning_config, unwrap
 from slmtune.models import has_native_bf16
 from slmtune.training.attention import PER_EXAMPLE_SDPA
 from slmtune.training.cross_entropy import linear_cross_entropy_sum
@@ -33,12 +34,11 @@ def target_loss_sum(model, batch: dict, amp_dtype: torch.dtype | None, cross_ent
     vocabulary logits never exist at once; `plain` is one F.cross_entropy over all targets' logits
     (also used for heads the fused path does not cover: a bias, logit soft-capping, sharded weights).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     device = next(model.parameters()).device
     targets = batch["targets"].to(device)
     select = targets != IGNORE
-    peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None and peft_config.is_prompt_learning:
+    if prompt_learning_config(model) is not None:
         return prompt_learning_loss_sum(model, batch, targets, select, amp_dtype)
     # Only a model switched to per-example attention is given the spans (other attention code
     # need not accept the extra argument).

@@ -248,7 +248,7 @@ def measure_one(model: str, method: str, seq_len: int, micro_batch: int, steps: 
 
     module = METHODS[method]
     cfg = module.Config(name=method, **({"lora_r": lora_r, "lora_alpha": 2 * lora_r} if method != "full" else {}))
-    kwargs = module.load_kwargs(cfg) if hasattr(module, "load_kwargs") else {}
+    kwargs = module.load_kwargs(cfg)
     net = load_model(model, **kwargs)
     if gradient_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

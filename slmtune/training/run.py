@@ -4,40 +4,33 @@
     from slmtune.training.run import run
     result = run(load_recipe("recipes/quickstart/support_assistant.yaml"))
 
-A run directory ends up holding exactly:
-    recipe.yaml      the resolved recipe (written first, so a crashed run can be resumed)
-    metrics.jsonl    one JSON object per logged step / evaluation
-    checkpoints/     only when train.save_every > 0 or a run was interrupted: step-N/ with adapter,
-                     optimizer, scheduler, RNG and data position
-    adapter/         the trained weights in PEFT format (adapter methods), or
-    model/           a complete HF model (full fine-tuning)
-    summary.json     tokens, time, throughput, peak memory, final losses
+It reads top to bottom: the run directory (training/rundir.py owns its layout), the model and
+tokenizer, the data, the method, the loop (training/loop.py), the result and summary.json. Events
+(training/events.py) go to metrics.jsonl and to `on_event` (the CLI prints them with --json-events).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
-from slmtune.training import distributed
 from slmtune.config import Recipe, RecipeError
-from slmtune.data import build_datasets
+from slmtune.data.dataset import build_datasets
 from slmtune.data.batching import collate, make_rows, should_pack
 from slmtune.data.tokenize import check_end_of_turn
-from slmtune.methods import METHODS
+from slmtune.methods import METHODS, Method
 from slmtune.methods.peft_common import skip_adapter_input_upcast
 from slmtune.models import end_of_turn_ids, load_model, load_tokenizer
+from slmtune.training import distributed, events
 from slmtune.training.attention import use_per_example_attention
-from slmtune.training.loop import TrainState, atomic_write_text, latest_checkpoint, peak_rss_mb, train, write_trained
+from slmtune.training.loop import TrainState, checkpoint_state, peak_rss_mb, train, write_trained
 from slmtune.training.loss import autocast_dtype
+from slmtune.training.rundir import RunDir
 
 
 @dataclass
@@ -46,56 +39,11 @@ class RunResult:
     summary: dict
 
 
-def _prepare_run_dir(recipe: Recipe, resume: bool, parallel) -> tuple[Path, Path | None]:
-    """Every rank checks; then rank 0 alone changes the directory."""
-    run_dir = Path(recipe.output.dir)
-    checkpoint, wipe = None, False
-    if resume:
-        checkpoint = latest_checkpoint(run_dir)
-        if (run_dir / "summary.json").exists():
-            raise RecipeError(f"{run_dir}: this run already finished (summary.json exists); nothing to resume")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        if not recipe.output.overwrite:
-            raise RecipeError(
-                f"{run_dir}: output directory exists and is not empty; resume it with "
-                f"`slmtune train --resume {run_dir}`, choose another output.dir, or set output.overwrite=true"
-            )
-        wipe = True
-    parallel.barrier()
-    if parallel.is_main:
-        if wipe:
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    parallel.barrier()
-    return run_dir, checkpoint
-
-
-class MetricsLog:
-    """Appends step and eval events to metrics.jsonl; on resume, drops lines past the checkpoint."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
-        elif resume_step is None:
-            path.write_text("")
-        self.file = path.open("a")
-
-    def __call__(self, event: dict) -> None:
-        if event["type"] in ("step", "eval"):
-            self.file.write(json.dumps({k: v for k, v in event.items() if k != "type"} | {"kind": event["type"]}) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def run(
     recipe: Recipe,
     *,
     resume: bool = False,
-    on_event: Callable[[dict], None] | None = None,
+    on_event: events.EventSink | None = None,
     progress: bool = True,
 ) -> RunResult:
     """Fine-tune as the recipe says and write the run directory. Raises RecipeError, DataError,
@@ -115,7 +63,7 @@ def run(
     return result
 
 
-def resolve_frozen_dtype(recipe: Recipe, method, device, *, quantized: bool) -> str:
+def resolve_frozen_dtype(recipe: Recipe, method: Method, device, *, quantized: bool) -> str:
     """The dtype the base model is loaded in (model.frozen_dtype)."""
     if recipe.model.frozen_dtype != "auto":
         return recipe.model.frozen_dtype
@@ -126,25 +74,25 @@ def resolve_frozen_dtype(recipe: Recipe, method, device, *, quantized: bool) -> 
     # quantized already.
     # PiSSA/OLoRA move the top singular directions into the adapter and keep the residual in the base:
     # that residual is trained against, so it keeps full precision.
-    rewrites_base = getattr(recipe.method, "lora_init", None) in ("pissa", "olora")
-    frozen_base = method.ARTIFACT == "adapter" and not quantized and not rewrites_base
+    frozen_base = method.artifact == "adapter" and not quantized and not method.rewrites_base(recipe.method)
     one_dtype_sharding = recipe.train.distributed.strategy not in ("none", "ddp")
     bf16 = autocast_dtype(recipe.train.precision, device) is not None
     return "bfloat16" if frozen_base and bf16 and not one_dtype_sharding else "float32"
 
 
-def _run(recipe: Recipe, par, *, resume: bool, on_event: Callable[[dict], None] | None, progress: bool) -> RunResult:
+def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None, progress: bool) -> RunResult:
     wall_start = time.perf_counter()
-    run_dir, checkpoint = _prepare_run_dir(recipe, resume, par)
+    run_dir = RunDir(recipe.output.dir)
+    checkpoint = run_dir.prepare(resume=resume, overwrite=recipe.output.overwrite, parallel=par)
     if par.is_main:
-        atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+        run_dir.write_recipe(recipe)
     cfg = recipe.train
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
 
     method = METHODS[recipe.method.name]
-    load_kwargs = method.load_kwargs(recipe.method) if hasattr(method, "load_kwargs") else {}
+    load_kwargs = method.load_kwargs(recipe.method)
     if torch.cuda.is_available() and load_kwargs:
         load_kwargs["device_map"] = {"": par.device.index or 0}  # quantized weights are placed while loading
     tokenizer = load_tokenizer(recipe.model.name)
@@ -171,7 +119,7 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: Callable[[dict], None] 
 
     lengths = [len(e) for e in data.train]
     packed = should_pack(lengths, recipe.data.max_length) if cfg.packing == "auto" else cfg.packing
-    if packed and not getattr(method, "PACKING", True):
+    if packed and not method.packing:
         if cfg.packing is True:
             raise RecipeError(f"method {recipe.method.name} cannot train on packed rows; set train.packing: false")
         packed = False
@@ -186,18 +134,15 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: Callable[[dict], None] 
         for at in range(0, len(val_rows), cfg.micro_batch_size)
     ]
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=None if not resume else
-                         (json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0)
-                         ) if par.is_main else None
+    resume_step = (checkpoint_state(checkpoint).step if checkpoint else 0) if resume else None
+    metrics = run_dir.open_metrics(resume_step) if par.is_main else None
 
-    def emit(event: dict) -> None:
+    def emit(event: events.Event) -> None:
         if metrics is None:  # ranks other than 0 report nothing
             return
         metrics(event)
-        if event["type"] == "eval" and progress:
-            from tqdm.auto import tqdm
-
-            tqdm.write(f"step {event['step']}: eval_loss {event['eval_loss']:.4f}", file=sys.stderr)
+        if isinstance(event, events.Eval) and progress:
+            tqdm.write(f"step {event.step}: eval_loss {event.eval_loss:.4f}", file=sys.stderr)
         if on_event is not None:
             on_event(event)
 
@@ -217,16 +162,12 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: Callable[[dict], None] 
             metrics.close()
 
     # Sharded weights (FSDP, ZeRO-3) are gathered; rank 0 writes the usual one-process format.
-    weights = par.trained_state_dict(model, trainable_only=method.ARTIFACT == "adapter")
+    weights = par.trained_state_dict(model, trainable_only=method.artifact == "adapter")
     if par.is_main:
-        artifact = run_dir / method.ARTIFACT
-        tmp = run_dir / f".{method.ARTIFACT}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_trained(method, model, tmp, weights, final=True)
-        if method.ARTIFACT == "model":
-            tokenizer.save_pretrained(tmp)  # a complete, standalone model directory
-        shutil.rmtree(artifact, ignore_errors=True)
-        os.replace(tmp, artifact)
+        with run_dir.writing_artifact(method.artifact) as tmp:
+            write_trained(method, model, tmp, weights, final=True)
+            if method.artifact == "model":
+                tokenizer.save_pretrained(tmp)  # a complete, standalone model directory
     summary = {
         "model": recipe.model.name,
         "method": recipe.method.name,
@@ -252,7 +193,7 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: Callable[[dict], None] 
         "state_bytes_per_rank": state.state_bytes_per_rank,
     }
     if par.is_main:
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        run_dir.write_summary(summary)
     if on_event is not None:
-        on_event({"type": "end", **summary})
-    return RunResult(run_dir, summary)
+        on_event(events.End(summary))
+    return RunResult(run_dir.path, summary)

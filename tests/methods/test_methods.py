@@ -67,10 +67,10 @@ def test_method_trains_and_changes_only_its_parameters(case, tiny_model_dir, cha
     losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0], losses
     module = METHODS[method["name"]]
-    artifact = result.run_dir / module.ARTIFACT
-    assert artifact.is_dir() and not (result.run_dir / ("model" if module.ARTIFACT == "adapter" else "adapter")).exists()
+    artifact = result.run_dir / module.artifact
+    assert artifact.is_dir() and not (result.run_dir / ("model" if module.artifact == "adapter" else "adapter")).exists()
     base = load_model(str(tiny_model_dir)).state_dict()
-    if module.ARTIFACT == "model":
+    if module.artifact == "model":
         trained = load_model(str(artifact)).state_dict()
         changed = {k for k in base if not torch.equal(base[k], trained[k])}
         assert changed and not any(k.startswith("model.layers.0.") for k in changed)
@@ -82,8 +82,9 @@ def test_method_trains_and_changes_only_its_parameters(case, tiny_model_dir, cha
     assert weights and result.summary["trainable_params"] < 0.5 * result.summary["total_params"]
     # Only adapter tensors are saved, and none of them is a copy of a base weight.
     assert not set(weights) & set(base)
-    assert result.summary["trainable_params"] == sum(
-        v.numel() for k, v in weights.items() if "base_layer" not in k) or case in REWRITES_BASE
+    # PiSSA/OLoRA's final adapter is converted to apply to the original base: its rank doubles.
+    saved = sum(v.numel() for k, v in weights.items() if "base_layer" not in k)
+    assert saved == (2 if case in REWRITES_BASE else 1) * result.summary["trainable_params"]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -91,7 +92,7 @@ def test_saved_weights_load_back_to_identical_outputs(case, tiny_llama_dir, tmp_
     method, _ = CASES[case]
     module = METHODS[method["name"]]
     cfg = module.Config(**method)
-    kwargs = module.load_kwargs(cfg) if hasattr(module, "load_kwargs") else {}
+    kwargs = module.load_kwargs(cfg)
 
     torch.manual_seed(0)
     model = module.prepare(load_model(str(tiny_llama_dir), **kwargs), cfg)
@@ -117,12 +118,12 @@ def test_merged_model_equals_base_plus_adapter(case, tiny_llama_dir, chat_file, 
     out = merge(result.run_dir, tmp_path / "merged")
     merged = load_model(str(out))
     module = METHODS[method["name"]]
-    if module.ARTIFACT == "model":
+    if module.artifact == "model":
         reference = load_model(str(result.run_dir / "model"))
     else:
         from peft import PeftModel
 
-        if hasattr(module, "load_kwargs"):
+        if module.quantized_base:
             # QLoRA: the adapter was trained on the quantized base; the merge dequantizes it first.
             quantized = load_model(str(tiny_llama_dir), **module.load_kwargs(module.Config(**method)))
             on_quantized = logits_of(PeftModel.from_pretrained(quantized, str(result.run_dir / "adapter")), ids)

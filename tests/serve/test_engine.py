@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from slmtune.serve.adapters import AdapterError, AdapterRegistry, UnknownModel
-from slmtune.serve.engine import Engine, Request, SamplingParams, _Row
+from slmtune.generation import Decoding, pad_id_of
+from slmtune.serve.engine import Engine, Request, SamplingParams
 from tests.serve.conftest import perturbed_adapter
 
 PIECES = {1: "Hel", 2: "lo E", 3: "ND tail", 4: "\ufffd", 5: "", 9: ""}
@@ -21,7 +22,7 @@ def run_row(tokens, stop=(), max_tokens=10):
     pieces = []
     request = Request(model="m", prompt_ids=[0], params=SamplingParams(stop=list(stop)), max_tokens=max_tokens,
                       on_text=pieces.append)
-    row = _Row(request, decode, eos_ids={9})
+    row = Decoding(request, decode, eos_ids={9})
     for t in tokens:
         row.add(t)
     return request, pieces, row.finished
@@ -94,13 +95,13 @@ def test_one_batch_of_uneven_requests_matches_generate_row_by_row(tiny_llama_dir
     asks = [("hello", 12), ("a much longer question about the weather in the mountains", 5), ("hi", 9)]
     requests = [engine.chat_request(engine.base_name, [{"role": "user", "content": text}],
                                     SamplingParams(temperature=0, max_tokens=n)) for text, n in asks]
-    engine._run_group(engine.base_name, requests)
+    engine.run_group(engine.base_name, requests)
     assert engine.stats()["batch_sizes"] == {"3": 1}
     model = engine.registry.model
     for request, (_, n) in zip(requests, asks):
         ids = torch.tensor([request.prompt_ids])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             eos_token_id=sorted(engine.eos_ids), pad_token_id=engine.pad_id)
+                             eos_token_id=sorted(engine.eos_ids), pad_token_id=pad_id_of(engine.tokenizer, engine.eos_ids))
         expected = out[0, ids.shape[1]:].tolist()
         assert request.completion_tokens == len(expected) and request.finish_reason in ("stop", "length")
         assert request.text == engine.decode([t for t in expected if t not in engine.eos_ids])
@@ -114,7 +115,7 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch_mates(tiny_lla
         mine = engine.chat_request(engine.base_name, [{"role": "user", "content": "hello"}], params)
         others = [engine.chat_request(engine.base_name, [{"role": "user", "content": f"other {k}"}],
                                       SamplingParams(temperature=0.7, max_tokens=3 + k)) for k in range(mates)]
-        engine._run_group(engine.base_name, [mine, *others])
+        engine.run_group(engine.base_name, [mine, *others])
         return mine.text
 
     alone = sampled(7)
@@ -133,15 +134,15 @@ def test_a_mixed_adapter_batch_gives_each_row_its_own_adapters_output(tiny_llama
 
     alone = requests()
     for request in alone:
-        engine._run_group(request.model, [request])
+        engine.run_group(request.model, [request])
     mixed = requests()
-    assert engine._run_mixed(mixed)
+    assert engine.run_mixed(mixed)
     assert [r.text for r in mixed] == [r.text for r in alone]
     assert len({r.text for r in alone}) == 4  # the adapters really differ
     assert engine.stats()["batch_sizes"] == {"1": 4, "4": 1}
     # Two adapters cannot be loaded at once under a cap of 1: the engine falls back to one batch each.
     engine.registry.max_loaded = 1
-    assert not engine._run_mixed(requests())
+    assert not engine.run_mixed(requests())
 
 
 def test_bfloat16_weights_serve_the_base_and_mixed_adapter_batches(tiny_llama_dir, tmp_path):
@@ -152,7 +153,7 @@ def test_bfloat16_weights_serve_the_base_and_mixed_adapter_batches(tiny_llama_di
     assert next(engine.registry.model.parameters()).dtype == torch.bfloat16
     requests = [engine.chat_request(name, [{"role": "user", "content": "hello"}],
                                     SamplingParams(temperature=0, max_tokens=6)) for name in (engine.base_name, "one")]
-    assert engine._run_mixed(requests)
+    assert engine.run_mixed(requests)
     assert all(r.error is None and r.completion_tokens > 0 for r in requests)
     assert requests[0].text != requests[1].text
 
@@ -161,8 +162,8 @@ def test_bfloat16_weights_serve_the_base_and_mixed_adapter_batches(tiny_llama_di
 def test_auto_dtype_is_bfloat16_exactly_where_the_hardware_has_native_bf16(tiny_llama_dir, monkeypatch, native):
     import torch
 
-    import slmtune.models
+    import slmtune.serve.engine
 
-    monkeypatch.setattr(slmtune.models, "has_native_bf16", lambda device: native)
+    monkeypatch.setattr(slmtune.serve.engine, "has_native_bf16", lambda device: native)
     engine = Engine.load(str(tiny_llama_dir), dtype="auto")
     assert next(engine.registry.model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)

@@ -26,11 +26,27 @@ def onnx_served(onnx_export):
 
 
 
+def onnx_greedy(model, prompt_ids, max_new_tokens, eos_ids):
+    """The test's oracle: onnxruntime-genai's Generator driven token by token, nothing of ours."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + max_new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([prompt_ids], dtype=np.int32))
+    out = []
+    while not generator.is_done() and len(out) < max_new_tokens:
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+        if out[-1] in eos_ids:
+            break
+    return out
+
+
 def _greedy_reference(export_dir, engine, prompt_ids):
     """What the ONNX model itself generates greedily, decoded as the server decodes."""
     import onnxruntime_genai as og
-
-    from slmtune.export.onnx import onnx_greedy
 
     tokens = onnx_greedy(og.Model(str(export_dir)), prompt_ids, MAX_TOKENS, engine.eos_ids)
     text_tokens = [t for t in tokens if t not in engine.eos_ids]

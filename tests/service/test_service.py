@@ -92,6 +92,15 @@ def wait_events(client, job_id, predicate, timeout=60):
     raise AssertionError(f"no such event for {job_id}: {[e.message for e in events][:5]}")
 
 
+def wait_until(condition, timeout=60):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
 def trainers_of(job_id: str) -> list[int]:
     from pathlib import Path
 
@@ -150,11 +159,11 @@ def test_cancel_pause_resume(sqlite_service, upload):
     wait_events(client, job.id, lambda m: m.startswith("Training resumed at step"))
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled"
-    import time
-
-    time.sleep(3)  # the worker notices within a heartbeat and stops the trainer
+    # The worker notices at its next heartbeat, SIGTERMs the trainer, waits for it to exit and lets
+    # the job go: from then on nothing can add events.
+    store = sqlite_service.app.state.service.store
+    wait_until(lambda: store.get_job(job.id).worker_id is None and not trainers_of(job.id))
     n = len(client.fine_tuning.jobs.list_events(job.id, limit=100).data)
-    time.sleep(2)
     assert len(client.fine_tuning.jobs.list_events(job.id, limit=100).data) == n
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
     with pytest.raises(openai.BadRequestError) as err:

@@ -113,3 +113,34 @@ def test_migrations_match_the_models(tmp_path):
         diff = compare_metadata(MigrationContext.configure(conn, opts={"version_table": "slm_alembic_version"}),
                                 Base.metadata)
     assert diff == []
+
+
+def test_job_creation_is_a_plain_function(tmp_path, tiny_llama_dir):
+    """create_job needs a Service and a tenant, no HTTP: the router only translates."""
+    import json
+
+    from slmtune.http.errors import ApiError
+    from slmtune.service.auth import create_key
+    from slmtune.service.core import Service
+    from slmtune.service.files import check_upload
+    from slmtune.service.jobs import create_job
+    from slmtune.service.models import File
+    from slmtune.service.schemas import JobCreate
+    from slmtune.service.settings import Settings
+    from tests.service.conftest import training_rows
+
+    service = Service(Settings(home=tmp_path / "home", models={"tiny": str(tiny_llama_dir)}, workers=0))
+    service.store.migrate()
+    create_key(service.store, "acme")
+    tenant = service.store.tenant_by_name("acme")
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in training_rows(12)))
+    fmt, n = check_upload(path.read_bytes(), path)
+    service.store.add_file(File(id="file-1", tenant_id=tenant.id, filename="train.jsonl", purpose="fine-tune",
+                                bytes=path.stat().st_size, path=str(path), format=fmt, n_examples=n, created_at=0.0))
+    job = create_job(service, tenant, JobCreate(model="tiny", training_file="file-1", suffix="x"))
+    assert job.status == "queued" and service.store.get_job(job.id, tenant.id) is not None
+    assert job.resolved["recipe"]["data"]["train"] == str(path)
+    with pytest.raises(ApiError) as err:
+        create_job(service, tenant, JobCreate(model="tiny", training_file="file-1", suffix="bad\n"))
+    assert err.value.param == "suffix"

@@ -6,7 +6,7 @@ import pytest
 
 from slmtune.cli import main
 from slmtune.config import RecipeError, recipe_from_dict
-from slmtune.data import build_datasets
+from slmtune.data.dataset import build_datasets
 from slmtune.data.formats import DataError
 from slmtune.data.validate import validate_file
 from slmtune.models import load_tokenizer

@@ -1,0 +1,95 @@
+"""The datasets of a run: read and validate the recipe's files, turn task rows into examples, sample,
+hold out validation, tokenize with the model's template.
+
+    data = build_datasets(recipe.data, tokenizer, seed)     # what run(recipe) does
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass
+
+from slmtune.data.formats import DataError, Record
+from slmtune.data.tokenize import Example, encode
+from slmtune.data.validate import read_records
+from slmtune.tasks import TASKS
+
+
+@dataclass
+class Datasets:
+    format: str
+    train: list[Example]
+    validation: list[Example]
+    train_records: list[Record]
+
+
+def tokenize_records(fmt: str, records: list[Record], tokenizer, max_length: int, system_prompt: str | None,
+                     source: str) -> list[Example]:
+    examples, empty = [], []
+    for record in records:
+        example = encode(fmt, record.data, tokenizer, max_length, system_prompt)
+        if example.n_targets() == 0:
+            empty.append(record.line)
+        else:
+            examples.append(example)
+    if empty:
+        print(f"warning: {source}: {len(empty)} example(s) have no trainable tokens after truncation to "
+              f"{max_length} tokens and are skipped (lines {', '.join(map(str, empty[:10]))}"
+              f"{', ...' if len(empty) > 10 else ''})", file=sys.stderr)
+    if not examples:
+        raise DataError(f"{source}: no example has trainable tokens")
+    return examples
+
+
+def sample_records(records: list[Record], limit: int | None, seed: int) -> list[Record]:
+    """A seeded random sample of at most `limit` records, in file order."""
+    if not limit or len(records) <= limit:
+        return records
+    return sorted(random.Random(seed).sample(records, limit), key=lambda r: r.line)
+
+
+def task_context(task: str, records: list[Record]) -> dict:
+    """The task's dataset-level settings (label or entity-type set), from the full training file."""
+    return TASKS[task].context([r.data for r in records])
+
+
+def convert_task_records(task: str, records: list[Record], source: str, context: dict) -> list[Record]:
+    """Task rows -> training examples (chat or text) through the task's template, lines kept."""
+    module, out = TASKS[task], []
+    for record in records:
+        try:
+            out.append(Record(record.line, module.to_example(record.data, **context)))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+            raise DataError(f"{source}:{record.line}: cannot turn the row into a {task} example: "
+                            f"{type(err).__name__}: {err}") from None
+    return out
+
+
+def build_datasets(cfg, tokenizer, seed: int) -> Datasets:
+    """Read, validate and tokenize the recipe's `data` section (converting task rows first when
+    `data.task` is set, and sampling `data.max_examples`)."""
+    fmt, records = read_records(cfg.train, cfg.format, cfg.task)
+    context = task_context(cfg.task, records) if cfg.task else {}
+    val_records: list[Record] = []
+    if cfg.validation:
+        val_fmt, val_records = read_records(cfg.validation, cfg.format, cfg.task)
+        if val_fmt != fmt:
+            raise DataError(f"{cfg.validation}: validation data is {val_fmt} but training data is {fmt}")
+    elif cfg.validation_split:
+        shuffled = records[:]
+        random.Random(seed).shuffle(shuffled)
+        n_val = max(1, round(len(records) * cfg.validation_split))
+        if n_val >= len(records):
+            raise DataError(f"{cfg.train}: too few examples to hold out {cfg.validation_split:.0%} for validation")
+        val_records, records = shuffled[:n_val], sorted(shuffled[n_val:], key=lambda r: r.line)
+    if cfg.max_examples:
+        records = sample_records(records, cfg.max_examples, seed)
+        val_records = sample_records(val_records, cfg.max_examples, seed)
+    if cfg.task:
+        records = convert_task_records(cfg.task, records, cfg.train, context)
+        val_records = convert_task_records(cfg.task, val_records, cfg.validation or cfg.train, context)
+    train = tokenize_records(fmt, records, tokenizer, cfg.max_length, cfg.system_prompt, cfg.train)
+    validation = (tokenize_records(fmt, val_records, tokenizer, cfg.max_length, cfg.system_prompt,
+                                   cfg.validation or f"{cfg.train} (validation split)") if val_records else [])
+    return Datasets(fmt, train, validation, records)

@@ -1,0 +1,317 @@
+"""The one generation path: batched decoding on a KV cache, for serving, evaluation, chat and the
+export parity checks alike.
+
+    completions = complete(model, tokenizer, [prompt_ids, ...], SamplingParams(max_tokens=64, temperature=0))
+    print(completions[0].text, completions[0].finish_reason)
+
+Pieces, each used by every caller:
+- `Completion`: one prompt and, as decoding goes, its generated tokens and text.
+- `Decoding`: a row being decoded: detokenizes as it grows, streams text that is final (no partial
+  UTF-8 character, no possible start of a stop string), and ends the row at end of turn, a stop
+  string, max_tokens or when the caller cancels it.
+- `Decoder`: the backend protocol: `decode(rows)` advances every row to its end. `TorchDecoder` is
+  the PyTorch one (left-padded prefill, one forward pass per token over the rows still running, per-row
+  sampling, finished rows leave the batch and the cache, mixed LoRA adapters per row); the ONNX
+  backend (slmtune/serve/onnx_engine.py) implements the same protocol.
+- `complete(...)` / `complete_with(decoder, ...)`: prompts -> completions in batches, grouped by
+  length; what eval, chat and the parity checks use.
+  The serving engine (slmtune/serve/engine.py) drives decoders itself to batch concurrent requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from slmtune.methods.peft_common import prompt_learning_config, unwrap
+from slmtune.models import end_of_turn_ids
+
+log = logging.getLogger("slmtune.generation")
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int | None = None  # None: the caller's default (the serving engine clips it to the context)
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@dataclass(eq=False)
+class Completion:
+    """One prompt to complete; decoding fills in the rest."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # resolved: generation stops after this many tokens
+    on_text: Callable[[str], None] | None = None  # called with each new piece of final text
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)  # generated ids, the end-of-turn token included
+    finish_reason: str | None = None  # "stop" (end of turn or stop string) or "length"
+    cancelled: bool = False  # set by the caller when nobody waits for the answer any more
+    error: BaseException | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Generated tokens, the end-of-turn token included (as OpenAI counts them)."""
+        return len(self.token_ids)
+
+
+def notify(callback, *args) -> None:
+    """Run a caller's callback; its failure (e.g. its event loop is gone) never stops decoding."""
+    if callback is not None:
+        try:
+            callback(*args)
+        except Exception:  # noqa: BLE001
+            log.debug("generation callback failed", exc_info=True)
+
+
+def detokenizer(tokenizer) -> Callable[[list[int]], str]:
+    # No clean-up of spaces: it rewrites earlier text (" ." -> ".") after it was streamed.
+    def decode(tokens: list[int]) -> str:
+        return tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    return decode
+
+
+class Decoding:
+    """A completion being decoded: detokenizes one row as it grows and decides when it is finished."""
+
+    def __init__(self, completion: Completion, detokenize: Callable[[list[int]], str], eos_ids: set[int]):
+        self.completion = completion
+        self.detokenize = detokenize
+        self.eos_ids = eos_ids
+        self.tokens: list[int] = []  # generated ids without the end-of-turn token
+        self.sent = 0  # characters of the text already handed to on_text
+        self.finished = completion.cancelled
+
+    def add(self, token: int) -> None:
+        """The next generated token (any value for a cancelled row, which only finishes it)."""
+        c = self.completion
+        if self.finished:
+            return
+        if c.cancelled:
+            self.finish("stop", c.text)
+            return
+        c.token_ids.append(token)
+        if token in self.eos_ids:
+            self.finish("stop", self.detokenize(self.tokens))
+            return
+        self.tokens.append(token)
+        text = self.detokenize(self.tokens)
+        stops = c.params.stop
+        if stops:
+            # Only the tail can contain a stop string that the last token completed.
+            start = max(0, self.sent - max(map(len, stops)))
+            hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+            if hits:
+                self.finish("stop", text[: min(hits)])
+                return
+        if c.completion_tokens >= c.max_tokens:
+            self.finish("length", text)
+            return
+        self._emit(text[: self._safe_length(text)])
+
+    def finish(self, reason: str, text: str | None = None) -> None:
+        """End the row: emit the rest of `text` (default: everything decoded so far)."""
+        self._emit(self.detokenize(self.tokens) if text is None else text)
+        self.completion.finish_reason = reason
+        self.finished = True
+
+    def _safe_length(self, text: str) -> int:
+        """How much of the text can be streamed now: not a trailing partial UTF-8 character (it
+        decodes as U+FFFD until its last byte arrives), not the start of a possible stop string."""
+        n = len(text)
+        while n > self.sent and text[n - 1] == "\ufffd":
+            n -= 1
+        for stop in self.completion.params.stop:
+            for k in range(min(len(stop) - 1, n), 0, -1):
+                if text[n - k : n] == stop[:k]:
+                    n -= k
+                    break
+        return max(n, self.sent)
+
+    def _emit(self, text: str) -> None:
+        if len(text) > self.sent:
+            piece = text[self.sent :]
+            self.sent = len(text)
+            self.completion.text += piece
+            notify(self.completion.on_text, piece)
+
+
+class Decoder(Protocol):
+    def decode(self, rows: list[Decoding]) -> None:
+        """Generate until every row is finished."""
+
+
+class RowSampler:
+    """One row's next-token choice with its own temperature/top_p and seeded generator, so rows with
+    different sampling parameters share one forward pass."""
+
+    def __init__(self, params: SamplingParams, device):
+        self.temperature = params.temperature
+        self.top_p = params.top_p
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            # Keep the smallest set of most likely tokens whose mass reaches top_p.
+            drop = sorted_probs.cumsum(0) - sorted_probs >= self.top_p
+            sorted_probs[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class TorchDecoder:
+    """Decode rows on a PyTorch causal LM: prefill the left-padded prompts in one forward pass, then
+    one forward pass per new token over the rows still running, on a KV cache. A finished row leaves
+    the batch and the cache at once, so a long reply never makes short ones pay for its steps, and
+    each row can carry its own LoRA adapter (PEFT's mixed-batch forward, `adapter_names`). For one
+    request it is as fast as transformers' `generate`: on a CPU the forward pass itself is the cost
+    (docs/benchmarks.md). Prompt- and prefix-tuned models get their virtual tokens at prefill, as
+    PEFT's own generate gives them."""
+
+    def __init__(self, model, pad_id: int, adapter_names: list[str] | None = None):
+        self.model = model
+        self.pad_id = pad_id
+        self.adapter_names = adapter_names
+
+    @torch.inference_mode()
+    def decode(self, rows: list[Decoding]) -> None:
+        model = self.model
+        completions = [row.completion for row in rows]
+        device = next(model.parameters()).device
+        width = max(c.prompt_tokens for c in completions)
+        # Left padding: every row's last prompt token sits in the last column, where generation starts.
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, c in enumerate(completions):
+            input_ids[i, width - c.prompt_tokens :] = torch.tensor(c.prompt_ids)
+            attention_mask[i, width - c.prompt_tokens :] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        samplers = [RowSampler(c.params, device) if c.params.temperature > 0 else None for c in completions]
+        # A mixed batch names each row's adapter (PEFT's mixed-batch LoRA forward).
+        mixed = {} if self.adapter_names is None else {"adapter_names": list(self.adapter_names)}
+        # Without padding (one request, or prompts of one length) no mask is needed, and attention
+        # takes its causal fast path instead of building a mask every step.
+        padded = any(c.prompt_tokens < width for c in completions)
+        logits, attention_mask, next_position, cache, forward, padded = self._prefill(
+            input_ids, attention_mask, padded, mixed)
+        alive = list(range(len(rows)))  # batch row -> index into rows
+        while True:
+            tokens = logits.argmax(-1)
+            for b, i in enumerate(alive):
+                if samplers[i] is not None:
+                    tokens[b] = samplers[i](logits[b])
+            for b, token in enumerate(tokens.tolist()):
+                rows[alive[b]].add(token)
+            keep = [b for b, i in enumerate(alive) if not rows[i].finished]
+            if not keep:
+                return
+            if len(keep) < len(alive):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                attention_mask, tokens, next_position = attention_mask[index], tokens[index], next_position[index]
+                alive = [alive[b] for b in keep]
+                if mixed:
+                    mixed["adapter_names"] = [mixed["adapter_names"][b] for b in keep]
+            if padded:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(alive), 1))], dim=1)
+            logits = forward(input_ids=tokens[:, None], attention_mask=attention_mask if padded else None,
+                             position_ids=next_position, past_key_values=cache, use_cache=True, **mixed).logits[:, -1, :]
+            next_position = next_position + 1
+
+    def _prefill(self, input_ids, attention_mask, padded: bool, mixed: dict):
+        """The first forward pass over the prompts. Returns the last position's logits, the attention
+        mask and next positions to continue with, the cache, the callable that runs later steps and
+        whether masks must be passed."""
+        model = self.model
+        # Positions count real tokens only, so a padded row sees the positions it would see alone.
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=unwrap(model).config)
+        virtual = prompt_learning_config(model)
+        if virtual is None:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask if padded else None,
+                           position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                           **mixed).logits[:, -1, :]
+            return logits, attention_mask, positions[:, -1:] + 1, cache, model, padded
+        # Virtual tokens (PEFT prompt learning) come before the prompt; later steps run the base model.
+        base, n = unwrap(model), virtual.num_virtual_tokens
+        attention_mask = torch.cat([attention_mask.new_ones((len(input_ids), n)), attention_mask], dim=1)
+        # Positions count the virtual tokens too, as PEFT's forward (which ignores position_ids for
+        # prompt learning) numbers them in training and generation.
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        if virtual.peft_type == "PREFIX_TUNING":
+            # Learned keys/values of the n virtual tokens fill the cache before the prompt.
+            cache = model.get_prompt(batch_size=len(input_ids))
+            positions = positions[:, n:]
+            logits = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                          past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+            return logits, attention_mask, positions[:, -1:] + 1, cache, base, True
+        # Prompt tuning: learned embeddings are the first n input positions.
+        embeds = base.get_input_embeddings()(input_ids)
+        prompts = model.get_prompt(batch_size=len(input_ids)).to(embeds.dtype)
+        logits = base(inputs_embeds=torch.cat([prompts, embeds], dim=1), attention_mask=attention_mask,
+                      position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        return logits, attention_mask, positions[:, -1:] + 1, cache, base, True
+
+
+def pad_id_of(tokenizer, eos_ids: set[int]) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+
+
+def complete(model, tokenizer, prompts: Sequence[list[int]], params: SamplingParams = GREEDY, *,
+             batch_size: int = 8, eos_ids: set[int] | None = None, on_text: Callable[[str], None] | None = None,
+             on_batch: Callable[[], None] | None = None) -> list[Completion]:
+    """Complete every prompt (token ids) with a PyTorch model; see complete_with."""
+    eos_ids = eos_ids if eos_ids is not None else end_of_turn_ids(model, tokenizer)
+    return complete_with(TorchDecoder(model, pad_id_of(tokenizer, eos_ids)), tokenizer, prompts, params,
+                         batch_size=batch_size, eos_ids=eos_ids, on_text=on_text, on_batch=on_batch)
+
+
+def complete_with(decoder: Decoder, tokenizer, prompts: Sequence[list[int]], params: SamplingParams = GREEDY, *,
+                  eos_ids: set[int], batch_size: int = 8, on_text: Callable[[str], None] | None = None,
+                  on_batch: Callable[[], None] | None = None) -> list[Completion]:
+    """Complete every prompt (token ids) with `params` through `decoder`, `batch_size` rows at a time,
+    and return the completions in prompt order. Prompts are grouped by length to waste little on
+    padding. `params.max_tokens` defaults to 256; `on_text` streams the text (use it with one prompt);
+    `on_batch` is called after each batch (progress bars)."""
+    decode = detokenizer(tokenizer)
+    max_tokens = params.max_tokens if params.max_tokens is not None else 256
+    completions = [Completion(list(p), params, max_tokens, on_text=on_text) for p in prompts]
+    order = sorted(range(len(completions)), key=lambda i: -completions[i].prompt_tokens)
+    for at in range(0, len(order), batch_size):
+        rows = [Decoding(completions[i], decode, eos_ids) for i in order[at : at + batch_size]]
+        if max_tokens > 0:
+            decoder.decode(rows)
+        for row in rows:
+            if not row.finished:
+                row.finish("length")
+        notify(on_batch)
+    return completions
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """A conversation rendered with the model's chat template, ready for the assistant's answer; a
+    model without a chat template continues the last message's plain text."""
+    if tokenizer.chat_template:
+        clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+        return list(tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])
+    return list(tokenizer(messages[-1]["content"])["input_ids"])

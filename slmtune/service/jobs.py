@@ -1,0 +1,124 @@
+"""Creating a fine-tuning job, and moving it between states at the user's request; plain functions
+over a `Service`, called by the routes (and testable without HTTP).
+
+    job = create_job(service, tenant, JobCreate(model="smollm2-135m-instruct", training_file="file-..."))
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+
+from slmtune.config import RecipeError
+from slmtune.http.errors import ApiError
+from slmtune.serve.adapters import NAME_PATTERN
+from slmtune.service import hyper
+from slmtune.service.core import Service
+from slmtune.service.models import File, Job, Tenant
+from slmtune.service.schemas import JobCreate
+from slmtune.service.store import new_id
+
+SUFFIX_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,18}")
+MIN_TRAINING_EXAMPLES = 10
+
+
+def not_found(what: str, ident: str, param: str | None = None) -> ApiError:
+    return ApiError(404, f"No {what} with id `{ident}` exists.", param=param, code=f"{what.replace(' ', '_')}_not_found")
+
+
+def own_job(service: Service, job_id: str, tenant: Tenant) -> Job:
+    job = service.store.get_job(job_id, tenant.id)
+    if job is None:
+        raise not_found("fine-tuning job", job_id)
+    return job
+
+
+def training_input(service: Service, file_id: str | None, param: str, tenant: Tenant, minimum: int) -> File | None:
+    """The tenant's uploaded file `file_id`, checked as training input, or an ApiError naming `param`."""
+    if file_id is None:
+        return None
+    f = service.store.get_file(tenant.id, file_id)
+    if f is None:
+        raise ApiError(400, f"File `{file_id}` not found.", param=param, code="file_not_found")
+    if f.purpose != "fine-tune":
+        raise ApiError(400, f"File `{file_id}` has purpose {f.purpose!r}; upload it with purpose fine-tune.",
+                       param=param, code="invalid_file_purpose")
+    if f.n_examples < minimum:
+        raise ApiError(400, f"{param.replace('_', ' ').capitalize()} `{file_id}` has {f.n_examples} example(s), "
+                            f"but must have at least {minimum} examples.", param=param, code="invalid_n_examples")
+    return f
+
+
+def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
+    """Check a job request, resolve its hyperparameters and recipe, and queue it."""
+    settings, store = service.settings, service.store
+    if body.model not in settings.models:
+        offered = ", ".join(settings.models) or "none"
+        raise ApiError(400, f"Model `{body.model}` is not available for fine-tuning (offered: {offered}).",
+                       param="model", code="model_not_available")
+    if body.suffix is not None and not SUFFIX_PATTERN.fullmatch(body.suffix):
+        raise ApiError(400, "suffix: use 1-18 letters, digits, '-' or '_'.", param="suffix", code="invalid_suffix")
+    if body.metadata is not None and len(body.metadata) > 16:
+        raise ApiError(400, "metadata: at most 16 keys.", param="metadata", code="invalid_metadata")
+    train_file = training_input(service, body.training_file, "training_file", tenant, MIN_TRAINING_EXAMPLES)
+    val_file = training_input(service, body.validation_file, "validation_file", tenant, 1)
+    if val_file is not None and train_file.format != val_file.format:
+        raise ApiError(400, f"validation file is {val_file.format} but the training file is {train_file.format}.",
+                       param="validation_file", code="invalid_validation_file")
+    requested = body.hyperparameters or {}
+    if body.method is not None:
+        if body.hyperparameters is not None:
+            raise ApiError(400, "Give hyperparameters in method.supervised.hyperparameters only.",
+                           param="hyperparameters", code="invalid_hyperparameters")
+        requested = (body.method.supervised.hyperparameters if body.method.supervised else None) or {}
+    try:
+        resolved = hyper.resolve(requested, train_file.n_examples)
+    except hyper.HyperparameterError as err:
+        raise ApiError(400, str(err), param=err.param, code="invalid_hyperparameters") from None
+    job_id = new_id("ftjob", 8)
+    ft_name = f"ft:{body.model}:{tenant.name}:{body.suffix or ''}:{job_id}"
+    if not NAME_PATTERN.fullmatch(ft_name):
+        raise ApiError(400, f"The fine-tuned model name {ft_name!r} would be longer than 64 characters; use a "
+                            "shorter suffix.", param="suffix", code="invalid_suffix")
+    seed = body.seed if body.seed is not None else random.randrange(2**31)
+    run_dir = settings.service_dir / "jobs" / job_id / "run"
+    try:
+        recipe = hyper.build_recipe(
+            base=settings.models[body.model], method=body.slmtune_method, train_path=train_file.path,
+            validation_path=val_file.path if val_file else None, resolved=resolved, seed=seed, run_dir=str(run_dir),
+            n_examples=train_file.n_examples, save_every=settings.checkpoint_every, threads=settings.train_threads)
+    except RecipeError as err:
+        raise ApiError(400, f"Cannot train this job: {err}", code="invalid_request") from None
+    job = Job(id=job_id, tenant_id=tenant.id, model=body.model, base_path=settings.models[body.model],
+              training_file=train_file.id, validation_file=val_file.id if val_file else None, suffix=body.suffix,
+              seed=seed, metadata_=body.metadata, method=body.slmtune_method, hyperparameters=requested,
+              resolved=resolved | {"recipe": recipe.model_dump(mode="json"), "fine_tuned_model": ft_name}, status="queued", error=None,
+              result_files=[], run_dir=str(run_dir), attempts=0, created_at=time.time())
+    steps = math.ceil(train_file.n_examples / resolved["batch_size"]) * resolved["n_epochs"]
+    store.create_job(job, [
+        f"Validating training file: {train_file.id}" + (f" and validation file: {val_file.id}" if val_file else ""),
+        f"Files validated ({train_file.n_examples} training examples; {steps} steps with n_epochs="
+        f"{resolved['n_epochs']}, batch_size={resolved['batch_size']}, learning_rate_multiplier="
+        f"{resolved['learning_rate_multiplier']}), moving job to queued state"])
+    return job
+
+
+# (status it moves to, statuses it may come from, the event's message)
+TRANSITIONS = {
+    "cancel": ("cancelled", ("validating_files", "queued", "running", "paused"), "Job was cancelled"),
+    "pause": ("paused", ("queued", "running"), "Job was paused; it keeps its last checkpoint"),
+    "resume": ("queued", ("paused",), "Job was resumed and is queued"),
+}
+
+
+def transition(service: Service, job_id: str, tenant: Tenant, action: str) -> Job:
+    """Cancel, pause or resume a job (a conditional update: safe against a worker finishing it)."""
+    to, allowed, message = TRANSITIONS[action]
+    job = own_job(service, job_id, tenant)
+    if not service.store.set_status(job_id, to, allowed_from=allowed, message=message):
+        job = own_job(service, job_id, tenant)
+        raise ApiError(400, f"Job {job_id} is {job.status}; it cannot be {to} now.", param=None,
+                       code="invalid_job_state")
+    return own_job(service, job_id, tenant)

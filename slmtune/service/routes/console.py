@@ -1,0 +1,112 @@
+"""The web console (static HTML + CSS + vanilla JavaScript in static/) and the two small JSON
+endpoints its new-job wizard uses. The page holds no data itself: its script calls /v1 with the
+API key the user signs in with (kept in the browser's sessionStorage), like the openai client.
+
+    GET /                                         the console (index.html); /static/... its assets
+    GET /v1/slmtune/methods                       the methods the service offers
+    GET /v1/slmtune/auto_hyperparameters          ?training_file=ID: what "auto" picks for that file
+    GET /v1/slmtune/plan                          ?model=BASE&method=lora[&batch_size=N][&seq_len=N]:
+                                                  slmtune.training.plan's memory estimate on this server's
+                                                  hardware (GPU memory, else RAM as cpu:NGB)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+from fastapi import APIRouter, Depends, FastAPI, Query
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from slmtune.http.errors import ApiError
+from slmtune.methods import METHODS, SERVICE_METHODS
+from slmtune.service import hyper
+from slmtune.service.core import Service
+from slmtune.service.deps import current_tenant, get_service
+from slmtune.service.models import Tenant
+from slmtune.training import plan as planner
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+router = APIRouter()
+DEFAULT_SEQ_LEN = 1024  # data.max_length's default, which jobs train with
+
+
+def server_hardware() -> str:
+    """slmtune.training.plan's hardware string for this machine: NxGB of the visible GPUs, else cpu:RAM."""
+    try:
+        if torch.cuda.is_available():
+            n = torch.cuda.device_count()
+            gb = min(torch.cuda.get_device_properties(i).total_memory for i in range(n)) / 1024**3
+            return f"{n}x{gb:.1f}GB"
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 8 * 1024**3
+    return f"cpu:{ram / 1024**3:.1f}GB"
+
+
+def mount_static(app: FastAPI) -> None:
+    """The console's assets under /static (a mount: it must come before the serving engine's catch-all)."""
+    app.mount("/static", StaticFiles(directory=STATIC), name="console-static")
+
+
+@router.get("/", include_in_schema=False)
+def console_index():
+    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/v1/slmtune/methods")
+def methods():
+    """The methods the service trains with, for the wizard (the one list: slmtune.methods.SERVICE_METHODS)."""
+    return {"object": "list", "data": [{"id": name, "summary": METHODS[name].summary,
+                                        "base_learning_rate": METHODS[name].auto_learning_rate}
+                                       for name in SERVICE_METHODS]}
+
+
+@router.get("/v1/slmtune/auto_hyperparameters")
+def auto_hyperparameters(training_file: str, t: Tenant = Depends(current_tenant),
+                         service: Service = Depends(get_service)):
+    f = service.store.get_file(t.id, training_file)
+    if f is None:
+        raise ApiError(404, f"No file with id `{training_file}` exists.", param="training_file",
+                       code="file_not_found")
+    auto = hyper.auto_values(f.n_examples)
+    return {"object": "slmtune.auto_hyperparameters", "training_file": f.id, "n_examples": f.n_examples,
+            "auto": auto, "steps_per_epoch": math.ceil(f.n_examples / auto["batch_size"]),
+            "base_learning_rate": hyper.BASE_LEARNING_RATE}
+
+
+@router.get("/v1/slmtune/plan")
+def plan(model: str, method: Literal[SERVICE_METHODS] = "lora",  # type: ignore[valid-type]
+         batch_size: int = Query(1, ge=1, le=256), seq_len: int = Query(DEFAULT_SEQ_LEN, ge=16, le=131072),
+         t: Tenant = Depends(current_tenant), service: Service = Depends(get_service)):
+    settings = service.settings
+    if model not in settings.models:
+        raise ApiError(400, f"Model `{model}` is not available for fine-tuning (offered: "
+                            f"{', '.join(settings.models) or 'none'}).", param="model", code="model_not_available")
+    hardware = server_hardware()
+    try:
+        arch = planner.architecture(settings.models[model])
+    except (ValueError, OSError, KeyError) as err:
+        raise ApiError(400, f"No memory estimate for `{model}`: {err}", param="model",
+                       code="plan_unavailable") from None
+    hw = planner.Hardware.parse(hardware)
+    budget = hw.memory_gb * planner.GB
+
+    def row(m: str) -> dict:
+        e = planner.estimate(arch, m, seq_len=seq_len, micro_batch=batch_size, cpu=hw.cpu)
+        return {"method": m, "trainable_params": e.trainable, "weights": e.weights, "gradients": e.gradients,
+                "optimizer": e.optimizer, "activations": e.activations, "overhead": e.overhead,
+                "total": e.total, "fits": e.total <= budget}
+
+    rows = [row(m) for m in SERVICE_METHODS]
+    chosen = next(r for r in rows if r["method"] == method)
+    return {"object": "slmtune.plan", "model": model, "method": method, "hardware": str(hw),
+            "budget_bytes": budget, "seq_len": seq_len, "micro_batch": batch_size,
+            "total_params": arch.total_params(), "estimate": chosen, "fits": chosen["fits"], "methods": rows}

@@ -1,0 +1,103 @@
+"""What the fine-tuning API takes and gives: request bodies (validated, unknown keys are errors)
+and the public shapes of files, jobs, events and checkpoints, as OpenAI defines them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from slmtune.methods import SERVICE_METHODS
+from slmtune.service.models import Checkpoint, Event, File, Job, Tenant
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Supervised(Body):
+    hyperparameters: dict[str, Any] | None = None
+
+
+class MethodSpec(Body):
+    type: Literal["supervised"]
+    supervised: Supervised | None = None
+
+
+class JobCreate(Body):
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    method: MethodSpec | None = None
+    hyperparameters: dict[str, Any] | None = None  # OpenAI's older top-level form
+    slmtune_method: Literal[SERVICE_METHODS] = "lora"  # type: ignore[valid-type]  # extension: how slmtune trains
+
+
+class FilePublic(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str = "processed"
+    status_details: str | None = None
+
+    @classmethod
+    def of(cls, f: File) -> "FilePublic":
+        return cls(id=f.id, bytes=f.bytes, created_at=int(f.created_at), filename=f.filename, purpose=f.purpose)
+
+
+class JobPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    model: str
+    created_at: int
+    finished_at: int | None
+    fine_tuned_model: str | None
+    organization_id: str
+    result_files: list[str]
+    status: str
+    training_file: str
+    validation_file: str | None
+    hyperparameters: dict
+    method: dict
+    trained_tokens: int | None
+    error: dict | None
+    user_provided_suffix: str | None
+    seed: int
+    metadata: dict | None
+    integrations: list = []
+    estimated_finish: int | None = None
+    slmtune_method: str
+
+    @classmethod
+    def of(cls, j: Job, tenant: Tenant) -> "JobPublic":
+        hp = {k: j.resolved[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+        return cls(id=j.id, model=j.model, created_at=int(j.created_at),
+                   finished_at=int(j.finished_at) if j.finished_at else None, fine_tuned_model=j.fine_tuned_model,
+                   organization_id=tenant.name, result_files=list(j.result_files or []), status=j.status,
+                   training_file=j.training_file, validation_file=j.validation_file, hyperparameters=hp,
+                   method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+                   trained_tokens=j.trained_tokens, error=j.error, user_provided_suffix=j.suffix, seed=j.seed,
+                   metadata=j.metadata_, slmtune_method=j.method)
+
+
+def event_public(e: Event) -> dict:
+    return {"object": "fine_tuning.job.event", "id": e.id, "created_at": int(e.created_at), "level": e.level,
+            "message": e.message, "type": e.type, "data": e.data}
+
+
+def checkpoint_public(c: Checkpoint, job: Job) -> dict:
+    name = job.resolved["fine_tuned_model"]
+    return {"object": "fine_tuning.job.checkpoint", "id": c.id, "created_at": int(c.created_at),
+            "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{c.step}", "step_number": c.step,
+            "metrics": c.metrics, "fine_tuning_job_id": job.id}
+
+
+def page(items: list, has_more: bool) -> dict:
+    return {"object": "list", "data": items, "has_more": has_more,
+            "first_id": items[0]["id"] if items else None, "last_id": items[-1]["id"] if items else None}

@@ -1,0 +1,59 @@
+"""The serving engine behind tenant checks: /v1/chat/completions and /v1/completions of the service.
+
+`ServingGuard` wraps the slmtune/serve app (ASGI): it authenticates the key, reads the body's
+`model` (a base model or one of the tenant's succeeded fine-tuned models, registered with the
+engine on first use) and then hands the request to the serving app unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from slmtune.http.errors import ApiError, send_error
+from slmtune.service.core import Service
+from slmtune.service.deps import tenant_of
+
+SERVED_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+class ServingGuard:
+    def __init__(self, service: Service, inner):
+        self.service, self.inner = service, inner
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        path = scope["path"]
+        if path not in SERVED_PATHS:
+            return await send_error(send, ApiError(404, f"Unknown path {path}", code="not_found"))
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        try:
+            tenant = await asyncio.to_thread(tenant_of, self.service, headers.get("authorization"))
+        except ApiError as err:
+            return await send_error(send, err)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            model = json.loads(body).get("model")
+        except (ValueError, AttributeError):
+            model = None
+        if isinstance(model, str):
+            try:
+                await asyncio.to_thread(self.service.ensure_served, tenant, model)
+            except ApiError as err:
+                return await send_error(send, err)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.inner(scope, replay, send)
