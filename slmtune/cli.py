@@ -45,16 +45,20 @@ def cmd_train(args) -> int:
 
     quick = {"model": args.model, "data": args.data, "validation": args.validation, "method": args.method,
              "epochs": args.epochs, "output": args.output}
+    # --objective is a shorthand for train.objective=NAME: with a recipe file too.
+    objective_override = [f"train.objective={args.objective}"] if args.objective else []
     if args.resume:
         first_is_override = bool(args.recipe) and "=" in args.recipe  # argparse puts the first one there
         if (args.recipe and not first_is_override) or any(v is not None for v in quick.values()):
             raise RecipeError("--resume RUN_DIR takes the run's own recipe.yaml; give only key=value overrides")
+        if args.objective:
+            raise RecipeError("--resume RUN_DIR continues the run's own objective; --objective does not apply")
         recipe = load_recipe(Path(args.resume) / "recipe.yaml", [args.recipe] * first_is_override + args.overrides)
     elif args.recipe and "=" not in args.recipe:
         if any(v is not None for v in quick.values()):
             raise RecipeError("give a recipe file or the quick flags (--model/--data/...), not both; "
                               "override recipe values with key.sub=value")
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = load_recipe(args.recipe, objective_override + args.overrides)
     else:
         overrides = ([args.recipe] if args.recipe else []) + args.overrides
         if not args.model or not args.data:
@@ -67,7 +71,7 @@ def cmd_train(args) -> int:
             "train": {"epochs": args.epochs} if args.epochs is not None else {},
             "output": {"dir": args.output or f"runs/{Path(args.model).name}-{args.method or 'lora'}-{stamp}"},
         }
-        recipe = recipe_from_dict(apply_overrides(raw, overrides), "command line")
+        recipe = recipe_from_dict(apply_overrides(raw, objective_override + overrides), "command line")
 
     if args.nproc > 1 or args.nnodes > 1:  # the recipe is valid: run this command on every process
         return _launch_train(args, recipe)
@@ -162,7 +166,8 @@ def cmd_eval(args) -> int:
     from slmtune.evaluate import evaluate, format_table
 
     result = evaluate(args.target, args.data, task=args.task, limit=args.limit, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, output=args.output, progress=not args.no_progress)
+                      max_new_tokens=args.max_new_tokens, output=args.output, progress=not args.no_progress,
+                      pairs=args.pairs)
     print(format_table(result.report))
     print(f"wrote {result.path}" if result.path else "(not saved: give --output FILE)", file=sys.stderr)
     return 0
@@ -384,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation", help="validation JSONL (quick mode)")
     p.add_argument("--method", help="fine-tuning method (quick mode; default lora)")
     p.add_argument("--epochs", type=float, help="epochs (quick mode)")
+    p.add_argument("--objective", metavar="NAME",
+                   help="what to minimize: sft (default), or dpo / orpo on preference pairs (= train.objective=...)")
     p.add_argument("--output", help="run directory (quick mode; default runs/<model>-<method>-<time>)")
     p.add_argument("--json-events", action="store_true", help="print every training event as a JSON line on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -428,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, help="generation budget (default: the task's)")
     p.add_argument("--output", help="eval.json path (default: RUN_DIR/eval.json)")
+    p.add_argument("--pairs", action="store_true",
+                   help="also score preference pairs built from the rows (the reference answer over another "
+                   "row's): win rate, and for a run reward accuracy against the model it started from")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 

@@ -42,6 +42,10 @@ class ModelSection(Section):
         "when training computes in bf16 (train.precision) on one process or DDP, else float32. QLoRA keeps "
         "its own; full fine-tuning keeps fp32 master weights (bfloat16 is an error there)."
     )
+    adapter: str | None = Field(
+        None, description="Start from this adapter (a finished run directory or a PEFT adapter directory) instead "
+        "of a fresh one: the usual SFT-then-DPO flow. Its settings (rank, targets) must match `method`."
+    )
 
 
 class DataSection(Section):
@@ -50,7 +54,7 @@ class DataSection(Section):
     validation_split: float = Field(
         0.0, ge=0.0, lt=0.5, description="Fraction of `train` held out for validation when no file is given."
     )
-    format: Literal["auto", "chat", "prompt_completion", "text"] = "auto"
+    format: Literal["auto", "chat", "prompt_completion", "text", "preference"] = "auto"
     task: Literal[TASK_NAMES] | None = Field(  # type: ignore[valid-type]
         None, description="Rows are task data (slmtune/tasks/<task>.py), turned into chat/text examples "
         "by the task's template before tokenization; null: the files are chat/prompt_completion/text."
@@ -102,7 +106,45 @@ class DistributedSection(Section):
 ROWS_PER_STEP = 8  # the default optimizer step, in rows, on any device
 
 
+# --- objectives: what the loop minimizes (slmtune/training/objectives/<name>.py each) ---------------
+class SFTObjective(Section):
+    """Supervised fine-tuning: next-token cross-entropy on the target tokens (chat, prompt/completion, text)."""
+
+    name: Literal["sft"] = "sft"
+
+
+class DPOObjective(Section):
+    """Direct preference optimization (Rafailov et al., 2023) on preference pairs, sigmoid loss."""
+
+    name: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0, le=10, description="Strength of the KL constraint to the reference model.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Share of pairs assumed mislabelled (cDPO).")
+    reference: Literal["auto", "adapter_disabled", "copy", "precomputed"] = Field(
+        "auto", description="Where the reference log-probabilities come from. adapter_disabled: the same model "
+        "with its adapter off (no second copy); copy: a frozen copy of the starting weights; precomputed: one "
+        "pass over the data before training (no second model in memory, one extra forward per pair once). auto: "
+        "adapter_disabled for adapter methods, precomputed for full fine-tuning or a model.adapter start."
+    )
+
+
+class ORPOObjective(Section):
+    """Odds-ratio preference optimization (Hong et al., 2024): SFT on the preferred answer plus an
+    odds-ratio term; no reference model."""
+
+    name: Literal["orpo"] = "orpo"
+    beta: float = Field(0.1, gt=0, le=10, description="Weight (lambda) of the odds-ratio term.")
+
+
+OBJECTIVE_CONFIGS = {c.model_fields["name"].default: c for c in (SFTObjective, DPOObjective, ORPOObjective)}
+ObjectiveSection = Annotated[Union[tuple(OBJECTIVE_CONFIGS.values())], Field(discriminator="name")]
+PREFERENCE_OBJECTIVES = ("dpo", "orpo")
+
+
 class TrainSection(Section):
+    objective: ObjectiveSection = Field(
+        default_factory=SFTObjective, description="What training minimizes: sft (default), dpo or orpo "
+        "(preference pairs); `objective: dpo` is short for {name: dpo}."
+    )
     epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
     # On CPU one packed row of max_length tokens already keeps the matmuls busy: a second row per
@@ -161,6 +203,15 @@ class TrainSection(Section):
     def _strategy_shorthand(cls, value):
         return {"strategy": value} if isinstance(value, str) else value
 
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_shorthand(cls, value):
+        if isinstance(value, str):
+            return {"name": value}
+        if isinstance(value, dict):
+            return {"name": "sft"} | value
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _one_step_size(cls, values):
@@ -212,6 +263,11 @@ class Recipe(Section):
         if self.method.name == "qlora" and strategy not in ("none", "ddp"):
             raise ValueError(f"train.distributed.strategy {strategy}: QLoRA's 4-bit base weights cannot be "
                              "sharded; use ddp (or lora/full with fsdp or a zero stage)")
+        if self.train.objective.name in PREFERENCE_OBJECTIVES and not METHODS[self.method.name].packing:
+            raise ValueError(f"train.objective {self.train.objective.name}: method {self.method.name} learns virtual "
+                             "tokens; preference objectives train lora, qlora, dora, ia3 or full")
+        if self.model.adapter and METHODS[self.method.name].artifact != "adapter":
+            raise ValueError(f"model.adapter starts from an adapter; method {self.method.name} trains a whole model")
         if METHODS[self.method.name].rewrites_base(self.method) and strategy in ("zero3", "fsdp"):
             raise ValueError(f"train.distributed.strategy {strategy}: lora_init {self.method.lora_init} converts "
                              "the adapter with the full base weights at the end; use ddp, zero1 or zero2")
@@ -265,7 +321,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int]) -> str:
     out = []
     for e in err.errors():
-        loc = tuple(str(p) for p in e["loc"] if not (isinstance(p, str) and p in METHOD_CONFIGS and e["loc"][0] == "method"))
+        # Drop the discriminator tags pydantic puts into union locations (method.lora.lora_r -> method.lora_r).
+        loc = tuple(str(p) for i, p in enumerate(e["loc"])
+                    if not (i > 0 and e["loc"][i - 1] in ("method", "objective")
+                            and p in {**METHOD_CONFIGS, **OBJECTIVE_CONFIGS}))
         field = ".".join(loc) or "(recipe)"
         line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
         where = f"{source}:{line}" if line else source

@@ -30,15 +30,21 @@ from slmtune import atomic
 from slmtune.data.batching import collate
 from slmtune.data.formats import DataError, Record, iter_jsonl
 from slmtune.data.tokenize import encode
+from slmtune.data.dataset import pairs_from_task_examples
+from slmtune.data.formats import detect_format
+from slmtune.data.tokenize import Pair, encode_pair
 from slmtune.data.validate import read_records
 from slmtune.generation import SamplingParams, chat_prompt_ids, complete
 from slmtune.models import end_of_turn_ids
 from slmtune.tasks import TASKS, detect_task
 from slmtune.tasks.common import split_last_assistant
-from slmtune.training.loss import autocast_dtype, target_loss_sum
-from slmtune.training.rundir import RunDir, load_for_inference
+from slmtune.methods.peft_common import has_adapter, prompt_learning_config
+from slmtune.training.loss import autocast_dtype, sequence_logprobs, target_loss_sum
+from slmtune.training.objectives.preference import FedPair, collate_pairs
+from slmtune.training.rundir import RunDir, load_base, load_for_inference
 
 DEFAULT_BATCH_SIZE = 8
+PAIR_SEED = 1234  # which other row's answer is the wrong one, the same for every model evaluated
 DEFAULT_MAX_LENGTH = 1024  # tokens per example for loss-based metrics when no recipe says otherwise
 LOSS_TARGET_TOKENS = 4096  # target tokens per loss batch: bounds the (tokens x vocabulary) logits
 
@@ -55,6 +61,13 @@ def run_recipe(target: str):
         run_dir = RunDir(target)
         return run_dir, run_dir.recipe()
     return None, None
+
+
+def file_format(path: str) -> str | None:
+    """The format of a file's first row (None when it does not parse)."""
+    for _, err, row in iter_jsonl(path):
+        return detect_format(row) if err is None else None
+    return None
 
 
 def resolve_task(task: str | None, recipe, data: str) -> str:
@@ -120,6 +133,91 @@ def loss_sums(model, tokenizer, batches: list[list], amp_dtype=None, on_batch=No
     return out
 
 
+@torch.no_grad()
+def preference_scores(model, tokenizer, pairs: list[Pair], *, reference_model=None, batch_size: int = 8,
+                      amp_dtype=None, attention: str = "sdpa", on_batch=None) -> dict:
+    """How `model` ranks each pair's two answers.
+
+    win_rate: share of pairs whose preferred answer has the higher mean token log-probability (the
+    model's own likelihood ordering, length-normalized). With a reference (the run's starting
+    model: its adapter disabled, or the base model of a full fine-tune) also reward_accuracy, DPO's
+    accuracy: share of pairs whose preferred answer gained more log-probability over the reference
+    than the other, and the mean reward margin (beta 1)."""
+    fed = [FedPair(p) for p in pairs]
+    wins = correct = 0
+    margins = 0.0
+    for at in range(0, len(fed), batch_size):
+        chunk = fed[at : at + batch_size]
+        batch = collate_pairs([[f] for f in chunk], tokenizer.pad_token_id, attention)
+        sums, counts = sequence_logprobs(model, batch, amp_dtype)
+        means = sums / counts.clamp(min=1)
+        wins += int((means[0::2] > means[1::2]).sum())
+        if reference_model is not None:
+            if reference_model is model:  # an adapter run: the reference is the model with its adapter off
+                with model.disable_adapter():
+                    ref = sequence_logprobs(model, batch, amp_dtype)[0]
+            else:
+                ref = sequence_logprobs(reference_model, batch, amp_dtype)[0]
+            margin = (sums[0::2] - ref[0::2]) - (sums[1::2] - ref[1::2])
+            correct += int((margin > 0).sum())
+            margins += float(margin.sum())
+        if on_batch is not None:
+            on_batch()
+    n = max(len(fed), 1)
+    scores = {"pairs": len(fed), "win_rate": wins / n}
+    if reference_model is not None:
+        scores |= {"reward_accuracy": correct / n, "mean_margin": margins / n}
+    return scores
+
+
+def reference_for(model, recipe):
+    """The model a run started from, to measure rewards against: the same model with its adapter
+    off (adapter runs), or the base model (full fine-tuning); None for a plain model."""
+    if recipe is None:
+        return None
+    if prompt_learning_config(model) is None and has_adapter(model):
+        return model
+    reference = load_base(recipe)
+    reference.eval()
+    return reference
+
+
+def evaluate_preferences(target: str, data: str, *, limit: int | None, batch_size: int, progress: bool,
+                         output: str | os.PathLike | None, start: float) -> EvalResult:
+    """`slmtune eval` on a preference file: win rate (and, for a run, reward accuracy) on its pairs."""
+    run_dir, recipe = run_recipe(target)
+    records = read_records(data, fmt="preference")[1]
+    if limit is not None:
+        records = records[:limit]
+    model, tokenizer = load_for_inference(target)
+    system_prompt = recipe.data.system_prompt if recipe is not None else None
+    max_length = recipe.data.max_length if recipe is not None else DEFAULT_MAX_LENGTH
+    pairs = [encode_pair(r.data, tokenizer, system_prompt).truncated(max_length) for r in records]
+    amp = autocast_dtype(recipe.train.precision if recipe is not None else "auto", next(model.parameters()).device)
+    bar = tqdm(total=math.ceil(len(pairs) / batch_size), desc="eval preference", unit="batch",
+               file=sys.stderr) if progress else None
+    try:
+        scores = preference_scores(model, tokenizer, pairs, reference_model=reference_for(model, recipe),
+                                   batch_size=batch_size, amp_dtype=amp, on_batch=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    report = {"task": "preference", "target": str(target),
+              "model": recipe.model.name if recipe is not None else str(target),
+              "run_dir": str(run_dir) if run_dir is not None else None, "data": str(data),
+              "n_examples": len(pairs), "limit": limit, "batch_size": batch_size, "metrics": scores,
+              "seconds": round(time.perf_counter() - start, 3), "examples": []}
+    return EvalResult(report, _write_report(report, output, run_dir))
+
+
+def _write_report(report: dict, output, run_dir) -> Path | None:
+    path = Path(output) if output else (run_dir.eval_file if run_dir is not None else None)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(path, json.dumps(_jsonable(report), indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
 def _jsonable(value):
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]
@@ -142,9 +240,12 @@ def evaluate(
     max_new_tokens: int | None = None,
     output: str | os.PathLike | None = None,
     progress: bool = True,
+    pairs: bool = False,
 ) -> EvalResult:
     """Evaluate `target` (a run directory or a model) on the task rows in `data` and write eval.json
-    (into the run directory, or to `output`). `limit` keeps the first N rows."""
+    (into the run directory, or to `output`). `limit` keeps the first N rows. With `pairs`, also how
+    the model ranks preference pairs built from the rows (the reference answer over another row's,
+    slmtune.data.dataset.pairs_from_task_examples). A file of preference pairs is scored as such."""
     start = time.perf_counter()
     if batch_size < 1:
         raise DataError("--batch-size must be at least 1")
@@ -152,6 +253,9 @@ def evaluate(
         raise DataError("--limit must be at least 1")
     if max_new_tokens is not None and max_new_tokens < 0:
         raise DataError("--max-new-tokens must be 0 or more")
+    if task is None and file_format(data) == "preference":
+        return evaluate_preferences(target, data, limit=limit, batch_size=batch_size, progress=progress,
+                                    output=output, start=start)
     run_dir, recipe = run_recipe(target)
     task = resolve_task(task, recipe, data)
     module = TASKS[task]
@@ -205,6 +309,14 @@ def evaluate(
 
     rows_data = [r.data for r in rows]
     metrics = module.score(predictions if predictions is not None else [None] * len(rows), rows_data, losses=losses)
+    if pairs:
+        if module.FORMAT != "chat":
+            raise DataError(f"--pairs: task {task} has no answers to pair (it trains on plain text)")
+        pair_records = pairs_from_task_examples([Record(r.line, e) for r, e in zip(rows, examples)], PAIR_SEED, data)
+        encoded = [encode_pair(r.data, tokenizer, system_prompt).truncated(max_length) for r in pair_records]
+        amp = autocast_dtype(recipe.train.precision if recipe is not None else "auto", device)
+        metrics["preference"] = preference_scores(model, tokenizer, encoded, amp_dtype=amp, batch_size=batch_size,
+                                                  reference_model=reference_for(model, recipe))
     report = {
         "task": task,
         "target": str(target),
@@ -224,18 +336,16 @@ def evaluate(
         ],
     }
     report = _jsonable(report)
-    path = Path(output) if output else (run_dir.eval_file if run_dir is not None else None)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    return EvalResult(report, path)
+    return EvalResult(report, _write_report(report, output, run_dir))
 
 
 def format_table(report: dict) -> str:
     """The metrics as an aligned two-column table; per-class / per-type F1 indented below."""
     rows: list[tuple[str, str]] = []
     for name, value in report["metrics"].items():
-        if isinstance(value, dict):
+        if name == "preference" and isinstance(value, dict):
+            rows += [(f"  pairs {k}", f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in value.items()]
+        elif isinstance(value, dict):
             for sub, values in value.items():
                 if isinstance(values, dict) and "f1" in values:
                     rows.append((f"  {name}[{sub}] f1", f"{values['f1']:.4f}  (support {values.get('support', '?')})"))

@@ -92,7 +92,9 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool, attn_implement
     targets = torch.full((batch, width), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((batch, width), dtype=torch.long)
     segment = torch.full((batch, width), -1, dtype=torch.long)
+    sequence_ids = torch.full((batch, width), -1, dtype=torch.long)
     spans: list[list[tuple[int, int]]] = [[] for _ in rows]
+    n_sequences = 0
     for b, row in enumerate(rows):
         at = 0
         for s, example in enumerate(row):
@@ -101,11 +103,15 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool, attn_implement
             targets[b, at : at + n] = torch.tensor(example.targets)
             position_ids[b, at : at + n] = torch.arange(n)
             segment[b, at : at + n] = s
+            sequence_ids[b, at : at + n] = n_sequences
             spans[b].append((at, n))
             at += n
+            n_sequences += 1
     real = segment >= 0
-    out = {"input_ids": input_ids, "targets": targets, "position_ids": position_ids,
-           "n_tokens": int(real.sum()), "n_targets": int((targets != IGNORE).sum())}
+    # sequence_ids numbers the examples of the batch row by row: objectives that score whole
+    # sequences (preference pairs) sum their tokens' log-probabilities by it.
+    out = {"input_ids": input_ids, "targets": targets, "position_ids": position_ids, "sequence_ids": sequence_ids,
+           "n_sequences": n_sequences, "n_tokens": int(real.sum()), "n_targets": int((targets != IGNORE).sum())}
     if not packed:
         out["attention_mask"] = real.long()
         return out

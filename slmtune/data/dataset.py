@@ -66,9 +66,31 @@ def convert_task_records(task: str, records: list[Record], source: str, context:
     return out
 
 
-def build_datasets(cfg, tokenizer, seed: int) -> Datasets:
+def pairs_from_task_examples(records: list[Record], seed: int, source: str) -> list[Record]:
+    """Preference pairs from task examples: the reference answer is preferred over a wrong one, the
+    answer of another row (seeded), so DPO/ORPO can train on any task's data (a classification
+    label over another label, a QA answer over another question's answer)."""
+    answers = [r.data["messages"][-1]["content"] for r in records]
+    if len({a.strip() for a in answers}) < 2:
+        raise DataError(f"{source}: every row has the same answer; preference pairs need a wrong answer to prefer "
+                        "the right one over")
+    rng = random.Random(seed)
+    out = []
+    for record, answer in zip(records, answers):
+        wrong = answer
+        while wrong.strip() == answer.strip():
+            wrong = answers[rng.randrange(len(answers))]
+        messages = record.data["messages"]
+        out.append(Record(record.line, {"input": {"messages": messages[:-1]},
+                                        "preferred_output": [{"role": "assistant", "content": answer}],
+                                        "non_preferred_output": [{"role": "assistant", "content": wrong}]}))
+    return out
+
+
+def build_datasets(cfg, tokenizer, seed: int, *, pairs: bool = False) -> Datasets:
     """Read, validate and tokenize the recipe's `data` section (converting task rows first when
-    `data.task` is set, and sampling `data.max_examples`)."""
+    `data.task` is set, and sampling `data.max_examples`). With `pairs` (a preference objective),
+    task rows become preference pairs (pairs_from_task_examples); files must hold pairs otherwise."""
     fmt, records = read_records(cfg.train, cfg.format, cfg.task)
     context = task_context(cfg.task, records) if cfg.task else {}
     val_records: list[Record] = []
@@ -89,6 +111,11 @@ def build_datasets(cfg, tokenizer, seed: int) -> Datasets:
     if cfg.task:
         records = convert_task_records(cfg.task, records, cfg.train, context)
         val_records = convert_task_records(cfg.task, val_records, cfg.validation or cfg.train, context)
+        if pairs and fmt == "chat":
+            records = pairs_from_task_examples(records, seed, cfg.train)
+            val_records = pairs_from_task_examples(val_records, seed + 1, cfg.validation or cfg.train) \
+                if val_records else []
+            fmt = "preference"
     train = tokenize_records(fmt, records, tokenizer, cfg.max_length, cfg.system_prompt, cfg.train)
     validation = (tokenize_records(fmt, val_records, tokenizer, cfg.max_length, cfg.system_prompt,
                                    cfg.validation or f"{cfg.train} (validation split)") if val_records else [])

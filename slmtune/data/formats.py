@@ -4,6 +4,9 @@
   (OpenAI's fine-tuning format; `weight: 0` on an assistant turn excludes it from the loss)
 - prompt_completion: `{"prompt": "...", "completion": "..."}`
 - text: `{"text": "..."}` (continued pretraining: loss on every token)
+- preference (DPO/ORPO): OpenAI's `{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant",
+  "content": "..."}], "non_preferred_output": [...]}`, or `{"prompt", "chosen", "rejected"}` where each is a
+  string or a list of messages (`preference_parts` turns both into one prompt and two assistant messages)
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-FORMATS = ("chat", "prompt_completion", "text")
+FORMATS = ("chat", "prompt_completion", "text", "preference")
 ROLES = ("system", "user", "assistant")
 
 
@@ -48,9 +51,14 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, str | None, Any]]:
             yield number, "invalid_json", None
 
 
+PREFERENCE_KEYS = ({"preferred_output", "non_preferred_output"}, {"chosen", "rejected"})
+
+
 def detect_format(data: Any) -> str | None:
     if not isinstance(data, dict):
         return None
+    if any(keys & set(data) for keys in PREFERENCE_KEYS):
+        return "preference"
     if "messages" in data:
         return "chat"
     if "prompt" in data or "completion" in data:
@@ -96,4 +104,73 @@ def check_example(fmt: str, data: dict) -> list[tuple[str, str]]:
     elif fmt == "text":
         if not _nonblank_str(data.get("text")):
             problems.append(("missing_field", "`text` is missing, not a string, or empty"))
+    elif fmt == "preference":
+        problems.extend(check_preference(data))
+    return problems
+
+
+def _messages(value) -> list | None:
+    """A prompt or an output as a message list (a plain string is one message); None if neither."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    return value if isinstance(value, list) else None
+
+
+def preference_parts(data: dict) -> tuple[list[dict], dict, dict]:
+    """(prompt messages, preferred assistant message, non-preferred assistant message) of a valid
+    preference example, in either shape."""
+    if "preferred_output" in data:
+        return list(data["input"]["messages"]), data["preferred_output"][0], data["non_preferred_output"][0]
+    prompt = _messages(data["prompt"])
+    outputs = []
+    for key in ("chosen", "rejected"):
+        value = data[key]
+        outputs.append({"role": "assistant", "content": value} if isinstance(value, str) else value[-1])
+    return list(prompt), outputs[0], outputs[1]
+
+
+def check_preference(data: dict) -> list[tuple[str, str]]:
+    """Problems of one preference example, as (code, message) pairs."""
+    openai_shape = "preferred_output" in data or "non_preferred_output" in data or "input" in data
+    if openai_shape:
+        inp = data.get("input")
+        prompt = inp.get("messages") if isinstance(inp, dict) else None
+        if not isinstance(prompt, list) or not prompt:
+            return [("missing_messages", "`input.messages` must be a non-empty list of messages")]
+        names, outputs = ("preferred_output", "non_preferred_output"), [data.get("preferred_output"),
+                                                                        data.get("non_preferred_output")]
+    else:
+        prompt = _messages(data.get("prompt"))
+        if prompt is None or not prompt:
+            return [("missing_messages", "`prompt` must be a string or a non-empty list of messages")]
+        names, outputs = ("chosen", "rejected"), [data.get("chosen"), data.get("rejected")]
+        # A chosen/rejected string is the assistant's answer; a list holds it as its last message.
+        outputs = [[{"role": "assistant", "content": o}] if isinstance(o, str) else
+                   (o[-1:] if isinstance(o, list) and o else o) for o in outputs]
+    problems = []
+    for i, message in enumerate(prompt):
+        if not isinstance(message, dict):
+            problems.append(("invalid_message", f"prompt message {i} is not an object"))
+        elif message.get("role") not in ROLES:
+            problems.append(("unknown_role", f"prompt message {i} has role {message.get('role')!r}; expected one "
+                                             f"of {', '.join(ROLES)}"))
+        elif not _nonblank_str(message.get("content")):
+            problems.append(("empty_content", f"prompt message {i} has no content"))
+    if not any(isinstance(m, dict) and m.get("role") == "user" for m in prompt):
+        problems.append(("no_user_turn", "the prompt has no user message to answer"))
+    texts = []
+    for name, output in zip(names, outputs):
+        if output is None:
+            problems.append(("missing_output", f"`{name}` is missing"))
+        elif not isinstance(output, list) or len(output) != 1 or not isinstance(output[0], dict) \
+                or output[0].get("role") != "assistant":
+            problems.append(("not_one_assistant_message",
+                             f"`{name}` must be exactly one message with role assistant"))
+        elif not _nonblank_str(output[0].get("content")):
+            problems.append(("empty_output", f"`{name}` has no content"))
+        else:
+            texts.append(output[0]["content"].strip())
+    if len(texts) == 2 and texts[0] == texts[1]:
+        problems.append(("identical_outputs", "the preferred and non-preferred outputs are the same; the pair "
+                                              "teaches nothing"))
     return problems

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from slmtune.data.formats import preference_parts
+
 IGNORE = -100
 
 
@@ -96,7 +98,37 @@ def encode_text(text: str, tokenizer) -> Example:
     return _from_segments([(_ids(tokenizer, text, special=True) + eos, True)])
 
 
-def encode(fmt: str, data: dict, tokenizer, max_length: int | None, system_prompt: str | None = None) -> Example:
+@dataclass
+class Pair:
+    """A preference pair: the same prompt answered twice; targets are the answers' tokens only."""
+
+    chosen: Example
+    rejected: Example
+
+    def truncated(self, max_length: int | None) -> "Pair":
+        return Pair(self.chosen.truncated(max_length), self.rejected.truncated(max_length))
+
+    def n_targets(self, max_length: int | None = None) -> int:
+        """Trainable tokens, 0 when either answer has none (the pair would teach nothing)."""
+        chosen, rejected = self.chosen.n_targets(max_length), self.rejected.n_targets(max_length)
+        return chosen + rejected if chosen and rejected else 0
+
+    def __len__(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+
+def encode_pair(data: dict, tokenizer, system_prompt: str | None = None) -> Pair:
+    """Both answers rendered after the same prompt with the chat template; earlier assistant turns of
+    the prompt are context (weight 0), so only each answer's tokens (and its end of turn) are targets."""
+    prompt, chosen, rejected = preference_parts(data)
+    context = [m | {"weight": 0} if m["role"] == "assistant" else m for m in prompt]
+    return Pair(encode_chat(context + [chosen], tokenizer, system_prompt),
+                encode_chat(context + [rejected], tokenizer, system_prompt))
+
+
+def encode(fmt: str, data: dict, tokenizer, max_length: int | None, system_prompt: str | None = None) -> Example | Pair:
+    if fmt == "preference":
+        return encode_pair(data, tokenizer, system_prompt).truncated(max_length)
     if fmt == "chat":
         example = encode_chat(data["messages"], tokenizer, system_prompt)
     elif fmt == "prompt_completion":

@@ -7,7 +7,7 @@ Codes (errors unless marked):
   invalid_encoding      line is not UTF-8
   invalid_json          line is not a JSON value
   not_an_object         line is JSON but not an object
-  unknown_format        object has none of messages / prompt+completion / text
+  unknown_format        object has none of messages / prompt+completion / text / a preference pair
   mixed_formats         object's format differs from the file's first example
   missing_messages      `messages` is missing, not a list, or empty
   invalid_message       a message is not an object
@@ -16,7 +16,14 @@ Codes (errors unless marked):
   no_assistant_message  a chat example has no assistant turn to learn from
   bad_weight            `weight` is not 0 or 1, or is set on a non-assistant turn
   missing_field         prompt/completion/text missing, not a string, or empty
-  too_few_examples      fewer than 10 examples in the file
+  Preference pairs (DPO/ORPO; OpenAI's input/preferred_output/non_preferred_output or prompt/chosen/rejected):
+  missing_messages      the prompt (input.messages / prompt) is missing or empty
+  no_user_turn          the prompt has no user message
+  missing_output        preferred_output/non_preferred_output (chosen/rejected) is missing
+  not_one_assistant_message  an output is not exactly one message with role assistant
+  empty_output          an output has no content
+  identical_outputs     the preferred and non-preferred outputs are the same
+  too_few_examples      fewer than 10 examples (pairs) in the file
   too_long (warning)    with a model: example exceeds max_length; says how many tokens are cut
   no_trainable_tokens   with a model: nothing in the example reaches the loss
   unknown_task          --task names no task in slmtune/tasks
@@ -33,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slmtune.data.formats import DataError, Record, check_example, detect_format, iter_jsonl
-from slmtune.data.tokenize import encode
+from slmtune.data.tokenize import Pair, encode
 from slmtune.tasks import TASKS
 
 MIN_EXAMPLES = 10
@@ -134,10 +141,12 @@ def validate_file(
             good = [(line, task_module.to_example(data, **context)) for line, data in good]
         for line, data in good:
             example = encode(report.format, data, tokenizer, max_length=None, system_prompt=system_prompt)
-            n = len(example.input_ids)
+            # A preference pair is two sequences, each cut at max_length on its own.
+            sequences = [example.chosen, example.rejected] if isinstance(example, Pair) else [example]
+            n = sum(len(e) for e in sequences)
             report.total_tokens += n
-            if max_length and n > max_length:
-                cut = n - max_length
+            cut = sum(max(0, len(e) - max_length) for e in sequences) if max_length else 0
+            if cut:
                 report.tokens_cut += cut
                 report.issues.append(Issue("too_long", path, line,
                                            f"{n} tokens > max_length {max_length}: {cut} tokens would be cut",

@@ -24,7 +24,12 @@ def load_trained(model, path) -> None:
     """Load adapter weights saved by save_trained (not converted) into an already prepared model."""
     from peft import load_peft_weights, set_peft_model_state_dict
 
-    set_peft_model_state_dict(model, load_peft_weights(str(path)))
+    loaded = set_peft_model_state_dict(model, load_peft_weights(str(path)))
+    # Prompt-learning weights (virtual tokens) are loaded apart from the module weights, and PEFT
+    # lists them as unexpected although they were loaded.
+    unexpected = list(getattr(loaded, "unexpected_keys", None) or [])
+    if unexpected and prompt_learning_config(model) is None:
+        raise ValueError(f"{path}: adapter weights for modules this model's adapter does not have: {unexpected[:3]}")
 
 
 def remember_initial_adapter(model) -> None:
@@ -60,6 +65,11 @@ def unwrap(model):
     """The transformers model under a PEFT wrapper (the model itself when it has none)."""
     get_base_model = getattr(model, "get_base_model", None)
     return get_base_model() if get_base_model is not None else model
+
+
+def has_adapter(model) -> bool:
+    """Whether `model` is a PeftModel whose adapter can be switched off (the base then runs)."""
+    return getattr(model, "disable_adapter", None) is not None
 
 
 def prompt_learning_config(model):

@@ -1,8 +1,10 @@
 """The training loop: AdamW, warmup + schedule, gradient accumulation, clipping, checkpoints.
 
-Read it top to bottom in `train()`. The loss of one optimizer step is the sum of token losses over
-every micro-batch it accumulates, divided by the number of target tokens in all of them, so 4
-micro-batches of 2 rows give exactly the loss and gradients of 1 micro-batch of 8 rows. With
+Read it top to bottom in `train()`. It is the same for every objective (slmtune/training/objectives/):
+the objective's feed gives the micro-batches of each step, its loss module the loss summed over
+each batch's units (target tokens, pairs...). The loss of one optimizer step is that sum over every
+micro-batch it accumulates, divided by the units in all of them, so 4 micro-batches of 2 rows give
+exactly the loss and gradients of 1 micro-batch of 8 rows. With
 several processes (train.distributed, slmtune/training/distributed.py) a step takes world_size times as many
 micro-batches, each rank every world_size-th of them, with the same loss and updates as one process.
 """
@@ -24,12 +26,11 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from slmtune.config import TrainSection
-from slmtune.data.batching import collate, example_steps, micro_batches, step_micro_batches, steps_per_epoch
-from slmtune.data.tokenize import Example
 from slmtune.methods import Method
 from slmtune.training import events
 from slmtune.training.distributed import SingleProcess
-from slmtune.training.loss import TargetLoss, autocast_dtype, target_loss_sum
+from slmtune.training.feed import Feed
+from slmtune.training.loss import ObjectiveLoss, autocast_dtype, target_loss_sum
 from slmtune.training.rundir import CHECKPOINT_STATE, RunDir
 
 def peak_rss_mb() -> float:
@@ -68,23 +69,40 @@ def optimizer_groups(model, weight_decay: float) -> list[dict]:
             {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
 
 
+def accumulate_step(par: SingleProcess, loss: ObjectiveLoss, batches: list[dict], amp_dtype,
+                    step_units: int) -> tuple[float, dict[str, float]]:
+    """Backward over this rank's micro-batches of one step, each loss divided by the units of the
+    whole global step; returns this rank's part of the step loss and its summed metrics."""
+    total, metric_sums = 0.0, dict.fromkeys(loss.metric_names, 0.0)
+    for i, batch in enumerate(batches):
+        total += par.forward_backward(batch, amp_dtype, max(step_units, 1), last=i == len(batches) - 1)
+        if not batch.get("padding"):
+            for k in loss.metric_names:
+                metric_sums[k] += loss.metric_sums.get(k, 0.0)
+    return total, metric_sums
+
+
 @torch.no_grad()
-def evaluate_loss(model, batches: list[dict], amp_dtype, parallel=None) -> float | None:
-    """Mean token loss over `batches`; in a data-parallel run each rank evaluates its share."""
+def evaluate(par: SingleProcess, loss: ObjectiveLoss, batches: list[dict], amp_dtype) -> tuple[float | None, dict]:
+    """Mean loss per unit over `batches` and the objective's metrics; in a data-parallel run each
+    rank evaluates its share."""
     if not batches:
-        return None
+        return None, {}
+    model = loss.model
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for batch, real in (parallel.share(batches) if parallel else [(b, True) for b in batches]):
-        loss = parallel.loss(batch, amp_dtype) if parallel else target_loss_sum(model, batch, amp_dtype)
+    totals = [0.0, 0.0] + [0.0] * len(loss.metric_names)
+    for batch, real in par.share(batches):
+        value = par.loss(batch, amp_dtype)
         if real:
-            total += loss.item()
-            count += batch["n_targets"]
-    if parallel is not None:
-        total, count = parallel.all_sum([total, count])
+            totals[0] += value.item()
+            totals[1] += batch["n_units"]
+            for i, k in enumerate(loss.metric_names):
+                totals[2 + i] += loss.metric_sums.get(k, 0.0)
+    totals = par.all_sum(totals)
     model.train(was_training)
-    return total / max(count, 1)
+    units = max(totals[1], 1)
+    return totals[0] / units, {k: round(v / units, 6) for k, v in zip(loss.metric_names, totals[2:])}
 
 
 def make_scheduler(optimizer, cfg: TrainSection, total_steps: int):
@@ -104,6 +122,7 @@ class TrainState:
     train_seconds: float = 0.0
     last_loss: float | None = None
     last_eval_loss: float | None = None
+    last_eval_metrics: dict | None = None
     state_bytes_per_rank: list | None = None  # parameter/gradient/optimizer bytes held by each process
     micro_batches_per_step: int | None = None  # gradient_accumulation_steps x processes
 
@@ -183,45 +202,32 @@ class StopRequested:
 
 def train(
     model,
-    method,
-    train_examples: list[Example],
-    train_rows: list[list[int]],
-    eval_batches: list[dict],
+    method: Method,
+    feed: Feed,
+    loss: ObjectiveLoss,
     cfg: TrainSection,
     *,
     run_dir: RunDir,
-    pad_id: int,
-    packed: bool,
-    attn_implementation: str,
-    max_length: int | None = None,
     resume_from: Path | None = None,
     emit: events.EventSink = lambda event: None,
     progress: bool = True,
+    progress_metrics: tuple[str, ...] = (),
     parallel: SingleProcess | None = None,
 ) -> TrainState:
-    """Train `model` in place. Returns the final state; the caller saves the result.
+    """Train `model` in place on `feed`, minimizing `loss` (a module around `model`, the one that
+    distributed strategies wrap). Returns the final state; the caller saves the result.
 
     `parallel` (slmtune.training.distributed.start) is this process's part of a data-parallel run; the
     default is one process. Every rank calls train(); `emit` and `progress` matter on rank 0 only."""
     par = parallel or SingleProcess()
     device = next(model.parameters()).device
     amp_dtype = autocast_dtype(cfg.precision, device)
-    if not cfg.examples_per_step:
-        per_step = cfg.gradient_accumulation_steps * par.world_size  # micro-batches per optimizer step, all ranks
-        per_epoch = steps_per_epoch(len(train_rows), cfg.micro_batch_size, per_step)
-    else:
-        if max_length is None:
-            raise ValueError("train.examples_per_step needs the row length (max_length)")
-        per_epoch = math.ceil(len(train_examples) / cfg.examples_per_step)
-        per_step = None  # however many micro-batches the step's examples fill
-        lengths = [len(e) for e in train_examples]
+    per_epoch, per_step = feed.steps_per_epoch, feed.micro_batches_per_step
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
 
     if resume_from is not None:  # full weights, loaded before any sharding
         method.load_trained(model, resume_from / method.artifact)
-    # The loss module carries the cross-entropy settings: every training and evaluation pass goes through `par`.
-    optimizer = par.setup(TargetLoss(model, cfg.cross_entropy, cfg.loss_chunk_tokens),
-                          lambda module: optimizer_groups(module, cfg.weight_decay),
+    optimizer = par.setup(loss, lambda module: optimizer_groups(module, cfg.weight_decay),
                           lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
 
@@ -240,20 +246,8 @@ def train(
         torch.manual_seed(cfg.seed)
     state.micro_batches_per_step = per_step
     emit(events.Start(total_steps=total_steps, steps_per_epoch=per_epoch, resumed_at=state.step,
-                      precision="bf16" if amp_dtype else "fp32", packed=packed, threads=torch.get_num_threads(),
-                      strategy=par.strategy, world_size=par.world_size))
-
-    def batches_of_step(step: int) -> list[dict]:
-        """This rank's micro-batches of global step `step` (all of them in one process)."""
-        epoch, index = divmod(step, per_epoch)
-        if cfg.examples_per_step:
-            examples = example_steps(len(train_examples), cfg.examples_per_step, cfg.seed, epoch)[index]
-            chosen = step_micro_batches(examples, lengths, max_length, packed, cfg.micro_batch_size)
-        else:
-            epoch_batches = micro_batches(train_rows, cfg.micro_batch_size, cfg.seed, epoch)
-            chosen = epoch_batches[index * per_step : (index + 1) * per_step]
-        return [collate([[train_examples[i] for i in row] for row in mb], pad_id, packed, attn_implementation)
-                | ({} if real else {"padding": True}) for mb, real in par.share(chosen)]
+                      precision="bf16" if amp_dtype else "fp32", packed=feed.packed, threads=torch.get_num_threads(),
+                      strategy=par.strategy, world_size=par.world_size, objective=cfg.objective.name))
 
     model.train()
     bar = None
@@ -263,14 +257,15 @@ def train(
     with StopRequested() as stop:
         while state.step < total_steps:
             started = time.perf_counter()
-            batches = batches_of_step(state.step)
+            batches = feed.batches_of_step(state.step)
             real = [b for b in batches if not b.get("padding")]
-            # Targets and tokens of the whole global step: every rank normalizes by the same count.
-            step_targets, step_tokens = (int(n) for n in par.all_sum(
-                [sum(b["n_targets"] for b in real), sum(b["n_tokens"] for b in real)]))
-            loss_total = accumulate_gradients(model, batches, amp_dtype, step_targets=step_targets, parallel=par)
-            loss_total, stop_votes = par.all_sum([loss_total, float(stop.requested)])
-            stop_requested = stop_votes > 0  # all ranks stop at the same step
+            # Units (targets, pairs...) and tokens of the whole global step: every rank normalizes alike.
+            step_units, step_tokens, step_targets = (int(n) for n in par.all_sum(
+                [sum(b["n_units"] for b in real), sum(b["n_tokens"] for b in real), sum(b["n_targets"] for b in real)]))
+            loss_total, metric_sums = accumulate_step(par, loss, batches, amp_dtype, step_units)
+            sums = par.all_sum([loss_total, float(stop.requested)] + [metric_sums[k] for k in loss.metric_names])
+            loss_total, stop_requested = sums[0], sums[1] > 0  # all ranks stop at the same step
+            metrics = {k: round(v / max(step_units, 1), 6) for k, v in zip(loss.metric_names, sums[2:])}
             lr = scheduler.get_last_lr()[0]
             grad_norm = par.optimizer_step(cfg.max_grad_norm)
             scheduler.step()
@@ -287,13 +282,17 @@ def train(
             if state.step % cfg.log_every == 0 or state.step == total_steps:
                 emit(events.Step(step=state.step, epoch=round(state.step / per_epoch, 4), loss=round(loss_total, 6),
                                  lr=lr, grad_norm=round(grad_norm, 6), tokens=state.train_tokens,
-                                 tokens_per_second=round(step_tokens / elapsed, 1), total_steps=total_steps))
+                                 tokens_per_second=round(step_tokens / elapsed, 1), total_steps=total_steps,
+                                 metrics=metrics))
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_total:.4f}", tok_s=f"{state.train_tokens / state.train_seconds:.0f}")
+                shown = {k.split("/")[-1]: f"{metrics[k]:.3f}" for k in progress_metrics if k in metrics}
+                bar.set_postfix(loss=f"{loss_total:.4f}", **shown,
+                                tok_s=f"{state.train_tokens / state.train_seconds:.0f}")
                 bar.update(1)
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps and eval_batches:
-                state.last_eval_loss = evaluate_loss(model, eval_batches, amp_dtype, parallel=par)
-                emit(events.Eval(step=state.step, eval_loss=round(state.last_eval_loss, 6)))
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps and feed.eval_batches:
+                state.last_eval_loss, state.last_eval_metrics = evaluate(par, loss, feed.eval_batches, amp_dtype)
+                emit(events.Eval(step=state.step, eval_loss=round(state.last_eval_loss, 6),
+                                 metrics=state.last_eval_metrics))
             should_save = cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps
             if should_save or (stop_requested and state.step < total_steps):
                 path = save_checkpoint(run_dir, method, model, par, scheduler, state, cfg.keep_checkpoints)
@@ -304,9 +303,9 @@ def train(
                 raise TrainingStopped(state.step, run_dir)
     if bar is not None:
         bar.close()
-    if eval_batches:
-        state.last_eval_loss = evaluate_loss(model, eval_batches, amp_dtype, parallel=par)
-        emit(events.Eval(step=state.step, eval_loss=round(state.last_eval_loss, 6)))
+    if feed.eval_batches:
+        state.last_eval_loss, state.last_eval_metrics = evaluate(par, loss, feed.eval_batches, amp_dtype)
+        emit(events.Eval(step=state.step, eval_loss=round(state.last_eval_loss, 6), metrics=state.last_eval_metrics))
     return state
 
 

@@ -21,16 +21,14 @@ from tqdm.auto import tqdm
 
 from slmtune.config import Recipe, RecipeError
 from slmtune.data.dataset import build_datasets
-from slmtune.data.batching import collate, make_rows, should_pack
-from slmtune.data.tokenize import check_end_of_turn
 from slmtune.methods import METHODS, Method
 from slmtune.methods.peft_common import skip_adapter_input_upcast
-from slmtune.models import end_of_turn_ids, load_model, load_tokenizer
+from slmtune.models import load_model, load_tokenizer
 from slmtune.training import distributed, events
-from slmtune.training.attention import use_per_example_attention
 from slmtune.training.loop import TrainState, checkpoint_state, peak_rss_mb, train, write_trained
 from slmtune.training.loss import autocast_dtype
-from slmtune.training.rundir import RunDir
+from slmtune.training.objectives import OBJECTIVES
+from slmtune.training.rundir import RunDir, RunDirError
 
 
 @dataclass
@@ -80,6 +78,19 @@ def resolve_frozen_dtype(recipe: Recipe, method: Method, device, *, quantized: b
     return "bfloat16" if frozen_base and bf16 and not one_dtype_sharding else "float32"
 
 
+def start_from_adapter(model, method: Method, adapter: str) -> None:
+    """Load a finished run's adapter (or a PEFT adapter directory) into the freshly prepared model."""
+    path = RunDir(adapter).artifact() if RunDir.holds_run(adapter) else Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise RunDirError(f"model.adapter {adapter}: neither a finished run with an adapter/ nor a PEFT adapter "
+                          "directory (adapter_config.json)")
+    try:
+        method.load_trained(model, path)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise RecipeError(f"model.adapter {adapter}: does not fit this recipe's method settings (rank, target "
+                          f"modules); set method to the adapter's: {str(err)[:300]}") from None
+
+
 def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None, progress: bool) -> RunResult:
     wall_start = time.perf_counter()
     run_dir = RunDir(recipe.output.dir)
@@ -102,9 +113,13 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None
                        dtype=frozen_dtype, **load_kwargs)
     if torch.cuda.is_available() and not load_kwargs:
         model.to(par.device)
-    data = build_datasets(recipe.data, tokenizer, cfg.seed)
-    if data.format == "chat":
-        check_end_of_turn(data.train_records[0].data["messages"], tokenizer, end_of_turn_ids(model, tokenizer))
+    objective = OBJECTIVES[cfg.objective.name]
+    data = build_datasets(recipe.data, tokenizer, cfg.seed, pairs=objective.formats == ("preference",))
+    if data.format not in objective.formats:
+        wanted = " or ".join(objective.formats)
+        hint = ("train.objective dpo or orpo" if data.format == "preference" else "train.objective sft")
+        raise RecipeError(f"{recipe.data.train}: {data.format} data, but train.objective {objective.name} learns "
+                          f"from {wanted} data; use {hint}, or a {wanted} file")
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -112,27 +127,15 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None
         model = method.prepare(model, recipe.method)
     except ValueError as err:
         raise RecipeError(f"method {recipe.method.name}: {err}") from None
+    if recipe.model.adapter:
+        start_from_adapter(model, method, recipe.model.adapter)
     if autocast_dtype(cfg.precision, par.device) is not None:
         skip_adapter_input_upcast(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
-    lengths = [len(e) for e in data.train]
-    packed = should_pack(lengths, recipe.data.max_length) if cfg.packing == "auto" else cfg.packing
-    if packed and not method.packing:
-        if cfg.packing is True:
-            raise RecipeError(f"method {recipe.method.name} cannot train on packed rows; set train.packing: false")
-        packed = False
-    if packed and attention == "sdpa":
-        use_per_example_attention(model)
-    rows = make_rows(data.train, recipe.data.max_length, packed)
-    val_rows = make_rows(data.validation, recipe.data.max_length, packed)
-    pad_id = tokenizer.pad_token_id
-    eval_batches = [
-        collate([[data.validation[i] for i in row] for row in val_rows[at : at + cfg.micro_batch_size]],
-                pad_id, packed, attention)
-        for at in range(0, len(val_rows), cfg.micro_batch_size)
-    ]
+    feed = objective.make_feed(data, recipe, tokenizer, model, par)
+    loss = objective.loss_module(model, recipe, feed)
 
     resume_step = (checkpoint_state(checkpoint).step if checkpoint else 0) if resume else None
     metrics = run_dir.open_metrics(resume_step) if par.is_main else None
@@ -148,14 +151,13 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None
 
     if progress:
         print(f"{len(data.train)} training examples ({data.format}), {len(data.validation)} validation; "
-              f"{len(rows)} rows ({'packed' if packed else 'unpacked'}); trainable parameters "
+              f"{feed.n_rows} rows ({'packed' if feed.packed else 'unpacked'}); objective {objective.name}; "
+              f"trainable parameters "
               f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)", file=sys.stderr, flush=True)
     try:
         state: TrainState = train(
-            model, method, data.train, rows, eval_batches, cfg, run_dir=run_dir, pad_id=pad_id, packed=packed,
-            attn_implementation=attention, max_length=recipe.data.max_length,
-            resume_from=checkpoint, emit=emit,
-            progress=progress, parallel=par,
+            model, method, feed, loss, cfg, run_dir=run_dir, resume_from=checkpoint, emit=emit, progress=progress,
+            progress_metrics=objective.progress_metrics, parallel=par,
         )
     finally:
         if metrics is not None:
@@ -171,10 +173,11 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None
     summary = {
         "model": recipe.model.name,
         "method": recipe.method.name,
+        "objective": objective.name,
         "steps": state.step,
         "train_examples": len(data.train),
         "validation_examples": len(data.validation),
-        "packed": packed,
+        "packed": feed.packed,
         "train_tokens": state.train_tokens,
         "target_tokens": state.target_tokens,
         "train_seconds": round(state.train_seconds, 3),
@@ -183,6 +186,7 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "final_train_loss": state.last_loss,
         "eval_loss": state.last_eval_loss,
+        "eval_metrics": state.last_eval_metrics or {},
         "trainable_params": trainable,
         "total_params": total,
         "threads": torch.get_num_threads(),
