@@ -25,6 +25,18 @@ from slmtune.methods import METHODS, SERVICE_METHODS
 # The learning rate "auto" trains each method with (learning_rate_multiplier 1).
 BASE_LEARNING_RATE = {name: METHODS[name].auto_learning_rate for name in SERVICE_METHODS}
 LIMITS = {"n_epochs": (1, 50), "batch_size": (1, 256)}
+# DPO's "auto" (see the module docstring for the measurement behind it).
+DPO_AUTO = {"beta": 0.1}
+DPO_PAIR_PASSES = 360  # epochs: about this many pair passes, 2 to 10 epochs
+DPO_LEARNING_RATE_SCALE = 1.0  # times the method's base rate
+
+
+# The hyperparameters each OpenAI method type takes (method.<type>.hyperparameters).
+HYPERPARAMETERS = {
+    "supervised": ("n_epochs", "batch_size", "learning_rate_multiplier"),
+    "dpo": ("n_epochs", "batch_size", "learning_rate_multiplier", "beta"),
+}
+BETA_LIMITS = (0.0, 2.0)  # exclusive / inclusive bounds of an explicit DPO beta
 
 
 class HyperparameterError(ValueError):
@@ -33,54 +45,70 @@ class HyperparameterError(ValueError):
         self.param = param
 
 
-def auto_values(n_examples: int) -> dict:
+def auto_values(n_examples: int, method_type: str = "supervised") -> dict:
+    """What "auto" means for each hyperparameter of `method_type`, for a file of n examples (pairs)."""
     n = max(1, n_examples)
     batch = 1 if n < 16 else 2 if n < 32 else 4 if n < 1024 else 8
-    return {"n_epochs": min(10, max(3, math.ceil(500 / n))), "batch_size": batch, "learning_rate_multiplier": 1.0}
+    values = {"n_epochs": min(10, max(3, math.ceil(500 / n))), "batch_size": batch, "learning_rate_multiplier": 1.0}
+    if method_type == "dpo":
+        values |= DPO_AUTO | {"n_epochs": min(10, max(2, math.ceil(DPO_PAIR_PASSES / n)))}
+    return values
 
 
-def resolve(requested: dict, n_examples: int) -> dict:
+def resolve(requested: dict, n_examples: int, method_type: str = "supervised") -> dict:
     """Numbers for every hyperparameter; raises HyperparameterError naming the bad one."""
-    auto = auto_values(n_examples)
-    unknown = set(requested) - set(auto)
+    auto = auto_values(n_examples, method_type)
+    names = HYPERPARAMETERS[method_type]
+    prefix = f"method.{method_type}.hyperparameters"
+    unknown = set(requested) - set(names)
     if unknown:
         name = sorted(unknown)[0]
-        raise HyperparameterError(f"method.supervised.hyperparameters.{name}",
-                                  f"Unknown hyperparameter `{name}`; expected n_epochs, batch_size, "
-                                  "learning_rate_multiplier")
+        raise HyperparameterError(f"{prefix}.{name}", f"Unknown hyperparameter `{name}`; expected "
+                                                      f"{', '.join(names)}")
     out = {}
-    for name, default in auto.items():
+    for name in names:
         value = requested.get(name, "auto")
-        param = f"method.supervised.hyperparameters.{name}"
+        param = f"{prefix}.{name}"
         if value == "auto" or value is None:
-            out[name] = default
+            out[name] = auto[name]
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise HyperparameterError(param, f"{name} must be \"auto\" or a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise HyperparameterError(param, f"{name} must be \"auto\" or a finite number, got {value!r}")
         if name in LIMITS:
             lo, hi = LIMITS[name]
             if float(value) != int(value) or not lo <= value <= hi:
                 raise HyperparameterError(param, f"{name} must be \"auto\" or an integer from {lo} to {hi}, "
                                                  f"got {value!r}")
             out[name] = int(value)
+        elif name == "beta":
+            lo, hi = BETA_LIMITS
+            if not lo < value <= hi:
+                raise HyperparameterError(param, f"beta must be \"auto\" or a number in ({lo:g}, {hi:g}], got {value!r}")
+            out[name] = float(value)
         else:
-            if not (0 < value <= 10) or math.isnan(value):
+            if not 0 < value <= 10:
                 raise HyperparameterError(param, f"{name} must be \"auto\" or a number in (0, 10], got {value!r}")
             out[name] = float(value)
     return out
 
 
 def build_recipe(*, base: str, method: str, train_path: str, validation_path: str | None, resolved: dict,
-                 seed: int, run_dir: str, n_examples: int, save_every: int, threads: int | None) -> Recipe:
+                 seed: int, run_dir: str, n_examples: int, save_every: int, threads: int | None,
+                 method_type: str = "supervised") -> Recipe:
     """The recipe of a job (raises RecipeError if it is not valid). Rows are not packed, so an epoch
-    is exactly ceil(n_examples / batch_size) steps and `save_every: 0` means one checkpoint per epoch."""
+    is exactly ceil(n_examples / batch_size) steps and `save_every: 0` means one checkpoint per epoch.
+    A dpo job's batch is pairs; its reference is the model with its adapter disabled (or, for full
+    fine-tuning, the starting weights' log-probabilities precomputed once)."""
     per_epoch = math.ceil(n_examples / resolved["batch_size"])
     data = {"train": train_path} | ({"validation": validation_path} if validation_path else {})
+    rate = METHODS[method].auto_learning_rate * (DPO_LEARNING_RATE_SCALE if method_type == "dpo" else 1.0)
     train = {
         "epochs": resolved["n_epochs"], "micro_batch_size": resolved["batch_size"],
         "gradient_accumulation_steps": 1,
-        "learning_rate": METHODS[method].auto_learning_rate * resolved["learning_rate_multiplier"],
+        "learning_rate": rate * resolved["learning_rate_multiplier"],
         "seed": seed, "packing": False, "save_every": save_every or per_epoch, "keep_checkpoints": 3,
     } | ({"num_threads": threads} if threads else {})
+    if method_type == "dpo":
+        train["objective"] = {"name": "dpo", "beta": resolved["beta"]}
     return recipe_from_dict({"model": {"name": base}, "method": {"name": method}, "data": data, "train": train,
                              "output": {"dir": run_dir, "overwrite": True}}, "job")

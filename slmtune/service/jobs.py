@@ -51,6 +51,20 @@ def training_input(service: Service, file_id: str | None, param: str, tenant: Te
     return f
 
 
+def check_files_fit_method(method_type: str, train_file: File, val_file: File | None) -> None:
+    """A dpo job trains on preference pairs, a supervised job on anything else: a clear 400 otherwise."""
+    for f, param in ((train_file, "training_file"), (val_file, "validation_file")):
+        if f is None:
+            continue
+        if method_type == "dpo" and f.format != "preference":
+            raise ApiError(400, f"method.type dpo needs a file of preference pairs ({{\"input\", \"preferred_output\", "
+                                f"\"non_preferred_output\"}} per line), but `{f.id}` is {f.format} data.", param=param,
+                           code="invalid_file_format")
+        if method_type != "dpo" and f.format == "preference":
+            raise ApiError(400, f"`{f.id}` holds preference pairs, which train with method.type dpo, not "
+                                f"{method_type}.", param=param, code="invalid_file_format")
+
+
 def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
     """Check a job request, resolve its hyperparameters and recipe, and queue it."""
     settings, store = service.settings, service.store
@@ -68,13 +82,15 @@ def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
         raise ApiError(400, f"validation file is {val_file.format} but the training file is {train_file.format}.",
                        param="validation_file", code="invalid_validation_file")
     requested = body.hyperparameters or {}
+    method_type = body.method.type if body.method is not None else "supervised"
     if body.method is not None:
         if body.hyperparameters is not None:
-            raise ApiError(400, "Give hyperparameters in method.supervised.hyperparameters only.",
+            raise ApiError(400, f"Give hyperparameters in method.{method_type}.hyperparameters only.",
                            param="hyperparameters", code="invalid_hyperparameters")
-        requested = (body.method.supervised.hyperparameters if body.method.supervised else None) or {}
+        requested = body.method.hyperparameters()
+    check_files_fit_method(method_type, train_file, val_file)
     try:
-        resolved = hyper.resolve(requested, train_file.n_examples)
+        resolved = hyper.resolve(requested, train_file.n_examples, method_type)
     except hyper.HyperparameterError as err:
         raise ApiError(400, str(err), param=err.param, code="invalid_hyperparameters") from None
     job_id = new_id("ftjob", 8)
@@ -88,20 +104,23 @@ def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
         recipe = hyper.build_recipe(
             base=settings.models[body.model], method=body.slmtune_method, train_path=train_file.path,
             validation_path=val_file.path if val_file else None, resolved=resolved, seed=seed, run_dir=str(run_dir),
-            n_examples=train_file.n_examples, save_every=settings.checkpoint_every, threads=settings.train_threads)
+            n_examples=train_file.n_examples, save_every=settings.checkpoint_every, threads=settings.train_threads,
+            method_type=method_type)
     except RecipeError as err:
         raise ApiError(400, f"Cannot train this job: {err}", code="invalid_request") from None
     job = Job(id=job_id, tenant_id=tenant.id, model=body.model, base_path=settings.models[body.model],
               training_file=train_file.id, validation_file=val_file.id if val_file else None, suffix=body.suffix,
               seed=seed, metadata_=body.metadata, method=body.slmtune_method, hyperparameters=requested,
-              resolved=resolved | {"recipe": recipe.model_dump(mode="json"), "fine_tuned_model": ft_name}, status="queued", error=None,
+              resolved=resolved | {"recipe": recipe.model_dump(mode="json"), "fine_tuned_model": ft_name,
+                                   "method_type": method_type}, status="queued", error=None,
               result_files=[], run_dir=str(run_dir), attempts=0, created_at=time.time())
     steps = math.ceil(train_file.n_examples / resolved["batch_size"]) * resolved["n_epochs"]
+    settings_text = ", ".join(f"{k}={resolved[k]}" for k in hyper.HYPERPARAMETERS[method_type])
+    unit = "preference pairs" if method_type == "dpo" else "training examples"
     store.create_job(job, [
         f"Validating training file: {train_file.id}" + (f" and validation file: {val_file.id}" if val_file else ""),
-        f"Files validated ({train_file.n_examples} training examples; {steps} steps with n_epochs="
-        f"{resolved['n_epochs']}, batch_size={resolved['batch_size']}, learning_rate_multiplier="
-        f"{resolved['learning_rate_multiplier']}), moving job to queued state"])
+        f"Files validated ({train_file.n_examples} {unit}; {method_type}, {steps} steps with {settings_text}), "
+        "moving job to queued state"])
     return job
 
 

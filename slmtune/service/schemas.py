@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slmtune.methods import SERVICE_METHODS
+from slmtune.service.hyper import HYPERPARAMETERS
 from slmtune.service.models import Checkpoint, Event, File, Job, Tenant
 
 
@@ -15,13 +16,28 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Supervised(Body):
+class MethodSettings(Body):
     hyperparameters: dict[str, Any] | None = None
 
 
+METHOD_TYPES = ("supervised", "dpo")  # OpenAI's method.type values the service trains
+
+
 class MethodSpec(Body):
-    type: Literal["supervised"]
-    supervised: Supervised | None = None
+    type: Literal[METHOD_TYPES]  # type: ignore[valid-type]
+    supervised: MethodSettings | None = None
+    dpo: MethodSettings | None = None
+
+    @model_validator(mode="after")
+    def _settings_of_its_type(self) -> "MethodSpec":
+        for other in METHOD_TYPES:
+            if other != self.type and getattr(self, other) is not None:
+                raise ValueError(f"method.{other} is given but method.type is {self.type}")
+        return self
+
+    def hyperparameters(self) -> dict:
+        settings = getattr(self, self.type)
+        return (settings.hyperparameters if settings is not None else None) or {}
 
 
 class JobCreate(Body):
@@ -76,12 +92,13 @@ class JobPublic(BaseModel):
 
     @classmethod
     def of(cls, j: Job, tenant: Tenant) -> "JobPublic":
-        hp = {k: j.resolved[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+        method_type = j.resolved.get("method_type", "supervised")
+        hp = {k: j.resolved[k] for k in HYPERPARAMETERS[method_type]}
         return cls(id=j.id, model=j.model, created_at=int(j.created_at),
                    finished_at=int(j.finished_at) if j.finished_at else None, fine_tuned_model=j.fine_tuned_model,
                    organization_id=tenant.name, result_files=list(j.result_files or []), status=j.status,
                    training_file=j.training_file, validation_file=j.validation_file, hyperparameters=hp,
-                   method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+                   method={"type": method_type, method_type: {"hyperparameters": hp}},
                    trained_tokens=j.trained_tokens, error=j.error, user_provided_suffix=j.suffix, seed=j.seed,
                    metadata=j.metadata_, slmtune_method=j.method)
 

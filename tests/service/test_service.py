@@ -242,7 +242,11 @@ def test_bad_jobs_are_clear_4xx(sqlite_service, upload):
          "method.supervised.hyperparameters.learning_rate_multiplier"),
         (create(**hp(warmup=3)), "invalid_hyperparameters", "method.supervised.hyperparameters.warmup"),
         (create(suffix="has spaces!"), "invalid_suffix", "suffix"),
-        (create(method={"type": "dpo"}), "invalid_value", "method.type"),
+        (create(method={"type": "magic"}), "invalid_value", "method.type"),
+        (create(method={"type": "dpo"}), "invalid_file_format", "training_file"),  # a chat file, not pairs
+        (create(method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}), "invalid_file_format",
+         "training_file"),
+        (create(method={"type": "supervised", "dpo": {"hyperparameters": {}}}), "invalid_value", "method"),
         (create(extra_body={"slmtune_method": "magic"}), "invalid_value", "slmtune_method"),
         (create(extra_body={"bogus": 1}), "unknown_parameter", "bogus"),
     ]
