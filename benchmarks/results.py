@@ -91,7 +91,7 @@ def train(task: str, method: str, out_dir: Path, max_examples: int | None, reuse
 def loss_curve(run_dir: Path) -> list[list[float]]:
     """[[step, train loss], ...] from the run's metrics.jsonl."""
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [[m["step"], m["loss"]] for m in metrics if m["kind"] == "step"]
+    return [[m["step"], m["loss"]] for m in metrics if m["event"] == "step"]
 
 
 def eval_seconds(scores: Path) -> float | None:

@@ -40,6 +40,19 @@ def _user_errors():
     return (RecipeError, DataError, TemplateError, ModelError)
 
 
+def epochs_arg(text: str):
+    """--epochs: a positive number, or auto."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of epochs, or auto") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: epochs must be more than 0")
+    return value
+
+
 def cmd_train(args) -> int:
     from slmtune.config import RecipeError, apply_overrides, load_recipe, recipe_from_dict
 
@@ -47,12 +60,14 @@ def cmd_train(args) -> int:
              "epochs": args.epochs, "output": args.output}
     # --objective is a shorthand for train.objective=NAME: with a recipe file too.
     objective_override = [f"train.objective={args.objective}"] if args.objective else []
+    objective_override += [f"train.time_budget={args.time_budget}"] if args.time_budget else []
     if args.resume:
         first_is_override = bool(args.recipe) and "=" in args.recipe  # argparse puts the first one there
         if (args.recipe and not first_is_override) or any(v is not None for v in quick.values()):
             raise RecipeError("--resume RUN_DIR takes the run's own recipe.yaml; give only key=value overrides")
-        if args.objective:
-            raise RecipeError("--resume RUN_DIR continues the run's own objective; --objective does not apply")
+        if args.objective or args.time_budget:
+            raise RecipeError("--resume RUN_DIR continues the run's own plan; --objective and --time-budget do "
+                              "not apply")
         recipe = load_recipe(Path(args.resume) / "recipe.yaml", [args.recipe] * first_is_override + args.overrides)
     elif args.recipe and "=" not in args.recipe:
         if any(v is not None for v in quick.values()):
@@ -388,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="training JSONL (quick mode)")
     p.add_argument("--validation", help="validation JSONL (quick mode)")
     p.add_argument("--method", help="fine-tuning method (quick mode; default lora)")
-    p.add_argument("--epochs", type=float, help="epochs (quick mode)")
+    p.add_argument("--epochs", type=epochs_arg, help="epochs, or auto (quick mode; default auto: from the number "
+                   "of examples, slmtune/auto.py)")
+    p.add_argument("--time-budget", help="train for about this long, e.g. 10m (= train.time_budget=...)")
     p.add_argument("--objective", metavar="NAME",
                    help="what to minimize: sft (default), or dpo / orpo on preference pairs (= train.objective=...)")
     p.add_argument("--output", help="run directory (quick mode; default runs/<model>-<method>-<time>)")

@@ -15,9 +15,12 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
+import re
+
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from slmtune import auto
 from slmtune.methods import METHOD_CONFIGS, METHODS
 from slmtune.tasks import TASK_NAMES
 
@@ -51,8 +54,9 @@ class ModelSection(Section):
 class DataSection(Section):
     train: str = Field(description="Training JSONL file.")
     validation: str | None = Field(None, description="Validation JSONL file.")
-    validation_split: float = Field(
-        0.0, ge=0.0, lt=0.5, description="Fraction of `train` held out for validation when no file is given."
+    validation_split: Annotated[float, Field(ge=0.0, lt=0.5)] | Literal["auto"] = Field(
+        "auto", description="Fraction of `train` held out for validation when no file is given; auto: none "
+        "below 200 examples, else 10% clamped to 32-256 examples (slmtune/auto.py), seeded; 0: none."
     )
     format: Literal["auto", "chat", "prompt_completion", "text", "preference"] = "auto"
     task: Literal[TASK_NAMES] | None = Field(  # type: ignore[valid-type]
@@ -68,7 +72,7 @@ class DataSection(Section):
 
     @model_validator(mode="after")
     def _one_validation_source(self) -> "DataSection":
-        if self.validation and self.validation_split:
+        if self.validation and self.validation_split not in (0, "auto"):
             raise ValueError("give either data.validation or data.validation_split, not both")
         if self.task and self.format != "auto":
             raise ValueError("data.task sets the format; leave data.format at auto")
@@ -119,6 +123,11 @@ class DPOObjective(Section):
     name: Literal["dpo"] = "dpo"
     beta: float = Field(0.1, gt=0, le=10, description="Strength of the KL constraint to the reference model.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Share of pairs assumed mislabelled (cDPO).")
+    sft_weight: float = Field(
+        auto.DPO_SFT_WEIGHT, ge=0, le=10, description="Weight of the preferred answer's mean token negative "
+        "log-likelihood added to each pair's loss (RPO, Pang et al., 2024; TRL's rpo_alpha): keeps preferred "
+        "answers likely where plain DPO lowers both and drifts into degenerate text (slmtune/auto.py); 0: plain DPO."
+    )
     reference: Literal["auto", "adapter_disabled", "copy", "precomputed"] = Field(
         "auto", description="Where the reference log-probabilities come from. adapter_disabled: the same model "
         "with its adapter off (no second copy); copy: a frozen copy of the starting weights; precomputed: one "
@@ -140,12 +149,38 @@ ObjectiveSection = Annotated[Union[tuple(OBJECTIVE_CONFIGS.values())], Field(dis
 PREFERENCE_OBJECTIVES = ("dpo", "orpo")
 
 
+DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(value) -> float:
+    """Seconds of "90", "90s", "10m", "1h", "1h30m" (a bare number is seconds)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip()
+        match = DURATION.fullmatch(text)
+        if not text or match is None or not any(match.groups()):
+            try:
+                seconds = float(text)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a duration; use e.g. 90s, 10m, 1h or 1h30m") from None
+        else:
+            h, m, sec = (float(g) if g else 0.0 for g in match.groups())
+            seconds = 3600 * h + 60 * m + sec
+    if not 0 < seconds < 30 * 86400:
+        raise ValueError(f"{value!r}: a duration must be more than 0 and less than 30 days")
+    return seconds
+
+
 class TrainSection(Section):
     objective: ObjectiveSection = Field(
         default_factory=SFTObjective, description="What training minimizes: sft (default), dpo or orpo "
         "(preference pairs); `objective: dpo` is short for {name: dpo}."
     )
-    epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    epochs: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="Passes over the training data (ignored when max_steps or time_budget is set); auto: "
+        "from the number of examples, the objective (slmtune/auto.py), as the service's \"auto\"."
+    )
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
     # On CPU one packed row of max_length tokens already keeps the matmuls busy: a second row per
     # forward pass doubles the activations held for backward without raising tokens/s (SmolLM2-135M,
@@ -164,7 +199,10 @@ class TrainSection(Section):
         "(micro_batch_size rows per forward pass); replaces gradient_accumulation_steps. Default: steps of "
         "micro_batch_size x gradient_accumulation_steps rows, however many examples those hold."
     )
-    learning_rate: float = Field(2e-4, gt=0)
+    learning_rate: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="Peak learning rate; auto: the method's base rate (1e-3 for LoRA/QLoRA/DoRA, 5e-5 "
+        "for full fine-tuning; slmtune/auto.py)."
+    )
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps with linear warmup.")
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
@@ -188,7 +226,20 @@ class TrainSection(Section):
         None, ge=1, description="Target tokens per chunk of the fused cross-entropy; null: about 16M logits "
         "per chunk (256 targets for a 49k vocabulary)."
     )
-    eval_every: int = Field(0, ge=0, description="Validation loss every N steps; 0 = only at the end.")
+    eval_every: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="Validation loss every N steps; 0 = only at the end; auto: about 5 times per run."
+    )
+    select_best: bool = Field(
+        True, description="With validation data, the run's result is the weights of the evaluation with the "
+        "lowest validation loss (summary.json: best_step), not necessarily the last step's."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop when the validation loss has not improved for this many evaluations."
+    )
+    time_budget: str | None = Field(
+        None, description="Train for about this long (e.g. 90s, 10m, 1h): the step count is set from the "
+        "throughput of the first steps, and warmup and decay are planned for it; overrides epochs and max_steps."
+    )
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps; 0 = no intermediate checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
     log_every: int = Field(1, ge=1)
@@ -197,6 +248,28 @@ class TrainSection(Section):
         default_factory=DistributedSection, description="{strategy, offload}; `distributed: fsdp` is short "
         "for {strategy: fsdp}. Start the processes with `slmtune train ... --nproc N`."
     )
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _budget_text(cls, value):
+        if value is None:
+            return None
+        parse_duration(value)  # raises ValueError naming the accepted forms
+        return str(value)
+
+    @property
+    def time_budget_seconds(self) -> float | None:
+        return None if self.time_budget is None else parse_duration(self.time_budget)
+
+    def resolved_for_data(self, n_examples: int, method: str) -> "TrainSection":
+        """`epochs` and `learning_rate` "auto" made concrete for a training file of `n_examples`
+        examples (pairs) and `method`, by the one rule in slmtune/auto.py that the service uses too."""
+        update = {}
+        if self.epochs == "auto":
+            update["epochs"] = float(auto.epochs(n_examples, self.objective.name))
+        if self.learning_rate == "auto":
+            update["learning_rate"] = auto.learning_rate(method, self.objective.name)
+        return self.model_copy(update=update)
 
     @field_validator("distributed", mode="before")
     @classmethod
@@ -318,13 +391,23 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+UNION_BRANCH = re.compile(r"constrained-\w+|literal\[.*\]|int|float|bool|str")
+
+
 def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int]) -> str:
     out = []
     for e in err.errors():
-        # Drop the discriminator tags pydantic puts into union locations (method.lora.lora_r -> method.lora_r).
+        # A value-or-"auto" field fails both branches; its "should be 'auto'" half is said once, below.
+        if e["type"] == "literal_error" and str(e["loc"][-1]).startswith("literal["):
+            continue
+        # Drop the tags pydantic puts into union locations: discriminators (method.lora.lora_r ->
+        # method.lora_r) and union branches (train.epochs.constrained-float -> train.epochs).
         loc = tuple(str(p) for i, p in enumerate(e["loc"])
                     if not (i > 0 and e["loc"][i - 1] in ("method", "objective")
-                            and p in {**METHOD_CONFIGS, **OBJECTIVE_CONFIGS}))
+                            and p in {**METHOD_CONFIGS, **OBJECTIVE_CONFIGS})
+                    and not UNION_BRANCH.fullmatch(str(p)))
+        auto_allowed = any(str(p).startswith("constrained-") or str(p) in ("int", "float", "bool")
+                           for p in e["loc"][1:])
         field = ".".join(loc) or "(recipe)"
         line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
         where = f"{source}:{line}" if line else source
@@ -333,8 +416,8 @@ def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int]) -
             msg = "unknown key"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        out.append(f"{where}: {field}: {msg}")
-    return "\n".join(out)
+        out.append(f"{where}: {field}: {msg}" + (", or auto" if auto_allowed else ""))
+    return "\n".join(dict.fromkeys(out))
 
 
 def recipe_from_dict(raw: dict, source: str = "<recipe>", text: str = "") -> Recipe:

@@ -20,7 +20,7 @@ LAYERS = [
     ("slmtune.config", 2), ("slmtune.generation", 2), ("slmtune.data.validate", 2), ("slmtune.data.convert", 2),
     ("slmtune.data.dataset", 2), ("slmtune.data.batching", 2),
     ("slmtune.tasks", 1),
-    ("slmtune.atomic", 0), ("slmtune.http", 0), ("slmtune.models", 0), ("slmtune.methods", 0),
+    ("slmtune.atomic", 0), ("slmtune.auto", 0), ("slmtune.http", 0), ("slmtune.models", 0), ("slmtune.methods", 0),
     ("slmtune.data.formats", 0), ("slmtune.data.tokenize", 0), ("slmtune.data", 0), ("slmtune", 0),
 ]
 

@@ -88,10 +88,11 @@ def test_what_the_trainer_prints_is_what_the_worker_stores(tiny_llama_dir, chat_
     assert any(e.data and e.data.get("valid_loss") is not None for e in stored)
     checkpoints = store.list_checkpoints(job.id, None, 10)[0]
     assert [c.step for c in checkpoints] == [2] and checkpoints[0].metrics["train_loss"] == by_step[2].loss
-    # metrics.jsonl holds the same step and eval events as the stream.
-    from slmtune.training.rundir import RunDir
+    # metrics.jsonl holds the same step, eval, best and warning events as the stream.
+    from slmtune.training.rundir import MetricsLog, RunDir
 
-    assert RunDir(out).metrics() == [e for e in emitted if isinstance(e, (events.Step, events.Eval))]
+    logged = [e for e in emitted if isinstance(e, MetricsLog.KINDS)]
+    assert RunDir(out).metrics() == logged and {e.KIND for e in logged} >= {"step", "eval", "best"}
 
 
 def test_a_users_error_reaches_the_worker_as_an_error_event(tiny_llama_dir, tmp_path):

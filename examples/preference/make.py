@@ -6,7 +6,9 @@ Every pair answers a question twice with the same content; the preferred answer 
 "In short:", the other does not. The trait is taught through pairs only (no supervised example
 shows it), so a model that opens its answers with "In short:" after preference tuning learned it
 from the preference. heldout.jsonl holds questions on other subjects in other phrasings, for
-measuring the trait on unseen prompts (tests/test_preference_service.py).
+measuring the trait on unseen prompts (tests/service/test_preference_service.py), and
+heldout_pairs.jsonl the same prompts as pairs (reward accuracy: `slmtune eval RUN --data
+examples/preference/heldout_pairs.jsonl --pairs`).
 """
 
 from __future__ import annotations
@@ -105,9 +107,14 @@ def main() -> None:
     rng.shuffle(rows)
     heldout = [{"messages": [{"role": "user", "content": rng.choice(HELD_OUT_QUESTIONS).format(s=subject)}]}
                for subject, _ in HELD_OUT]
+    # The held-out prompts as pairs too: reward accuracy on unseen subjects (`slmtune eval --pairs`).
+    heldout_pairs = [{"input": prompt, "preferred_output": [{"role": "assistant", "content": f"{TRAIT} {answer(*fact)}"}],
+                      "non_preferred_output": [{"role": "assistant", "content": answer(*fact)}]}
+                     for prompt, fact in zip(heldout, HELD_OUT)]
     (HERE / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (HERE / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
-    print(f"{len(rows)} pairs, {len(heldout)} held-out prompts")
+    (HERE / "heldout_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout_pairs))
+    print(f"{len(rows)} pairs, {len(heldout)} held-out prompts (and as pairs)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import random
 import sys
 from dataclasses import dataclass
 
+from slmtune import auto
 from slmtune.data.formats import DataError, Record
 from slmtune.data.tokenize import Example, encode
 from slmtune.data.validate import read_records
@@ -22,6 +23,8 @@ class Datasets:
     train: list[Example]
     validation: list[Example]
     train_records: list[Record]
+    n_examples: int = 0  # examples (pairs) of the training file used, before any was held out: what "auto" sizes for
+    held_out: int = 0  # of them, held out for validation (no validation file; data.validation_split)
 
 
 def tokenize_records(fmt: str, records: list[Record], tokenizer, max_length: int, system_prompt: str | None,
@@ -98,16 +101,23 @@ def build_datasets(cfg, tokenizer, seed: int, *, pairs: bool = False) -> Dataset
         val_fmt, val_records = read_records(cfg.validation, cfg.format, cfg.task)
         if val_fmt != fmt:
             raise DataError(f"{cfg.validation}: validation data is {val_fmt} but training data is {fmt}")
-    elif cfg.validation_split:
+    held_out = 0
+    if not cfg.validation and cfg.validation_split:
+        if cfg.validation_split == "auto":  # sized for the examples that will be trained on
+            held_out = auto.held_out(min(len(records), cfg.max_examples or len(records)))
+        else:
+            held_out = max(1, round(len(records) * cfg.validation_split))
+            if held_out >= len(records):
+                raise DataError(f"{cfg.train}: too few examples to hold out {cfg.validation_split:.0%} for "
+                                "validation")
+    if held_out:
         shuffled = records[:]
         random.Random(seed).shuffle(shuffled)
-        n_val = max(1, round(len(records) * cfg.validation_split))
-        if n_val >= len(records):
-            raise DataError(f"{cfg.train}: too few examples to hold out {cfg.validation_split:.0%} for validation")
-        val_records, records = shuffled[:n_val], sorted(shuffled[n_val:], key=lambda r: r.line)
+        val_records, records = shuffled[:held_out], sorted(shuffled[held_out:], key=lambda r: r.line)
     if cfg.max_examples:
         records = sample_records(records, cfg.max_examples, seed)
         val_records = sample_records(val_records, cfg.max_examples, seed)
+    n_examples = len(records) + (len(val_records) if held_out else 0)
     if cfg.task:
         records = convert_task_records(cfg.task, records, cfg.train, context)
         val_records = convert_task_records(cfg.task, val_records, cfg.validation or cfg.train, context)
@@ -119,4 +129,4 @@ def build_datasets(cfg, tokenizer, seed: int, *, pairs: bool = False) -> Dataset
     train = tokenize_records(fmt, records, tokenizer, cfg.max_length, cfg.system_prompt, cfg.train)
     validation = (tokenize_records(fmt, val_records, tokenizer, cfg.max_length, cfg.system_prompt,
                                    cfg.validation or f"{cfg.train} (validation split)") if val_records else [])
-    return Datasets(fmt, train, validation, records)
+    return Datasets(fmt, train, validation, records, n_examples=n_examples, held_out=len(validation) if held_out else 0)

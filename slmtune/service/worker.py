@@ -184,6 +184,10 @@ class Worker:
         elif isinstance(ev, events.Checkpoint):
             self.store.add_checkpoint(job.id, ev.step, ev.path, state["last"] | {"step": ev.step})
             self.store.append_event(job.id, f"Checkpoint created at step {ev.step}")
+        elif isinstance(ev, events.Best):
+            state["best"] = ev.step
+            self.store.append_event(job.id, f"Best validation loss so far at step {ev.step}: {ev.value:.4f}",
+                                    type="metrics", data={"step": ev.step, "best_step": ev.step, "best_valid_loss": ev.value})
         elif isinstance(ev, events.Notice):
             self.store.append_event(job.id, ev.message, level="warn")
         elif isinstance(ev, events.Error):
@@ -192,13 +196,18 @@ class Worker:
     def _succeed(self, job, run_dir: RunDir) -> None:
         summary = run_dir.summary()
         result = write_result_file(self.settings, self.store, job, run_dir)
+        result_step = summary.get("result_step") or summary["steps"]
+        # The model is the weights of result_step: the best evaluation's when the last step's were worse.
         self.store.add_checkpoint(job.id, summary["steps"], str(run_dir.artifact()),
                                   {"step": summary["steps"], "train_loss": summary.get("final_train_loss"),
-                                   "valid_loss": summary.get("eval_loss"), "final": True})
+                                   "valid_loss": summary.get("eval_loss"), "final": True,
+                                   "result_step": result_step, "best": summary.get("best_step") == result_step})
         name = job.resolved["fine_tuned_model"]
+        chosen = (f" (the weights of step {result_step}, the best validation loss)"
+                  if result_step != summary["steps"] else "")
         if not self.store.finish(job.id, self.id, "succeeded", fine_tuned_model=name,
                                  trained_tokens=int(summary.get("train_tokens") or 0), result_files=[result],
-                                 message=f"The job has successfully completed; new model: {name}"):
+                                 message=f"The job has successfully completed; new model: {name}{chosen}"):
             self.store.release(job.id, self.id)  # cancelled meanwhile: the user's word stands
 
     @staticmethod
@@ -234,11 +243,10 @@ def write_result_file(settings: Settings, store: Store, job, run_dir: RunDir) ->
     """step_metrics.csv (step, train_loss, valid_loss, tokens) as a file of the job's tenant; its id."""
     rows: dict[int, dict] = {}
     for event in run_dir.metrics():
-        row = rows.setdefault(event.step, {})
         if isinstance(event, events.Eval):
-            row["valid_loss"] = event.eval_loss
-        else:
-            row |= {"train_loss": event.loss, "tokens": event.tokens}
+            rows.setdefault(event.step, {})["valid_loss"] = event.eval_loss
+        elif isinstance(event, events.Step):
+            rows.setdefault(event.step, {}).update(train_loss=event.loss, tokens=event.tokens)
     text = "step,train_loss,valid_loss,tokens\n" + "".join(
         f"{step},{_cell(r.get('train_loss'))},{_cell(r.get('valid_loss'))},{_cell(r.get('tokens'))}\n"
         for step, r in sorted(rows.items()))

@@ -2,7 +2,7 @@
 
     run(recipe, on_event=print)                      # Event objects, as the run emits them
     slmtune train recipe.yaml --json-events          # one `to_json(event)` line each on stdout
-    metrics.jsonl                                    # the step and eval events, the same lines
+    metrics.jsonl                                    # step, eval, best and warning events, the same lines
 
 Every event serializes to a flat JSON object whose `"event"` key names its kind (`start`, `step`,
 `eval`, `memory`, `checkpoint`, `best`, `warning`, `end`, `error`); `parse` turns such an object back

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from slmtune import auto
 from slmtune.config import TrainSection
 from slmtune.methods import Method
 from slmtune.training import events
@@ -105,13 +106,16 @@ def evaluate(par: SingleProcess, loss: ObjectiveLoss, batches: list[dict], amp_d
     return totals[0] / units, {k: round(v / units, 6) for k, v in zip(loss.metric_names, totals[2:])}
 
 
-def make_scheduler(optimizer, cfg: TrainSection, total_steps: int):
+def make_scheduler(optimizer, cfg: TrainSection, total_steps: int, last_step: int = 0):
+    """Warmup then the schedule over `total_steps`; `last_step` > 0 re-plans a running schedule (a time
+    budget) so that its next step is `last_step + 1` of the new plan."""
     warmup = int(round(cfg.warmup_ratio * total_steps))
+    last_epoch = last_step - 1 if last_step else -1  # LambdaLR steps once on creation
     if cfg.schedule == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+        return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps, last_epoch=last_epoch)
     if cfg.schedule == "linear":
-        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-    return get_constant_schedule_with_warmup(optimizer, warmup)
+        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps, last_epoch=last_epoch)
+    return get_constant_schedule_with_warmup(optimizer, warmup, last_epoch=last_epoch)
 
 
 @dataclass
@@ -125,6 +129,14 @@ class TrainState:
     last_eval_metrics: dict | None = None
     state_bytes_per_rank: list | None = None  # parameter/gradient/optimizer bytes held by each process
     micro_batches_per_step: int | None = None  # gradient_accumulation_steps x processes
+    planned_steps: int | None = None  # the step count the schedule is planned for
+    last_eval_step: int | None = None
+    best_step: int | None = None  # the step of the lowest validation loss so far
+    best_eval_loss: float | None = None
+    best_eval_metrics: dict | None = None
+    evals_since_best: int = 0
+    stopped_early: bool = False
+    loop_seconds: float = 0.0  # wall time of the loop in this process: steps, evaluations, checkpoints
 
 
 def write_trained(method, model, path: Path, weights: dict | None, final: bool = False) -> None:
@@ -224,6 +236,15 @@ def train(
     amp_dtype = autocast_dtype(cfg.precision, device)
     per_epoch, per_step = feed.steps_per_epoch, feed.micro_batches_per_step
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+    budget = TimeBudget(cfg.time_budget_seconds) if cfg.time_budget_seconds else None
+    if budget is not None:
+        # A provisional plan until the first steps are timed; a resumed run keeps its plan.
+        planned = checkpoint_state(resume_from).planned_steps if resume_from is not None else None
+        if planned:
+            total_steps, budget.planned, budget.replanned = planned, True, True
+        else:
+            total_steps = max(total_steps, TimeBudget.CALIBRATION_STEPS + 1)
+    eval_every = auto.eval_every(total_steps) if cfg.eval_every == "auto" else cfg.eval_every
 
     if resume_from is not None:  # full weights, loaded before any sharding
         method.load_trained(model, resume_from / method.artifact)
@@ -245,6 +266,7 @@ def train(
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
     state.micro_batches_per_step = per_step
+    state.planned_steps = total_steps
     emit(events.Start(total_steps=total_steps, steps_per_epoch=per_epoch, resumed_at=state.step,
                       precision="bf16" if amp_dtype else "fp32", packed=feed.packed, threads=torch.get_num_threads(),
                       strategy=par.strategy, world_size=par.world_size, objective=cfg.objective.name))
@@ -254,6 +276,36 @@ def train(
     if progress:
         bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
     measured = False
+    loop_started = time.perf_counter()
+    saved_at = [None]  # the step of the newest checkpoint this run wrote
+
+    def run_evaluation() -> bool:
+        """Evaluate at this step, track the best weights (a kept checkpoint, when they may become the
+        result), and say whether training should stop early."""
+        state.last_eval_loss, state.last_eval_metrics = evaluate(par, loss, feed.eval_batches, amp_dtype)
+        state.last_eval_step = state.step
+        emit(events.Eval(step=state.step, eval_loss=round(state.last_eval_loss, 6), metrics=state.last_eval_metrics))
+        if state.best_eval_loss is None or state.last_eval_loss < state.best_eval_loss:
+            state.best_step, state.best_eval_loss = state.step, state.last_eval_loss
+            state.best_eval_metrics, state.evals_since_best = state.last_eval_metrics, 0
+            if cfg.select_best:
+                # Announced before its checkpoint: a run resumed from that checkpoint keeps the line.
+                emit(events.Best(step=state.step, metric="eval_loss", value=round(state.best_eval_loss, 6)))
+                if state.step < total_steps:  # the last step's weights are the model itself
+                    path = save_checkpoint(run_dir, method, model, par, scheduler, state, cfg.keep_checkpoints,
+                                           protect=state.best_step)
+                    saved_at[0] = state.step
+                    emit(events.Checkpoint(step=state.step, path=str(path)))
+            return False
+        state.evals_since_best += 1
+        patience = cfg.early_stopping_patience
+        if patience and state.evals_since_best >= patience:
+            state.stopped_early = True
+            emit(events.Notice(f"early stopping at step {state.step}: validation loss has not improved for "
+                               f"{patience} evaluations (best {state.best_eval_loss:.4f} at step {state.best_step})"))
+            return True
+        return False
+
     with StopRequested() as stop:
         while state.step < total_steps:
             started = time.perf_counter()
@@ -289,24 +341,70 @@ def train(
                 bar.set_postfix(loss=f"{loss_total:.4f}", **shown,
                                 tok_s=f"{state.train_tokens / state.train_seconds:.0f}")
                 bar.update(1)
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps and feed.eval_batches:
-                state.last_eval_loss, state.last_eval_metrics = evaluate(par, loss, feed.eval_batches, amp_dtype)
-                emit(events.Eval(step=state.step, eval_loss=round(state.last_eval_loss, 6),
-                                 metrics=state.last_eval_metrics))
+            # The ranks' mean clock: every rank must plan the same step count.
+            elapsed_all = (par.all_sum([time.perf_counter() - loop_started])[0] / par.world_size
+                           if budget is not None else 0.0)
+            if budget is not None and budget.replan_due(state.step, elapsed_all):
+                total_steps = budget.plan(state.step, elapsed_all)
+                state.planned_steps = total_steps
+                scheduler = make_scheduler(optimizer, cfg, total_steps, last_step=state.step)
+                if cfg.eval_every == "auto":
+                    eval_every = auto.eval_every(total_steps)
+                if bar is not None:
+                    bar.total = total_steps
+                    bar.refresh()
+                emit(events.Notice(f"time budget {cfg.time_budget}: {total_steps} steps planned from "
+                                   f"{budget.seconds_per_step:.2f} s per step"))
+            stop_early = False
+            if eval_every and state.step % eval_every == 0 and state.step < total_steps and feed.eval_batches:
+                stop_early = run_evaluation()
             should_save = cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps
-            if should_save or (stop_requested and state.step < total_steps):
-                path = save_checkpoint(run_dir, method, model, par, scheduler, state, cfg.keep_checkpoints)
+            if (should_save or (stop_requested and state.step < total_steps)) and saved_at[0] != state.step:
+                path = save_checkpoint(run_dir, method, model, par, scheduler, state, cfg.keep_checkpoints,
+                                       protect=state.best_step if cfg.select_best else None)
+                saved_at[0] = state.step
                 emit(events.Checkpoint(step=state.step, path=str(path)))
+            if stop_early:
+                break
             if stop_requested and state.step < total_steps:
                 if bar is not None:
                     bar.close()
                 raise TrainingStopped(state.step, run_dir)
     if bar is not None:
         bar.close()
-    if feed.eval_batches:
-        state.last_eval_loss, state.last_eval_metrics = evaluate(par, loss, feed.eval_batches, amp_dtype)
-        emit(events.Eval(step=state.step, eval_loss=round(state.last_eval_loss, 6), metrics=state.last_eval_metrics))
+    if feed.eval_batches and state.last_eval_step != state.step:
+        total_steps = state.step  # the last step's weights are the model's own: no checkpoint for them
+        run_evaluation()
+    state.loop_seconds = time.perf_counter() - loop_started
     return state
+
+
+class TimeBudget:
+    """`train.time_budget`: time the first steps, then plan the step count so that the run ends near
+    the budget; planned again at half the budget, since a CPU's speed drifts. Evaluations and
+    checkpoints are in the measured time, so they are paid for out of the budget too."""
+
+    CALIBRATION_STEPS = 3
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.planned = False  # after the calibration plan
+        self.replanned = False  # after the mid-budget plan
+        self.seconds_per_step = 0.0
+
+    def replan_due(self, step: int, elapsed: float) -> bool:
+        if not self.planned:
+            return step >= self.CALIBRATION_STEPS
+        return not self.replanned and elapsed >= self.seconds / 2
+
+    def plan(self, step: int, elapsed: float) -> int:
+        """The total step count for the budget, from the mean time per step so far."""
+        if self.planned:
+            self.replanned = True
+        self.planned = True
+        self.seconds_per_step = elapsed / max(step, 1)
+        remaining = max(0.0, self.seconds - elapsed)
+        return step + max(1, int(remaining / self.seconds_per_step))
 
 
 class TrainingStopped(Exception):

@@ -11,6 +11,7 @@ tokenizer, the data, the method, the loop (training/loop.py), the result and sum
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -95,8 +96,6 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None
     wall_start = time.perf_counter()
     run_dir = RunDir(recipe.output.dir)
     checkpoint = run_dir.prepare(resume=resume, overwrite=recipe.output.overwrite, parallel=par)
-    if par.is_main:
-        run_dir.write_recipe(recipe)
     cfg = recipe.train
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -120,6 +119,14 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None
         hint = ("train.objective dpo or orpo" if data.format == "preference" else "train.objective sft")
         raise RecipeError(f"{recipe.data.train}: {data.format} data, but train.objective {objective.name} learns "
                           f"from {wanted} data; use {hint}, or a {wanted} file")
+    # "auto" values resolved from the data (slmtune/auto.py), saved as the run's recipe.yaml.
+    cfg = cfg.resolved_for_data(data.n_examples, recipe.method.name)
+    recipe = recipe.model_copy(update={"train": cfg})
+    if par.is_main:
+        run_dir.write_recipe(recipe)
+        if data.held_out and progress:
+            print(f"held out {data.held_out} of {data.n_examples} training examples for validation (seeded; "
+                  "data.validation_split: 0 trains on all)", file=sys.stderr, flush=True)
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -163,11 +170,19 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None
         if metrics is not None:
             metrics.close()
 
+    # The result: the weights of the best evaluation (train.select_best), else the last step's.
+    best = run_dir.checkpoint(state.best_step) if cfg.select_best and state.best_step not in (None, state.step) else None
     # Sharded weights (FSDP, ZeRO-3) are gathered; rank 0 writes the usual one-process format.
     weights = par.trained_state_dict(model, trainable_only=method.artifact == "adapter")
+    if best is not None and weights is None:
+        method.load_trained(model, best / method.artifact)  # then saved as a result, like the last step's
     if par.is_main:
         with run_dir.writing_artifact(method.artifact) as tmp:
-            write_trained(method, model, tmp, weights, final=True)
+            if best is not None and weights is not None:
+                # Sharded weights are not reloaded into the wrapped model: the checkpoint's copy is the result.
+                shutil.copytree(best / method.artifact, tmp, dirs_exist_ok=True)
+            else:
+                write_trained(method, model, tmp, weights, final=True)
             if method.artifact == "model":
                 tokenizer.save_pretrained(tmp)  # a complete, standalone model directory
     summary = {
@@ -181,12 +196,20 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None
         "train_tokens": state.train_tokens,
         "target_tokens": state.target_tokens,
         "train_seconds": round(state.train_seconds, 3),
+        "loop_seconds": round(state.loop_seconds, 3),
         "tokens_per_second": round(state.train_tokens / state.train_seconds, 1) if state.train_seconds else None,
         "wall_seconds": round(time.perf_counter() - wall_start, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "final_train_loss": state.last_loss,
-        "eval_loss": state.last_eval_loss,
-        "eval_metrics": state.last_eval_metrics or {},
+        # The result's validation loss: the best evaluation's when train.select_best kept it.
+        "eval_loss": state.best_eval_loss if best is not None else state.last_eval_loss,
+        "eval_metrics": (state.best_eval_metrics if best is not None else state.last_eval_metrics) or {},
+        "last_eval_loss": state.last_eval_loss,
+        "best_step": state.best_step if cfg.select_best and state.best_step is not None else None,
+        "result_step": state.best_step if best is not None else state.step,
+        "stopped_early": state.stopped_early,
+        "planned_steps": state.planned_steps,
+        "held_out_examples": data.held_out,
         "trainable_params": trainable,
         "total_params": total,
         "threads": torch.get_num_threads(),

@@ -191,9 +191,10 @@ class RunDir:
 
 
 class MetricsLog:
-    """Appends step and eval events to metrics.jsonl; on resume, drops lines past the checkpoint."""
+    """Appends step, eval, best and warning events to metrics.jsonl; on resume, drops lines past the
+    checkpoint."""
 
-    KINDS = (events.Step, events.Eval)
+    KINDS = (events.Step, events.Eval, events.Best, events.Notice)
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path

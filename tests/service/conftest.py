@@ -75,12 +75,13 @@ def worker_env(settings) -> dict:
     return out
 
 
-def start_service(home: Path, base_dir: Path, *, db: str | None = None, workers: int = 1, **extra) -> Service:
+def start_service(home: Path, base_dir: Path, *, db: str | None = None, workers: int = 1, base: str = BASE,
+                  train_threads: int = 1, **extra) -> Service:
     from slmtune.service.app import create_service_app
     from slmtune.service.settings import Settings
 
-    settings = Settings(home=home, db=db, workers=workers, models={BASE: str(base_dir)}, heartbeat_interval=0.5,
-                        heartbeat_timeout=4.0, poll_interval=0.2, train_threads=1, **extra)
+    settings = Settings(home=home, db=db, workers=workers, models={base: str(base_dir)}, heartbeat_interval=0.5,
+                        heartbeat_timeout=4.0, poll_interval=0.2, train_threads=train_threads, **extra)
     app = create_service_app(settings)
     server = ServerThread(app).start()
     return Service(server.url, settings, server, app)

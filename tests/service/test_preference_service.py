@@ -69,3 +69,50 @@ def test_a_bad_preference_file_is_a_400_naming_its_line(sqlite_service, upload, 
         upload(client, [openai_pair(i) for i in range(10)] + [row], name="bad.jsonl")
     assert err.value.body["code"] == "invalid_file_format"
     assert f"line 11: {code}" in err.value.body["message"]
+
+
+TRAIT = "In short:"
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def trait_share(client, model: str, prompts: list[list[dict]]) -> float:
+    """Share of greedy answers that open with the trait the preferred answers share."""
+    hits = 0
+    for messages in prompts:
+        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+        hits += reply.choices[0].message.content.strip().startswith(TRAIT)
+    return hits / len(prompts)
+
+
+@pytest.mark.slow
+def test_a_style_taught_only_through_pairs_is_taken_up_with_auto(tmp_path, monkeypatch):
+    """The real SmolLM2-135M-Instruct, "auto" DPO hyperparameters, examples/preference: on unseen
+    prompts the base model never opens with "In short:", the DPO model does (~6 min on 2 cores;
+    docs/benchmarks.md records the measured share)."""
+    import json
+
+    from slmtune import models
+    from tests.conftest import REPO
+    from tests.service.conftest import start_service
+    from tests.test_models import real_home
+
+    monkeypatch.setenv("SLMTUNE_HOME", str(real_home()))
+    base_dir = models.pull(SMOLLM2)
+    service = start_service(tmp_path / "home", base_dir, base=SMOLLM2, train_threads=2)
+    try:
+        client = service.client("style").with_options(timeout=600)
+        examples = REPO / "examples" / "preference"
+        with open(examples / "train.jsonl", "rb") as f:
+            training = client.files.create(file=("train.jsonl", f), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model=SMOLLM2, training_file=training.id, seed=42, method={"type": "dpo"})
+        job = wait_for(client, job.id, timeout=1800)
+        assert job.status == "succeeded", job.error
+        prompts = [json.loads(line)["messages"] for line in (examples / "heldout.jsonl").read_text().splitlines()]
+        base_share = trait_share(client, SMOLLM2, prompts)
+        tuned_share = trait_share(client, job.fine_tuned_model, prompts)
+        print(f"trait share on {len(prompts)} held-out prompts: base {base_share:.2f}, dpo {tuned_share:.2f}; "
+              f"auto hyperparameters {job.method.dpo.hyperparameters}")
+        assert base_share <= 0.05
+        assert tuned_share >= 0.8
+    finally:
+        service.stop()

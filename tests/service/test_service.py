@@ -46,9 +46,13 @@ def full_cycle(service, upload, tenant="acme", validation=False):
     assert nxt.data[0].id == events[2].id
 
     ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
-    assert [c.step_number for c in ckpts] == [6, 3]  # one per epoch, newest first
-    assert ckpts[1].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-3"
-    assert ckpts[1].metrics.train_loss is not None
+    steps = [c.step_number for c in ckpts]
+    # One per epoch, newest first (with validation, also one at each new best validation loss).
+    assert steps == sorted(steps, reverse=True) and steps[0] == 6 and 3 in steps
+    assert validation or steps == [6, 3]
+    third = ckpts[steps.index(3)]
+    assert third.fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-3"
+    assert third.metrics.train_loss is not None
 
     assert job.fine_tuned_model in [m.id for m in client.models.list()]
     reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=8, temperature=0,

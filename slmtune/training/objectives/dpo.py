@@ -5,6 +5,7 @@ over the answer's tokens) and the reference model's log q(c), log q(r):
 
     h = (log p(c) - log q(c)) - (log p(r) - log q(r))
     loss = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)      (eps: label_smoothing)
+           + sft_weight * (-log p(c) / tokens of c)                                  (RPO; sft_weight 1 by default, 0: plain DPO)
 
 rewards/chosen = beta * (log p(c) - log q(c)), rewards/rejected likewise, rewards/margin their
 difference, rewards/accuracy the share of pairs whose chosen reward is higher.
@@ -54,6 +55,9 @@ class DPOLoss(ObjectiveLoss):
     def __init__(self, model, cfg: DPOObjective, reference: str, reference_model=None):
         super().__init__(model)
         self.beta, self.label_smoothing, self.reference = cfg.beta, cfg.label_smoothing, reference
+        self.sft_weight = cfg.sft_weight
+        if cfg.sft_weight:
+            self.metric_names = PAIR_METRICS + ("nll/chosen",)
         # A plain attribute, not a submodule: the frozen copy must stay outside the optimizer and
         # outside what DDP/FSDP wrap and synchronize.
         self.__dict__["reference_model"] = reference_model
@@ -69,10 +73,14 @@ class DPOLoss(ObjectiveLoss):
 
     def forward(self, batch: dict, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
         reference = self.reference_logprobs(batch, amp_dtype)
-        policy, _ = sequence_logprobs(self.model, batch, amp_dtype)
+        policy, counts = sequence_logprobs(self.model, batch, amp_dtype)
         losses, chosen, rejected = dpo_loss(policy[0::2], policy[1::2], reference[0::2], reference[1::2],
                                             self.beta, self.label_smoothing)
         self.metric_sums = pair_metrics(chosen, rejected)
+        if self.sft_weight:
+            chosen_nll = -policy[0::2] / counts[0::2].clamp(min=1)
+            losses = losses + self.sft_weight * chosen_nll
+            self.metric_sums["nll/chosen"] = float(chosen_nll.detach().sum())
         return losses.sum()
 
 

@@ -1,0 +1,83 @@
+"""The "auto" rule: training length, learning rate, batch size, held-out validation and evaluation
+frequency from the size of the user's data, for every door (recipes and `slmtune train` through
+`run()`, the service's "auto" hyperparameters through service/hyper.py). One place, so the CLI and
+the service resolve the same values for the same file (tests/test_auto.py checks it).
+
+    epochs          supervised: ceil(500 / n) clamped to [3, 10]: about 500 example passes on small
+                    datasets (7 epochs for 75 examples), 3 epochs from 167 examples on.
+                    dpo / orpo: ceil(360 / n pairs) clamped to [2, 10].
+    learning_rate   the method's base rate (methods/<name>.py: 1e-3 for LoRA, QLoRA, DoRA;
+                    5e-5 for full fine-tuning), times DPO_LEARNING_RATE_SCALE (0.2) for preference
+                    objectives; DPO's beta 0.1 and sft_weight 1
+    batch_size      (the service's examples per step) 1 if n < 16, 2 if n < 32, 4 if n < 1024, else 8
+    held out        no validation file: none below HOLD_OUT_FROM examples, else 10% clamped to
+                    [HOLD_OUT_MIN, HOLD_OUT_MAX], seeded (slmtune/data/dataset.py)
+    eval_every      about EVALUATIONS_PER_RUN evaluations per run
+
+n is the number of examples (pairs) in the training file, before any is held out.
+
+Why these numbers (docs/benchmarks.md, "The auto rule"): small datasets of facts must actually be
+learned. With 75 support conversations about a fictional product (examples/support_assistant),
+7 epochs at LoRA's 1e-3 took SmolLM2-135M-Instruct from 0/15 to 14/15 facts on paraphrased held-out
+questions, where the earlier 2e-4 x 3 epochs left them unlearned; a classification set of 8 intents
+and ~300 rows went from 0.74 accuracy (1 epoch, 2e-4) to 0.90 and more at 3 epochs.
+With 120 style pairs (examples/preference: the preferred answers open with "In short:"), DPO at
+beta 0.1, 3 epochs, batch 4 on SmolLM2-135M-Instruct with LoRA: at 1e-3 (the SFT rate) the model
+degenerated ("In short short: in short: ..."; 1/20 held-out answers right); at 1e-4, 14/20; at 2e-4
+with the preferred answers' NLL added (sft_weight 1, RPO), 20/20 with fluent answers. Hence
+DPO_LEARNING_RATE_SCALE 0.2 and DPO_SFT_WEIGHT 1 (docs/benchmarks.md, "DPO's auto values").
+"""
+
+from __future__ import annotations
+
+import math
+
+from slmtune.methods import METHODS
+
+SFT_EXAMPLE_PASSES = 500
+SFT_EPOCHS = (3, 10)
+PREFERENCE_PAIR_PASSES = 360
+PREFERENCE_EPOCHS = (2, 10)
+PREFERENCE_OBJECTIVE_NAMES = ("dpo", "orpo")
+DPO_LEARNING_RATE_SCALE = 0.2  # times the method's base rate
+DPO_BETA = 0.1
+DPO_SFT_WEIGHT = 1.0  # the preferred answers' NLL in the loss (RPO): the config's default too
+
+HOLD_OUT_FROM = 200
+HOLD_OUT_SHARE = 0.1
+HOLD_OUT_MIN, HOLD_OUT_MAX = 32, 256
+EVALUATIONS_PER_RUN = 5
+
+
+def epochs(n_examples: int, objective: str = "sft") -> int:
+    """Epochs for a training file of `n_examples` examples (pairs, for preference objectives)."""
+    n = max(1, n_examples)
+    if objective in PREFERENCE_OBJECTIVE_NAMES:
+        lo, hi = PREFERENCE_EPOCHS
+        return min(hi, max(lo, math.ceil(PREFERENCE_PAIR_PASSES / n)))
+    lo, hi = SFT_EPOCHS
+    return min(hi, max(lo, math.ceil(SFT_EXAMPLE_PASSES / n)))
+
+
+def learning_rate(method: str, objective: str = "sft") -> float:
+    """The learning rate "auto" trains `method` with."""
+    scale = DPO_LEARNING_RATE_SCALE if objective in PREFERENCE_OBJECTIVE_NAMES else 1.0
+    return METHODS[method].auto_learning_rate * scale
+
+
+def batch_size(n_examples: int) -> int:
+    """Examples per optimizer step of a service job (recipes keep the loop's own rows per step)."""
+    n = max(1, n_examples)
+    return 1 if n < 16 else 2 if n < 32 else 4 if n < 1024 else 8
+
+
+def held_out(n_examples: int) -> int:
+    """How many training examples are held out for validation when no validation file is given."""
+    if n_examples < HOLD_OUT_FROM:
+        return 0
+    return min(HOLD_OUT_MAX, max(HOLD_OUT_MIN, round(HOLD_OUT_SHARE * n_examples)))
+
+
+def eval_every(total_steps: int) -> int:
+    """Steps between evaluations: about EVALUATIONS_PER_RUN per run (the last one at the end)."""
+    return max(1, math.ceil(total_steps / EVALUATIONS_PER_RUN))

@@ -1,0 +1,176 @@
+"""The defaults that adapt to the user's data (slmtune/auto.py): one "auto" rule for recipes, the CLI
+and the service; a seeded held-out validation split; the best checkpoint as the result; early
+stopping; a time budget."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from slmtune import auto
+from slmtune.cli import main as cli_main
+from slmtune.config import load_recipe, recipe_from_dict
+from slmtune.data.dataset import build_datasets
+from slmtune.models import load_tokenizer
+from slmtune.service import hyper
+from slmtune.training.run import run
+from tests.conftest import chat_example, write_jsonl
+
+
+def facts(n: int) -> list[dict]:
+    return [chat_example(f"What is fact number {i}?", f"Fact {i}: the lamp lasts {i} hours.") for i in range(n)]
+
+
+def tiny_recipe(model_dir, data, out, **train):
+    return recipe_from_dict({
+        "model": {"name": str(model_dir)},
+        "method": {"name": "lora", "lora_r": 4, "lora_alpha": 8},
+        "data": {"train": str(data), "max_length": 64},
+        "train": {"seed": 3, "precision": "fp32", **train},
+        "output": {"dir": str(out)},
+    })
+
+
+@pytest.mark.parametrize("n", [8, 40, 75, 300, 2000])
+def test_the_rule_is_one_function_for_the_service_and_recipes(n):
+    service = hyper.resolve({}, n)
+    recipe = recipe_from_dict({"model": {"name": "m"}, "data": {"train": "t.jsonl"}, "output": {"dir": "o"}})
+    resolved = recipe.train.resolved_for_data(n, "lora")
+    assert service["n_epochs"] == resolved.epochs == auto.epochs(n)
+    made = hyper.build_recipe(base="m", method="lora", train_path="t.jsonl", validation_path=None, resolved=service,
+                              seed=1, run_dir="o", n_examples=n, save_every=0, threads=None)
+    assert made.train.learning_rate == resolved.learning_rate == auto.learning_rate("lora")
+    assert 3 <= resolved.epochs <= 10
+    dpo = hyper.resolve({}, n, "dpo")
+    assert dpo["n_epochs"] == auto.epochs(n, "dpo") and dpo["beta"] == auto.DPO_BETA
+
+
+def test_slmtune_train_resolves_what_the_service_resolves_for_the_same_file(tiny_llama_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", facts(40))
+    assert cli_main(["train", "--model", str(tiny_llama_dir), "--data", str(data), "--output",
+                     str(tmp_path / "run"), "--no-progress"]) == 0
+    saved = load_recipe(tmp_path / "run" / "recipe.yaml")
+    service = hyper.resolve({}, 40)
+    job = hyper.build_recipe(base=str(tiny_llama_dir), method="lora", train_path=str(data), validation_path=None,
+                             resolved=service, seed=42, run_dir="o", n_examples=40, save_every=0, threads=None)
+    assert saved.train.epochs == job.train.epochs == 10  # ceil(500 / 40) -> clamped to 10
+    assert saved.train.learning_rate == job.train.learning_rate == 1e-3
+
+
+def test_held_out_split_is_seeded_disjoint_and_reported(tiny_llama_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", facts(300))
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    recipe = tiny_recipe(tiny_llama_dir, data, tmp_path / "run")
+    first = build_datasets(recipe.data, tokenizer, seed=5)
+    again = build_datasets(recipe.data, tokenizer, seed=5)
+    other = build_datasets(recipe.data, tokenizer, seed=6)
+    assert first.held_out == len(first.validation) == auto.held_out(300) == 32
+    assert first.n_examples == 300 and len(first.train) == 268
+    ids = lambda ds: {tuple(e.input_ids) for e in ds}  # noqa: E731
+    assert ids(first.validation) == ids(again.validation) != ids(other.validation)
+    assert not ids(first.validation) & ids(first.train)
+    assert auto.held_out(199) == 0 and auto.held_out(5000) == auto.HOLD_OUT_MAX
+    small = build_datasets(tiny_recipe(tiny_llama_dir, write_jsonl(tmp_path / "s.jsonl", facts(50)), tmp_path / "r")
+                           .data, tokenizer, seed=5)
+    assert small.held_out == 0 and not small.validation and len(small.train) == 50
+    off = recipe.model_copy(deep=True)
+    off.data.validation_split = 0
+    assert len(build_datasets(off.data, tokenizer, seed=5).train) == 300
+
+
+def eval_losses(run_dir) -> dict[int, float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {e["step"]: e["eval_loss"] for e in lines if e["event"] == "eval"}
+
+
+def rising_run(tiny_llama_dir, tmp_path, **train):
+    """A run whose validation loss falls, then rises: full fine-tuning at a high constant rate
+    memorizes the training answers, which the validation set contradicts (same questions, other
+    answers)."""
+    data = write_jsonl(tmp_path / "train.jsonl", facts(24))
+    val = write_jsonl(tmp_path / "val.jsonl", [chat_example(f"What is fact number {i}?",
+                                                            f"Fact {i}: the kettle weighs {i + 7} grams.")
+                                               for i in range(8)])
+    return run(recipe_from_dict({
+        "model": {"name": str(tiny_llama_dir)}, "method": {"name": "full"},
+        "data": {"train": str(data), "validation": str(val), "max_length": 64},
+        "train": {"seed": 3, "precision": "fp32", "max_steps": 14, "learning_rate": 0.01, "warmup_ratio": 0.0,
+                  "schedule": "constant", "eval_every": 2, "micro_batch_size": 4, "save_every": 0,
+                  "keep_checkpoints": 1, **train},
+        "output": {"dir": str(tmp_path / "run")}}), progress=False)
+
+
+def test_the_result_is_the_checkpoint_of_the_lowest_validation_loss(tiny_llama_dir, tmp_path):
+    result = rising_run(tiny_llama_dir, tmp_path)
+    losses = eval_losses(result.run_dir)
+    best = min(losses, key=losses.get)
+    assert losses[14] > losses[best]  # the loss was made to rise: the last step is not the best
+    summary = result.summary
+    assert summary["best_step"] == summary["result_step"] == best and summary["steps"] == 14
+    assert summary["eval_loss"] == pytest.approx(losses[best], abs=1e-6)
+    assert summary["last_eval_loss"] == pytest.approx(losses[14], abs=1e-6)
+    kept = load_file(result.run_dir / "checkpoints" / f"step-{best:06d}" / "model" / "model.safetensors")
+    final = load_file(result.run_dir / "model" / "model.safetensors")
+    assert kept.keys() == final.keys() and all((kept[k] == final[k]).all() for k in kept)
+    kinds = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in kinds if e["event"] == "best"][-1] == best
+
+
+def test_select_best_off_keeps_the_last_step(tiny_llama_dir, tmp_path):
+    result = rising_run(tiny_llama_dir, tmp_path, select_best=False)
+    assert result.summary["result_step"] == 14 and result.summary["best_step"] is None
+
+
+def test_early_stopping_stops(tiny_llama_dir, tmp_path):
+    result = rising_run(tiny_llama_dir, tmp_path, early_stopping_patience=2)
+    losses = eval_losses(result.run_dir)
+    assert result.summary["stopped_early"] and result.summary["steps"] < 14
+    best = min(losses, key=losses.get)
+    assert result.summary["result_step"] == best
+    after = [s for s in losses if s > best]
+    assert len(after) == 2 and all(losses[s] >= losses[best] for s in after)
+
+
+@pytest.mark.parametrize("budget", [3.0])
+def test_a_time_budget_ends_the_run_near_it(tiny_llama_dir, tmp_path, budget):
+    data = write_jsonl(tmp_path / "train.jsonl", facts(40))
+    recipe = tiny_recipe(tiny_llama_dir, data, tmp_path / "run", time_budget=f"{budget}s", micro_batch_size=2,
+                         gradient_accumulation_steps=1, num_threads=1)
+    result = run(recipe, progress=False)
+    assert result.summary["loop_seconds"] == pytest.approx(budget, rel=0.2)
+    assert result.summary["steps"] == result.summary["planned_steps"] > auto.eval_every(1)
+    lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "warning" and "time budget" in e["message"] for e in lines)
+
+
+def test_durations_parse_and_bad_ones_are_clear():
+    from slmtune.config import RecipeError, parse_duration
+
+    assert parse_duration("90s") == 90 and parse_duration("10m") == 600 and parse_duration("1h30m") == 5400
+    with pytest.raises(RecipeError, match="time_budget"):
+        recipe_from_dict({"model": {"name": "m"}, "data": {"train": "t"}, "output": {"dir": "o"},
+                          "train": {"time_budget": "soon"}})
+
+
+@pytest.mark.slow
+def test_the_shipped_classification_recipe_learns_a_users_intents(tmp_path, monkeypatch):
+    """The real SmolLM2-135M-Instruct, recipes/classification/lora.yaml with only its data paths
+    changed (examples/intents: 8 intents, 288 rows, no validation file; test rows phrased
+    differently): "auto" epochs and held-out validation reach >= 0.9 accuracy (docs/benchmarks.md)."""
+    from slmtune import models
+    from slmtune.evaluate import evaluate
+    from tests.conftest import REPO
+    from tests.test_models import real_home
+
+    monkeypatch.setenv("SLMTUNE_HOME", str(real_home()))
+    models.pull("smollm2-135m-instruct")
+    monkeypatch.chdir(REPO)
+    recipe = load_recipe(REPO / "recipes" / "classification" / "lora.yaml",
+                         ["data.train=examples/intents/train.jsonl", "data.validation=null",
+                          f"output.dir={tmp_path / 'run'}"])
+    result = run(recipe, progress=False)
+    assert result.summary["held_out_examples"] == auto.held_out(288)
+    report = evaluate(str(result.run_dir), "examples/intents/test.jsonl", progress=False).report
+    print(f"intents: {result.summary['steps']} steps, result step {result.summary['result_step']}, "
+          f"accuracy {report['metrics']['accuracy']:.3f}")
+    assert report["metrics"]["accuracy"] >= 0.9
