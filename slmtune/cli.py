@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import time
 import warnings
@@ -157,9 +158,11 @@ def cmd_data(args) -> int:
                + (f"task {args.task}" if args.task else f"format {report.format or 'unknown'}"))
     if tokenizer is not None:
         summary += f", {report.total_tokens} tokens, {report.tokens_cut} would be cut at max_length {args.max_length}"
-    summary += f"; {len(report.errors)} error(s), {len(report.warnings)} warning(s)"
+    if report.unlisted_errors or report.unlisted_warnings:
+        print(f"... and {report.unlisted_errors} more error(s), {report.unlisted_warnings} more warning(s) not listed")
+    summary += (f"; {report.n_errors} error(s), {len(report.warnings) + report.unlisted_warnings} warning(s)")
     print(summary)
-    return 1 if report.errors else 0
+    return 1 if report.n_errors else 0
 
 
 def cmd_data_convert(args) -> int:
@@ -194,6 +197,16 @@ def cmd_chat(args) -> int:
     chat(args.target, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
          temperature=args.temperature)
     return 0
+
+
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
+
+def warn_if_exposed(host: str) -> None:
+    """A server bound beyond loopback answers the network: say so."""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host}: reachable from other machines; put TLS and a firewall in front "
+              "(see README, Limits and safe defaults)", file=sys.stderr)
 
 
 def cmd_serve(args) -> int:
@@ -234,8 +247,15 @@ def cmd_serve(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     token = args.admin_token or os.environ.get("SLMTUNE_ADMIN_TOKEN") or None
+    if token is None:  # admin routes register adapters from server paths: never open by default
+        token = secrets.token_urlsafe(24)
+        print(f"Admin token for /admin (this run only; set --admin-token or $SLMTUNE_ADMIN_TOKEN to choose one): "
+              f"{token}", file=sys.stderr)
+    warn_if_exposed(args.host)
     print(f"Serving {', '.join(engine.model_names())} at http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(create_app(engine, admin_token=token), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(create_app(engine, admin_token=token), host=args.host, port=args.port, log_level=args.log_level,
+                # SIGTERM: stop within seconds (Kubernetes, systemd); in-flight generations are cancelled.
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
     return 0
 
 
@@ -360,9 +380,12 @@ def cmd_api(args) -> int:
     from slmtune.service.app import create_service_app
 
     settings = _service_settings(args)
+    warn_if_exposed(args.host)
     print(f"Fine-tuning service at http://{args.host}:{args.port}/v1 ({settings.workers} worker(s), "
           f"base models: {', '.join(settings.models) or 'none'})", file=sys.stderr)
-    uvicorn.run(create_service_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(create_service_app(settings), host=args.host, port=args.port, log_level=args.log_level,
+                # SIGTERM: stop within seconds (Kubernetes, systemd); in-flight generations are cancelled.
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
     return 0
 
 
@@ -379,6 +402,16 @@ def cmd_keys(args) -> int:
 
     store = Store(_service_settings(args).db_url)
     store.migrate()
+    if args.keys_verb == "list":
+        print(f"{'id':>5}  {'tenant':<16}  {'sha256 prefix':<13}  created (UTC)")
+        for key_id, tenant, prefix, created in store.list_keys():
+            print(f"{key_id:>5}  {tenant:<16}  {prefix:<13}  {time.strftime('%Y-%m-%d %H:%M', time.gmtime(created))}")
+        return 0
+    if args.keys_verb == "revoke":
+        if not store.revoke_key(args.id):
+            raise RecipeError(f"no API key with id {args.id}; `slmtune keys list` shows them")
+        print(f"revoked key {args.id}", file=sys.stderr)
+        return 0
     try:
         key = create_key(store, args.tenant)
     except ValueError as err:
@@ -546,6 +579,11 @@ def build_parser() -> argparse.ArgumentParser:
     kc = kv.add_parser("create", help="create a key for a tenant; prints the key on the last line")
     kc.add_argument("--tenant", required=True)
     kc.add_argument("--db", help="SQLAlchemy URL (default: as `slmtune api`)")
+    kl = kv.add_parser("list", help="every key: id, tenant, sha256 prefix, creation time (keys are not stored)")
+    kl.add_argument("--db", help="SQLAlchemy URL (default: as `slmtune api`)")
+    kr = kv.add_parser("revoke", help="delete a key by its id (from `keys list`); requests with it get 401")
+    kr.add_argument("id", type=int)
+    kr.add_argument("--db", help="SQLAlchemy URL (default: as `slmtune api`)")
     p.set_defaults(func=cmd_keys)
     return parser
 

@@ -126,7 +126,7 @@ def list_local() -> list[tuple[str, Path]]:
     return sorted((p.name, p) for p in root.iterdir() if _is_hf_dir(p))
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # fullmatch: `$` accepts a trailing newline
 
 
 def resolve(name: str) -> str:
@@ -151,7 +151,7 @@ def resolve(name: str) -> str:
         return str(pull(name))
     if path.exists():
         raise ModelError(f"{name}: a directory without config.json is not a Hugging Face model directory")
-    if _HUB_ID.match(name):
+    if _HUB_ID.fullmatch(name):
         return name
     raise ModelError(
         f"unknown model {name!r}: give a catalog name ({', '.join(CATALOG)}), a local Hugging Face "

@@ -151,26 +151,3 @@ def test_durations_parse_and_bad_ones_are_clear():
         recipe_from_dict({"model": {"name": "m"}, "data": {"train": "t"}, "output": {"dir": "o"},
                           "train": {"time_budget": "soon"}})
 
-
-@pytest.mark.slow
-def test_the_shipped_classification_recipe_learns_a_users_intents(tmp_path, monkeypatch):
-    """The real SmolLM2-135M-Instruct, recipes/classification/lora.yaml with only its data paths
-    changed (examples/intents: 8 intents, 288 rows, no validation file; test rows phrased
-    differently): "auto" epochs and held-out validation reach >= 0.9 accuracy (docs/benchmarks.md)."""
-    from slmtune import models
-    from slmtune.evaluate import evaluate
-    from tests.conftest import REPO
-    from tests.test_models import real_home
-
-    monkeypatch.setenv("SLMTUNE_HOME", str(real_home()))
-    models.pull("smollm2-135m-instruct")
-    monkeypatch.chdir(REPO)
-    recipe = load_recipe(REPO / "recipes" / "classification" / "lora.yaml",
-                         ["data.train=examples/intents/train.jsonl", "data.validation=null",
-                          f"output.dir={tmp_path / 'run'}"])
-    result = run(recipe, progress=False)
-    assert result.summary["held_out_examples"] == auto.held_out(288)
-    report = evaluate(str(result.run_dir), "examples/intents/test.jsonl", progress=False).report
-    print(f"intents: {result.summary['steps']} steps, result step {result.summary['result_step']}, "
-          f"accuracy {report['metrics']['accuracy']:.3f}")
-    assert report["metrics"]["accuracy"] >= 0.9

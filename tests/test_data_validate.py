@@ -62,3 +62,23 @@ def test_with_tokenizer_reports_truncation(tmp_path, tiny_tokenizer):
     assert report.tokens_cut > 0 and report.total_tokens > report.tokens_cut
     # The long example's answer lies beyond the cut, so nothing of it is trained either.
     assert [(i.code, i.line) for i in report.errors] == [("no_trainable_tokens", 11)]
+
+
+def test_deep_nesting_long_lines_and_many_bad_lines_are_reported_not_crashes(tmp_path, monkeypatch):
+    """A line nested thousands of levels deep, a line beyond the length cap and 10,000 bad lines:
+    each is a coded issue, the listed issues are capped (the rest counted), and nothing raises."""
+    from slmtune.cli import main
+    from slmtune.data import formats, validate
+
+    monkeypatch.setattr(formats, "MAX_LINE_BYTES", 300_000)
+    monkeypatch.setattr(validate, "MAX_LINE_BYTES", 300_000)
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([good] * 12 + ["[" * 100000 + "]" * 100000, "x" * 400_000, good]
+                              + ["not json"] * 10000) + "\n")
+    report = validate.validate_file(path)
+    codes = {i.line: i.code for i in report.issues}
+    assert codes[13] == "nested_too_deeply" and codes[14] == "line_too_long"
+    assert report.n_examples == 13 and len(report.issues) == validate.MAX_LISTED_ISSUES
+    assert report.n_errors == 10002
+    assert main(["data", "validate", str(path)]) == 1

@@ -30,25 +30,42 @@ class Record:
     data: Any
 
 
+MAX_LINE_BYTES = 32 * 2**20  # one example; longer lines are reported, never held in memory whole
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, str | None, Any]]:
-    """Yield (line number, error or None, parsed value) for every non-blank line."""
+    """Yield (line number, error or None, parsed value) for every non-blank line, reading one line at a
+    time: errors are invalid_encoding, invalid_json, nested_too_deeply, line_too_long."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        f = path.open("rb")
     except OSError as err:
         raise DataError(f"{path}: cannot read: {err.strerror}") from None
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            yield number, "invalid_encoding", None
-            continue
-        try:
-            yield number, None, json.loads(text)
-        except json.JSONDecodeError:
-            yield number, "invalid_json", None
+    with f:
+        number = 0
+        while True:
+            line = f.readline(MAX_LINE_BYTES + 1)
+            if not line:
+                return
+            number += 1
+            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):  # skip the rest of the line in bounded reads
+                    line = f.readline(MAX_LINE_BYTES)
+                yield number, "line_too_long", None
+                continue
+            if not line.strip():
+                continue
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                yield number, "invalid_encoding", None
+                continue
+            try:
+                yield number, None, json.loads(text)
+            except json.JSONDecodeError:
+                yield number, "invalid_json", None
+            except RecursionError:
+                yield number, "nested_too_deeply", None
 
 
 PREFERENCE_KEYS = ({"preferred_output", "non_preferred_output"}, {"chosen", "rejected"})

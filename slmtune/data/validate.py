@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slmtune.data.formats import DataError, Record, check_example, detect_format, iter_jsonl
+from slmtune.data.formats import MAX_LINE_BYTES, DataError, Record, check_example, detect_format, iter_jsonl
 from slmtune.data.tokenize import Pair, encode
 from slmtune.tasks import TASKS
 
@@ -59,6 +59,9 @@ class Issue:
         return f"{where}: {self.severity} {self.code}: {self.message}"
 
 
+MAX_LISTED_ISSUES = 200
+
+
 @dataclass
 class Report:
     path: str
@@ -68,6 +71,20 @@ class Report:
     issues: list[Issue] = field(default_factory=list)
     total_tokens: int = 0
     tokens_cut: int = 0
+    unlisted_errors: int = 0  # errors beyond MAX_LISTED_ISSUES: counted, not kept (memory stays bounded)
+    unlisted_warnings: int = 0
+
+    def add(self, issue: Issue) -> None:
+        if len(self.issues) < MAX_LISTED_ISSUES:
+            self.issues.append(issue)
+        elif issue.severity == "error":
+            self.unlisted_errors += 1
+        else:
+            self.unlisted_warnings += 1
+
+    @property
+    def n_errors(self) -> int:
+        return len(self.errors) + self.unlisted_errors
 
     @property
     def errors(self) -> list[Issue]:
@@ -101,39 +118,52 @@ def validate_file(
                                        f"unknown task {task!r}; expected one of {', '.join(TASKS)}"))
             return report
         report.format = task_module.FORMAT
+    keep_rows, n_good = tokenizer is not None, 0
     for line, err, data in iter_jsonl(path):
         if err == "invalid_encoding":
-            report.issues.append(Issue(err, path, line, "line is not valid UTF-8"))
+            report.add(Issue(err, path, line, "line is not valid UTF-8"))
             continue
         if err == "invalid_json":
-            report.issues.append(Issue(err, path, line, "line is not valid JSON"))
+            report.add(Issue(err, path, line, "line is not valid JSON"))
+            continue
+        if err == "nested_too_deeply":
+            report.add(Issue(err, path, line, "line is JSON nested too deeply to read"))
+            continue
+        if err == "line_too_long":
+            report.add(Issue(err, path, line, f"line is longer than {MAX_LINE_BYTES // 2**20} MB"))
             continue
         if not isinstance(data, dict):
-            report.issues.append(Issue("not_an_object", path, line, f"expected a JSON object, got {type(data).__name__}"))
+            report.add(Issue("not_an_object", path, line, f"expected a JSON object, got {type(data).__name__}"))
             continue
         if task_module is not None:
             problems = [Issue(p[0], path, line, p[1], *p[2:]) for p in task_module.check(data)]
-            report.issues.extend(problems)
+            for problem in problems:
+                report.add(problem)
             if not any(p.severity == "error" for p in problems):
-                good.append((line, data))
+                n_good += 1
+                if keep_rows:
+                    good.append((line, data))
             continue
         found = detect_format(data)
         if found is None:
-            report.issues.append(Issue("unknown_format", path, line,
+            report.add(Issue("unknown_format", path, line,
                                        "expected `messages`, `prompt`+`completion` or `text`"))
             continue
         if report.format is None:
             report.format = found
         elif found != report.format:
-            report.issues.append(Issue("mixed_formats", path, line, f"{found} example in a {report.format} file"))
+            report.add(Issue("mixed_formats", path, line, f"{found} example in a {report.format} file"))
             continue
         problems = check_example(report.format, data)
-        report.issues.extend(Issue(code, path, line, msg) for code, msg in problems)
+        for code, msg in problems:
+            report.add(Issue(code, path, line, msg))
         if not problems:
-            good.append((line, data))
-    report.n_examples = len(good)
+            n_good += 1
+            if keep_rows:  # only the token pass below needs the rows; validation alone streams
+                good.append((line, data))
+    report.n_examples = n_good
     if report.n_examples < min_examples:
-        report.issues.append(Issue("too_few_examples", path, None,
+        report.add(Issue("too_few_examples", path, None,
                                    f"{report.n_examples} valid example(s); at least {min_examples} are required"))
     if tokenizer is not None and good:
         if task_module is not None:
@@ -148,11 +178,11 @@ def validate_file(
             cut = sum(max(0, len(e) - max_length) for e in sequences) if max_length else 0
             if cut:
                 report.tokens_cut += cut
-                report.issues.append(Issue("too_long", path, line,
+                report.add(Issue("too_long", path, line,
                                            f"{n} tokens > max_length {max_length}: {cut} tokens would be cut",
                                            severity="warning"))
             if example.n_targets(max_length) == 0:
-                report.issues.append(Issue("no_trainable_tokens", path, line,
+                report.add(Issue("no_trainable_tokens", path, line,
                                            "no token of this example reaches the loss (weights 0, or cut by max_length)"))
     return report
 
@@ -162,10 +192,10 @@ def read_records(path: str | Path, fmt: str = "auto", task: str | None = None) -
     With `task`, the records are the task's rows as written (slmtune.data.convert_task_records turns
     them into examples) and the returned format is the one the task's examples have."""
     report = validate_file(path, fmt=fmt, min_examples=1, task=task)
-    if report.errors:
+    if report.n_errors:
         shown = "\n".join(str(issue) for issue in report.errors[:20])
-        more = f"\n... and {len(report.errors) - 20} more" if len(report.errors) > 20 else ""
+        more = f"\n... and {report.n_errors - 20} more" if report.n_errors > 20 else ""
         hint = f"slmtune data validate {path}" + (f" --task {task}" if task else "")
-        raise DataError(f"{path}: {len(report.errors)} problem(s); run `{hint}`\n{shown}{more}")
+        raise DataError(f"{path}: {report.n_errors} problem(s); run `{hint}`\n{shown}{more}")
     records = [Record(line, data) for line, err, data in iter_jsonl(path) if err is None]
     return report.format, records

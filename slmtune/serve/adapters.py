@@ -28,7 +28,7 @@ from slmtune.config import RecipeError
 from slmtune.models import CATALOG, models_dir
 from slmtune.training.rundir import RunDir
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")  # fullmatch: `$` accepts a trailing newline
 
 
 class AdapterError(ValueError):
@@ -67,7 +67,7 @@ def _model_identity(name: str) -> tuple[str, str] | None:
 
 def resolve_adapter(name: str, path: str | Path, base_model: str | None = None) -> AdapterSource:
     """Check a name and a run directory / PEFT adapter directory; raise AdapterError if unusable."""
-    if not NAME_PATTERN.match(name or ""):
+    if not NAME_PATTERN.fullmatch(name or ""):
         raise AdapterError(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_', ':' or '-', "
                            "starting with a letter or digit")
     given = Path(path).expanduser()

@@ -37,6 +37,11 @@ from slmtune.serve.engine import Engine, Request, RequestError, SamplingParams
 
 
 # --- request bodies --------------------------------------------------------------------------
+# Bounds on one request: the engine is shared by every client.
+MAX_PROMPTS = 16  # per /v1/completions request (each with n choices, n <= 8)
+MAX_STOP_CHARS = 256
+
+
 class _Body(BaseModel):
     # Unknown parameters are errors, as with OpenAI: a silently ignored setting is worse.
     model_config = ConfigDict(extra="forbid")
@@ -52,7 +57,7 @@ class _Generation(_Body):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI: a 64-bit integer
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -68,6 +73,8 @@ class _Generation(_Body):
             raise ValueError("at most 4 stop sequences")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences are at most {MAX_STOP_CHARS} characters")
         return stops
 
     @field_validator("presence_penalty", "frequency_penalty")
@@ -112,6 +119,13 @@ class ChatCompletionRequest(_Generation):
 
 class CompletionRequest(_Generation):
     prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _bounded_prompts(cls, value):
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_PROMPTS:
+            raise ValueError(f"give 1 to {MAX_PROMPTS} prompts per request")
+        return value
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for /v1/completions
     echo: Literal[False] = False
     logprobs: None = None
@@ -196,6 +210,16 @@ class _Batch:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+async def cancel_on_disconnect(http_request: HttpRequest, batch: _Batch) -> None:
+    """Cancel `batch` as soon as its client disconnects (checked every DISCONNECT_POLL_SECONDS)."""
+    while not await http_request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+    batch.cancel()
+
+
 def _sse(data) -> str:
     return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n"
 
@@ -256,11 +280,15 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
         batch.submit()
         return batch
 
-    async def answer(batch: _Batch, shape) -> dict:
+    async def answer(batch: _Batch, shape, http_request: HttpRequest) -> dict:
+        # A client that hangs up stops its generation: nobody would read it, and others wait behind it.
+        watcher = asyncio.create_task(cancel_on_disconnect(http_request, batch))
         try:
             requests = await batch.wait()
         except (UnknownModel, RequestError, AdapterError) as err:
             raise as_api_error(err) from None
+        finally:
+            watcher.cancel()
         return {"choices": [shape(i, r.text, r.finish_reason) for i, r in enumerate(requests)],
                 "usage": batch.usage()}
 
@@ -305,7 +333,7 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, http_request: HttpRequest):
         messages = [m.plain() for m in body.messages]
         try:
             prompt = await asyncio.to_thread(engine.encode_chat, messages)
@@ -319,7 +347,7 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
                 return {"index": index, "message": {"role": "assistant", "content": text},
                         "finish_reason": finish, "logprobs": None}
 
-            return meta | {"object": "chat.completion"} | await answer(batch, choice)
+            return meta | {"object": "chat.completion"} | await answer(batch, choice, http_request)
 
         def chunk(index, text, finish):
             return {"index": index, "delta": {"content": text} if text else {}, "finish_reason": finish,
@@ -332,7 +360,7 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
         return await stream(batch, body, meta | {"object": "chat.completion.chunk"}, chunk, opening)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, http_request: HttpRequest):
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not texts:
             raise ApiError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
@@ -345,7 +373,7 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
             return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
 
         if not body.stream:
-            return meta | await answer(batch, choice)
+            return meta | await answer(batch, choice, http_request)
         return await stream(batch, body, meta, choice)
 
     @app.get("/admin/adapters")

@@ -17,6 +17,7 @@ Text reaches the caller through callbacks run on the engine thread (`on_text`, `
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
@@ -36,6 +37,9 @@ from slmtune.serve.adapters import AdapterError, AdapterRegistry, UnknownModel
 __all__ = ["Engine", "Request", "RequestError", "SamplingParams", "default_base_name"]
 
 log = logging.getLogger("slmtune.serve")
+
+
+MAX_CHARS_PER_TOKEN = 32
 
 
 class RequestError(ValueError):
@@ -84,8 +88,14 @@ class Engine:
         # threads at once can fail with "Already borrowed", and the lock costs microseconds.
         self._tokenizer_lock = threading.Lock()
         self._detokenize = detokenizer(tokenizer)
+        # Requests are encoded with a copy of their own, so a long prompt never holds the lock the
+        # decode loop takes for every token (other tenants' streams would stall behind it).
+        self._encoder = copy.deepcopy(tokenizer)
+        self._encoder_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stats_lock = threading.Lock()
+        self._stopping = False
+        self._active: list[Request] = []  # the rows being decoded now (stop() cancels them)
         self._batch_sizes: Counter[int] = Counter()
         self._requests = 0
         self._generated_tokens = 0
@@ -129,10 +139,24 @@ class Engine:
         return self
 
     def stop(self, timeout: float | None = 30) -> None:
+        """Stop within about one decoding step: rows being generated are cancelled (they finish with
+        what they have), queued requests are answered as cancelled, nothing new starts."""
         if self.running:
+            self._stopping = True
+            for r in list(self._active):
+                r.cancelled = True
             self._queue.put(_STOP)
             self._thread.join(timeout)
         self._thread = None
+        while True:  # requests that arrived after the stop: finished, never left waiting
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Request):
+                item.cancelled = True
+                self._finish(item)
+        self._stopping = False
 
     # --- models ------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
@@ -151,16 +175,26 @@ class Engine:
         return source
 
     # --- requests ----------------------------------------------------------------------------
+    def check_prompt_size(self, chars: int, param: str) -> None:
+        """Refuse, before tokenizing, a prompt too long for the context whatever its tokens (a token
+        rarely spans more than MAX_CHARS_PER_TOKEN characters): tokenizing megabytes costs seconds."""
+        if chars > self.context_length * MAX_CHARS_PER_TOKEN:
+            raise RequestError(f"This model's maximum context length is {self.context_length} tokens; the prompt "
+                               f"has {chars} characters, far more than fit.", param=param,
+                               code="context_length_exceeded")
+
     def encode_chat(self, messages: list[dict]) -> list[int]:
+        self.check_prompt_size(sum(len(m.get("content") or "") for m in messages), "messages")
         try:
-            with self._tokenizer_lock:
-                return chat_prompt_ids(self.tokenizer, messages)
+            with self._encoder_lock:
+                return chat_prompt_ids(self._encoder, messages)
         except Exception as err:  # jinja raises TemplateError for conversations the template refuses
             raise RequestError(f"the model's chat template rejected these messages: {err}", param="messages") from err
 
     def encode_text(self, prompt: str) -> list[int]:
-        with self._tokenizer_lock:
-            return list(self.tokenizer(prompt)["input_ids"])
+        self.check_prompt_size(len(prompt), "prompt")
+        with self._encoder_lock:
+            return list(self._encoder(prompt)["input_ids"])
 
     def decode(self, tokens: list[int]) -> str:
         with self._tokenizer_lock:
@@ -239,6 +273,7 @@ class Engine:
                 log.exception("unloading removed adapters failed")
             groups: dict[str, list[Request]] = {}
             for req in batch:
+                req.cancelled = req.cancelled or self._stopping
                 groups.setdefault(req.model, []).append(req)
             if len(groups) > 1 and self.run_mixed(batch):
                 continue
@@ -261,7 +296,7 @@ class Engine:
                     if r.cancelled:
                         self._finish(r)
                 model, adapter_names = mixed
-                self._guarded(live, lambda: self.new_decoder(model, adapter_names).decode(self._rows(live)))
+                self._guarded(live, lambda rows: self.new_decoder(model, adapter_names).decode(self._rows(rows)))
         except (UnknownModel, AdapterError):
             return False  # one batch per adapter reports the error to the requests it concerns
         self._account(live)
@@ -275,24 +310,32 @@ class Engine:
         if not live:
             return
 
-        def run():
+        def run(rows: list[Request]) -> None:
             with self.registry.use(None if name == self.base_name else name) as model:
-                self.new_decoder(model, None).decode(self._rows(live))
+                self.new_decoder(model, None).decode(self._rows(rows))
 
         self._guarded(live, run)
         self._account(live)
 
-    @staticmethod
-    def _guarded(live: list[Request], run: Callable[[], None]) -> None:
+    def _guarded(self, live: list[Request], run: Callable[[list[Request]], None]) -> None:
+        """Run a batch; if it fails before any row produced a token, run each row alone, so that one
+        bad row (another tenant's, perhaps) fails only itself."""
+        self._active = live
         try:
-            run()
+            run(live)
         except (UnknownModel, AdapterError) as err:
             for r in live:
                 r.error = err
         except Exception as err:  # noqa: BLE001 - one bad batch must not stop the server
+            if len(live) > 1 and not any(r.token_ids for r in live):
+                for r in live:
+                    self._guarded([r], run)
+                return
             log.exception("generation failed")
             for r in live:
                 r.error = err
+        finally:
+            self._active = []
 
     def _account(self, live: list[Request]) -> None:
         with self._stats_lock:

@@ -29,16 +29,77 @@ import asyncio
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
-from slmtune.http.errors import error_body, install_error_handlers
+from slmtune.http.errors import ApiError, install_error_handlers
 from slmtune.serve.app import create_app
 from slmtune.serve.engine import Engine
 from slmtune.service.core import Service
+from slmtune.service.deps import tenant_of
+from slmtune.service.files import too_large
 from slmtune.service.routes import console, files, jobs, models
 from slmtune.service.serving import ServingGuard
 from slmtune.service.settings import Settings
 from slmtune.service.store import new_id
+
+
+# The console is same-origin script and CSS only; nothing may frame it or sniff types.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+                               "frame-ancestors 'none'; form-action 'self'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class UploadTooLarge(Exception):
+    pass
+
+
+class UploadGuard:
+    """In front of `POST /v1/files`: the API key is checked before any of the body is read, and the
+    body is cut off at the size limit as it arrives (with or without Content-Length), so neither
+    an anonymous nor an oversize upload is ever received in full."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/v1/files":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        limit = self.service.settings.max_upload_bytes + 64 * 1024  # the multipart framing around the file
+        try:
+            await asyncio.to_thread(tenant_of, self.service, headers.get("authorization"))
+        except ApiError as err:
+            return await err.response()(scope, receive, send)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            return await too_large(self.service.settings.max_upload_bytes).response()(scope, receive, send)
+        received, started, cut = 0, False, False
+
+        async def counted_receive():
+            nonlocal received, cut
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                cut = True
+                raise UploadTooLarge
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            if cut:  # the app's answer to a body cut short is replaced by the 413 below
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except UploadTooLarge:
+            pass
+        if cut and not started:
+            await too_large(self.service.settings.max_upload_bytes).response()(scope, receive, send)
 
 
 def create_service_app(settings: Settings, *, engine=None) -> FastAPI:
@@ -69,19 +130,20 @@ def create_service_app(settings: Settings, *, engine=None) -> FastAPI:
                 await asyncio.to_thread(started_engine.stop)
             service.store.close()
 
-    app = FastAPI(title="slmtune fine-tuning service", lifespan=lifespan)
+    # The OpenAPI schema and its pages describe every route to anyone; off unless asked for.
+    docs = settings.public_docs
+    app = FastAPI(title="slmtune fine-tuning service", lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.state.service = service
     install_error_handlers(app)
 
+    app.add_middleware(UploadGuard, service=service)
+
     @app.middleware("http")
-    async def _upload_limit(request: Request, call_next):
-        if request.method == "POST" and request.url.path == "/v1/files":
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
-                return JSONResponse(error_body(f"The file is larger than the limit of {settings.max_upload_bytes} "
-                                               "bytes.", "invalid_request_error", "file", "file_too_large"),
-                                    status_code=413)
-        return await call_next(request)
+    async def _security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
 
     for module in (files, jobs, models, console):
         app.include_router(module.router)

@@ -6,7 +6,7 @@ import hashlib
 import re
 import secrets
 
-TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,15}$")
+TENANT_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,15}")  # fullmatch: `$` would accept a trailing newline
 
 
 def hash_key(key: str) -> str:
@@ -15,7 +15,7 @@ def hash_key(key: str) -> str:
 
 def create_key(store, tenant: str) -> str:
     """A new key for `tenant` (created if new); returns the key, which is not stored anywhere."""
-    if not TENANT_PATTERN.match(tenant or ""):
+    if not TENANT_PATTERN.fullmatch(tenant or ""):
         raise ValueError(f"tenant {tenant!r}: use 1-16 lowercase letters, digits or '-', starting with a "
                          "letter or digit (it becomes part of fine-tuned model names)")
     key = "sk-slm-" + secrets.token_urlsafe(32)

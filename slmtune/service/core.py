@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from slmtune.http.errors import ApiError
@@ -33,6 +34,9 @@ def model_not_found(name: str) -> ApiError:
                     code="model_not_found")
 
 
+WORKER_CHECK_SECONDS = 2.0  # how often the service looks for worker processes that exited
+
+
 class Service:
     """State shared by the routes: settings, store, serving engine, worker processes."""
 
@@ -41,6 +45,7 @@ class Service:
         self.store = Store(settings.db_url)
         self.engine = engine
         self.workers: list[subprocess.Popen] = []
+        self.workers_stopping = threading.Event()
 
     # --- models -------------------------------------------------------------------------------
     def model_cards(self, tenant: Tenant) -> list[dict]:
@@ -91,13 +96,29 @@ class Service:
         env["SLMTUNE_DB"] = self.settings.db_url
         return env
 
+    def start_worker(self) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "slmtune.cli", "worker"], env=self.worker_env(), stdin=subprocess.DEVNULL,
+            preexec_fn=_term_with_parent if sys.platform.startswith("linux") else None)
+
     def start_workers(self) -> None:
-        for _ in range(self.settings.workers):
-            self.workers.append(subprocess.Popen(
-                [sys.executable, "-m", "slmtune.cli", "worker"], env=self.worker_env(), stdin=subprocess.DEVNULL,
-                preexec_fn=_term_with_parent if sys.platform.startswith("linux") else None))
+        """Start settings.workers worker processes, and a thread that starts a new one for each that
+        exits while the service runs (a crash, an out-of-memory kill)."""
+        self.workers_stopping.clear()
+        self.workers = [self.start_worker() for _ in range(self.settings.workers)]
+        if self.workers:
+            threading.Thread(target=self._respawn_workers, name="slmtune-worker-respawn", daemon=True).start()
+
+    def _respawn_workers(self) -> None:
+        while not self.workers_stopping.wait(WORKER_CHECK_SECONDS):
+            for i, p in enumerate(self.workers):
+                if p.poll() is not None and not self.workers_stopping.is_set():
+                    print(f"worker process {p.pid} exited with {p.returncode}; starting another", file=sys.stderr,
+                          flush=True)
+                    self.workers[i] = self.start_worker()
 
     def stop_workers(self, timeout: float = 30) -> None:
+        self.workers_stopping.set()
         for p in self.workers:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

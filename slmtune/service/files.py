@@ -36,7 +36,8 @@ def check_upload(data: bytes, tmp: Path) -> tuple[str | None, int]:
     if errors:
         shown = "; ".join(f"line {i.line}: {i.code}: {i.message}" if i.line else f"{i.code}: {i.message}"
                           for i in errors[:5])
-        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        n = len(errors) + report.unlisted_errors
+        more = f" (and {n - 5} more)" if n > 5 else ""
         code = "invalid_encoding" if errors[0].code == "invalid_encoding" else "invalid_file_format"
         raise ApiError(400, f"Invalid file format for fine-tuning: {shown}{more}", param="file", code=code)
     if report.n_examples == 0:
@@ -55,9 +56,17 @@ def store_upload(service: Service, tenant: Tenant, file: UploadFile, purpose: st
         raise ApiError(400, f"purpose {purpose!r} is not supported; use \"fine-tune\".", param="purpose",
                        code="invalid_purpose")
     filename = check_filename(file.filename)
+    n_files, n_bytes = service.store.files_usage(tenant.id)
+    if n_files >= settings.max_files:
+        raise ApiError(429, f"You keep {n_files} files, the most allowed ({settings.max_files}); delete some first.",
+                       type="rate_limit_error", param="file", code="too_many_files")
     data = file.file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise too_large(settings.max_upload_bytes)
+    if n_bytes + len(data) > settings.max_tenant_bytes:
+        raise ApiError(429, f"Your files would take {n_bytes + len(data)} bytes, more than allowed "
+                            f"({settings.max_tenant_bytes}); delete some first.", type="rate_limit_error",
+                       param="file", code="storage_quota_exceeded")
     file_id = new_id("file")
     files_dir = settings.service_dir / "files"
     files_dir.mkdir(parents=True, exist_ok=True)

@@ -72,10 +72,17 @@ def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
         offered = ", ".join(settings.models) or "none"
         raise ApiError(400, f"Model `{body.model}` is not available for fine-tuning (offered: {offered}).",
                        param="model", code="model_not_available")
+    active = store.active_jobs(tenant.id)
+    if active >= settings.max_queued_jobs:
+        raise ApiError(429, f"You have {active} unfinished jobs, the most allowed at once "
+                            f"({settings.max_queued_jobs}); wait for one to finish or cancel one.",
+                       type="rate_limit_error", code="too_many_jobs")
     if body.suffix is not None and not SUFFIX_PATTERN.fullmatch(body.suffix):
         raise ApiError(400, "suffix: use 1-18 letters, digits, '-' or '_'.", param="suffix", code="invalid_suffix")
-    if body.metadata is not None and len(body.metadata) > 16:
-        raise ApiError(400, "metadata: at most 16 keys.", param="metadata", code="invalid_metadata")
+    if body.metadata is not None and (len(body.metadata) > 16 or any(len(k) > 64 or len(v) > 512
+                                                                      for k, v in body.metadata.items())):
+        raise ApiError(400, "metadata: at most 16 pairs, keys of at most 64 characters, values of at most 512.",
+                       param="metadata", code="invalid_metadata")
     train_file = training_input(service, body.training_file, "training_file", tenant, MIN_TRAINING_EXAMPLES)
     val_file = training_input(service, body.validation_file, "validation_file", tenant, 1)
     if val_file is not None and train_file.format != val_file.format:

@@ -4,7 +4,14 @@
                                service/service.db (SQLite), service/files/ and service/jobs/ there
     SLMTUNE_DB                 SQLAlchemy URL; default sqlite:///$SLMTUNE_HOME/service/service.db
     SLMTUNE_WORKERS            worker processes the API server starts (default 1)
-    SLMTUNE_MODELS             base models offered, JSON {"name": "dir or catalog name"}
+    SLMTUNE_MODELS             base models offered, JSON {"name": "dir or catalog name"}; default
+                               {"smollm2-135m-instruct": "smollm2-135m-instruct"}, the catalog's
+                               default model, pulled on first use like `slmtune train` does
+    SLMTUNE_MAX_QUEUED_JOBS    jobs a tenant may have queued or running at once (default 20; 429 beyond)
+    SLMTUNE_MAX_FILES          files a tenant may keep (default 200), SLMTUNE_MAX_TENANT_BYTES their
+                               total size (default 2 GB); 429 beyond
+    SLMTUNE_PUBLIC_DOCS        serve /docs, /redoc and /openapi.json (default false: they describe
+                               every route to anyone)
     SLMTUNE_MAX_UPLOAD_BYTES   upload size limit (default 50 MB)
     SLMTUNE_HEARTBEAT_INTERVAL / SLMTUNE_HEARTBEAT_TIMEOUT   seconds (2 / 15): a running job whose
                                worker has not sent a heartbeat for the timeout goes back to the queue
@@ -25,10 +32,10 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from slmtune.models import DEFAULT_MODEL, slmtune_home
+
 
 def default_home() -> Path:
-    from slmtune.models import slmtune_home
-
     return slmtune_home()
 
 
@@ -38,7 +45,7 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=lambda: default_home())
     db: str | None = None
     workers: int = Field(1, ge=0)
-    models: dict[str, str] = Field(default_factory=dict)
+    models: dict[str, str] = Field(default_factory=lambda: {DEFAULT_MODEL: DEFAULT_MODEL})
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1)
     heartbeat_interval: float = Field(2.0, gt=0)
     heartbeat_timeout: float = Field(15.0, gt=0)
@@ -48,6 +55,10 @@ class Settings(BaseSettings):
     train_threads: int | None = Field(None, ge=1)
     serve: bool = True  # load the first base model and serve fine-tuned models on /v1/chat/completions
     serve_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    max_queued_jobs: int = Field(20, ge=1)
+    max_files: int = Field(200, ge=1)
+    max_tenant_bytes: int = Field(2 * 1024**3, ge=1)
+    public_docs: bool = False
 
     @property
     def service_dir(self) -> Path:

@@ -14,6 +14,7 @@ heartbeats goes back to the queue (requeue_stale) and resumes from its last chec
 
 from __future__ import annotations
 
+import fcntl
 import secrets
 import time
 from contextlib import contextmanager
@@ -60,11 +61,29 @@ def migrate(engine: Engine) -> None:
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
+    with sqlite_file_lock(engine), engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(74521)"))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+@contextmanager
+def sqlite_file_lock(engine: Engine):
+    """SQLite has no advisory lock and its DDL races ("table already exists" when several processes
+    migrate a fresh home at once): an exclusive lock file beside the database file serializes them."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":
+        yield
+        return
+    lock_path = Path(database).with_suffix(".migrate.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class Store:
@@ -92,6 +111,21 @@ class Store:
                 s.add(row)
                 s.flush()
             s.add(ApiKey(tenant_id=row.id, key_hash=key_hash, created_at=time.time()))
+
+    def list_keys(self) -> list[tuple[int, str, str, float]]:
+        """(key id, tenant, first 12 hex digits of the key's sha256, created_at) of every key."""
+        with self.session() as s:
+            rows = s.execute(select(ApiKey.id, Tenant.name, ApiKey.key_hash, ApiKey.created_at)
+                             .join(Tenant, Tenant.id == ApiKey.tenant_id).order_by(ApiKey.id)).all()
+            return [(r[0], r[1], r[2][:12], r[3]) for r in rows]
+
+    def revoke_key(self, key_id: int) -> bool:
+        with self.session() as s:
+            row = s.get(ApiKey, key_id)
+            if row is None:
+                return False
+            s.delete(row)
+            return True
 
     def tenant_by_name(self, name: str) -> Tenant | None:
         with self.session() as s:
@@ -130,6 +164,26 @@ class Store:
             for m in messages:
                 s.add(_event(job.id, m))
         return job
+
+    def active_jobs(self, tenant_id: int) -> int:
+        """The tenant's jobs that are queued, running or paused."""
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(Job).where(
+                Job.tenant_id == tenant_id, Job.status.in_(("validating_files", "queued", "running", "paused"))))
+
+    def files_usage(self, tenant_id: int) -> tuple[int, int]:
+        """(files, bytes) the tenant keeps."""
+        with self.session() as s:
+            n, size = s.execute(select(func.count(), func.coalesce(func.sum(File.bytes), 0))
+                                .where(File.tenant_id == tenant_id)).one()
+            return int(n), int(size)
+
+    def file_in_use(self, tenant_id: int, file_id: str) -> str | None:
+        """A job not yet finished that trains on the file, if any."""
+        with self.session() as s:
+            return s.scalar(select(Job.id).where(
+                Job.tenant_id == tenant_id, Job.status.in_(("validating_files", "queued", "running", "paused")),
+                or_(Job.training_file == file_id, Job.validation_file == file_id)).limit(1))
 
     def get_job(self, job_id: str, tenant_id: int | None = None) -> Job | None:
         with self.session() as s:
@@ -184,13 +238,19 @@ class Store:
             return requeued
 
     def claim(self, worker_id: str, timeout: float) -> Job | None:
-        """Take the oldest queued job nobody is working on, or None."""
+        """Take a queued job nobody is working on, or None: the oldest job of the tenant served least
+        recently (its jobs' latest heartbeat, claims included), so one tenant's backlog cannot starve
+        the others; each tenant's own jobs run in order."""
         cutoff = time.time() - timeout
         free = or_(Job.worker_id.is_(None), Job.heartbeat_at < cutoff)
+        served = (select(Job.tenant_id, func.max(Job.heartbeat_at).label("last")).group_by(Job.tenant_id)
+                  .subquery())
         for _ in range(5):
             with self.session() as s:
-                candidate = s.scalar(select(Job.id).where(Job.status == "queued", free).order_by(Job.seq)
-                                     .limit(1).with_for_update(skip_locked=True))
+                candidate = s.scalar(select(Job.id).join(served, served.c.tenant_id == Job.tenant_id)
+                                     .where(Job.status == "queued", free)
+                                     .order_by(func.coalesce(served.c.last, 0.0), Job.seq)
+                                     .limit(1).with_for_update(skip_locked=True, of=Job))
                 if candidate is None:
                     return None
                 now = time.time()

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import yaml
+from sqlalchemy.exc import DBAPIError
 
 from slmtune import atomic
 from slmtune.service.models import File
@@ -41,6 +42,9 @@ def _die_with_parent() -> None:  # runs in the child before exec
         pass
 
 
+MAX_DB_BACKOFF = 30.0  # seconds between retries while the database is unreachable
+
+
 class Worker:
     def __init__(self, settings: Settings, store: Store | None = None, worker_id: str | None = None):
         self.settings = settings
@@ -49,8 +53,20 @@ class Worker:
         self.stopping = threading.Event()
 
     def run_forever(self) -> None:
+        """Claim and run jobs until stopped. A database that is briefly unreachable (restart,
+        failover) is retried with a growing pause instead of ending the worker."""
+        backoff = 0.0
         while not self.stopping.is_set():
-            if not self.run_once():
+            try:
+                worked = self.run_once()
+                backoff = 0.0
+            except DBAPIError as err:
+                backoff = min(MAX_DB_BACKOFF, max(self.settings.poll_interval, 2 * backoff))
+                print(f"worker {self.id}: database error, retrying in {backoff:.1f}s: {str(err).splitlines()[0]}",
+                      file=sys.stderr, flush=True)
+                self.stopping.wait(backoff)
+                continue
+            if not worked:
                 self.stopping.wait(self.settings.poll_interval)
 
     def run_once(self) -> bool:
@@ -144,7 +160,10 @@ class Worker:
                 self.relay(job, raw, state)
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + self.settings.heartbeat_interval
-                status = self.store.heartbeat(job.id, self.id)
+                try:
+                    status = self.store.heartbeat(job.id, self.id)
+                except DBAPIError:  # the database is away: training goes on, the next beat retries
+                    continue
                 if status is None:  # another worker owns the job now: stop at once, write nothing
                     proc.kill()
                     proc.wait()

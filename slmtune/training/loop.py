@@ -174,9 +174,9 @@ def checkpoint_state(path: Path) -> TrainState:
 def load_checkpoint(path: Path, parallel, scheduler) -> TrainState:
     """Optimizer, scheduler, RNG and loop state of a checkpoint; its weights went into the model
     before it was wrapped (see train())."""
-    parallel.load_optimizer_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng = torch.load(path / "rng.pt", weights_only=False)
+    parallel.load_optimizer_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if rng.get("cuda") is not None and torch.cuda.is_available():

@@ -167,3 +167,21 @@ def test_auto_dtype_is_bfloat16_exactly_where_the_hardware_has_native_bf16(tiny_
     monkeypatch.setattr(slmtune.serve.engine, "has_native_bf16", lambda device: native)
     engine = Engine.load(str(tiny_llama_dir), dtype="auto")
     assert next(engine.registry.model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
+
+
+def test_one_poisoned_row_fails_alone_and_its_batch_mates_answer(tiny_llama_dir):
+    """A row whose sampler cannot start (a seed beyond 64 bits, which the HTTP layer refuses but
+    the engine must survive) fails by itself; the others in its batch answer as if it were absent."""
+    engine = Engine.load(str(tiny_llama_dir))
+
+    def ask(text, seed=None):
+        return engine.chat_request(engine.base_name, [{"role": "user", "content": text}],
+                                   SamplingParams(temperature=0 if seed is None else 1.0, seed=seed, max_tokens=6))
+
+    alone = ask("hello")
+    engine.run_group(engine.base_name, [alone])
+    good, poisoned, other = ask("hello"), ask("hi", seed=2**80), ask("a question")
+    engine.run_group(engine.base_name, [good, poisoned, other])
+    assert poisoned.error is not None and poisoned.done.is_set()
+    assert good.error is None and other.error is None and good.text == alone.text
+    assert good.finish_reason in ("stop", "length") and other.completion_tokens > 0

@@ -7,6 +7,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, File as FileParam, Form, Query, UploadFile
 from fastapi.responses import Response
 
+from slmtune.http.errors import ApiError
 from slmtune.service.core import Service
 from slmtune.service.deps import current_tenant, get_service
 from slmtune.service.files import store_upload
@@ -55,6 +56,10 @@ def file_content(file_id: str, t: Tenant = Depends(current_tenant), service: Ser
 
 @router.delete("/{file_id}")
 def delete_file(file_id: str, t: Tenant = Depends(current_tenant), service: Service = Depends(get_service)):
+    user = service.store.file_in_use(t.id, file_id)
+    if user is not None:  # its jobs would fail without it
+        raise ApiError(409, f"File {file_id} is used by job {user}, which has not finished; cancel it or wait.",
+                       param="file_id", code="file_in_use")
     f = service.store.delete_file(t.id, file_id)
     if f is None:
         raise not_found("file", file_id)
