@@ -1,11 +1,12 @@
 # make quickstart  - create .venv, install, pull SmolLM2-135M-Instruct, fine-tune it on the Lumo 3
 #                    support data (~5 min on 2 CPU cores), then compare answers before and after
 # make test        - install and run the test suite
+# make test-acceptance - the long real-model checks of issues' promises (~15 min; docs/benchmarks.md)
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test test-fast clean
+.PHONY: install quickstart test test-fast test-acceptance clean
 
 $(BIN)/slmtune: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ quickstart: install
 
 test: install
 	$(BIN)/python -m pytest -q -ra
+
+test-acceptance: install
+	SLMTUNE_ACCEPTANCE=1 $(BIN)/python -m pytest -q -ra -m acceptance
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow"

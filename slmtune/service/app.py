@@ -11,6 +11,8 @@
     GET    /v1/models, /v1/models/{id}         base models and the tenant's fine-tuned models
     POST   /v1/chat/completions, /v1/completions   the serving engine (slmtune/serve), for the base
                                                model and the tenant's succeeded fine-tuned models
+    GET    /healthz /readyz /metrics          liveness, readiness (database migrated, engine loaded),
+                                               Prometheus metrics (slmtune/http/health.py); no key
     GET    /  (+ /static/...)  /v1/slmtune/methods  /v1/slmtune/auto_hyperparameters  /v1/slmtune/plan
                                                the web console and its helpers
 
@@ -29,9 +31,11 @@ import asyncio
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
 from slmtune.http.errors import ApiError, install_error_handlers
-from slmtune.serve.app import create_app
+from slmtune.http.health import install_health
+from slmtune.serve.app import create_app, engine_metrics
 from slmtune.serve.engine import Engine
 from slmtune.service.core import Service
 from slmtune.service.deps import tenant_of
@@ -44,8 +48,8 @@ from slmtune.service.store import new_id
 
 # The console is same-origin script and CSS only; nothing may frame it or sniff types.
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
-                               "frame-ancestors 'none'; form-action 'self'",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+                               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -102,6 +106,36 @@ class UploadGuard:
             await too_large(self.service.settings.max_upload_bytes).response()(scope, receive, send)
 
 
+def engine_problem(service: Service) -> str | None:
+    """Why the serving engine is not ready (None: ready, or this service does not serve)."""
+    if not service.settings.serve:
+        return None
+    if service.engine is None:
+        return "the base model is still loading"
+    return None if service.engine.running else "the engine thread is not running"
+
+
+def service_metrics(service: Service) -> list:
+    """Jobs by status, queue depth per tenant, job durations and trained tokens (from the store), and
+    the serving engine's counters, as Prometheus families built at each scrape."""
+    store = service.store
+    jobs = GaugeMetricFamily("slmtune_jobs", "Fine-tuning jobs by status", labels=["status"])
+    for status, n in store.job_counts().items():
+        jobs.add_metric([status], n)
+    queued = GaugeMetricFamily("slmtune_queued_jobs", "Queued jobs per tenant", labels=["tenant"])
+    for tenant, n in store.queued_by_tenant().items():
+        queued.add_metric([tenant], n)
+    finished, seconds, tokens = store.finished_job_stats()
+    duration = SummaryMetricFamily("slmtune_job_duration_seconds", "Creation to finish of finished jobs",
+                                   count_value=finished, sum_value=seconds)
+    trained = CounterMetricFamily("slmtune_trained_tokens", "Tokens trained by all jobs")
+    trained.add_metric([], tokens)
+    families = [jobs, queued, duration, trained]
+    if service.engine is not None:
+        families += engine_metrics(service.engine)
+    return families
+
+
 def create_service_app(settings: Settings, *, engine=None) -> FastAPI:
     """The service app; on startup: migrations, the serving engine (the first of settings.models,
     unless `engine` is given or settings.serve is false) and settings.workers worker processes."""
@@ -144,6 +178,9 @@ def create_service_app(settings: Settings, *, engine=None) -> FastAPI:
         response = await call_next(request)
         response.headers.update(SECURITY_HEADERS)
         return response
+
+    install_health(app, {"database": service.store.migration_problem, "engine": lambda: engine_problem(service)},
+                   lambda: service_metrics(service))
 
     for module in (files, jobs, models, console):
         app.include_router(module.router)

@@ -86,6 +86,16 @@ def sqlite_file_lock(engine: Engine):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def migration_heads() -> tuple[str, ...]:
+    """The head revision(s) of the migrations shipped in the package."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return tuple(ScriptDirectory.from_config(cfg).get_heads())
+
+
 class Store:
     def __init__(self, url: str):
         self.engine = make_engine(url)
@@ -101,6 +111,37 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # --- health and metrics ---------------------------------------------------------------------
+    def migration_problem(self) -> str | None:
+        """None when the database answers and is migrated to this package's head, else why not."""
+        from alembic.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            current = MigrationContext.configure(conn, opts={"version_table": "slm_alembic_version"}).get_current_heads()
+        heads = migration_heads()
+        if tuple(sorted(current)) != tuple(sorted(heads)):
+            return f"database at revision {', '.join(current) or 'none'}, this version needs {', '.join(heads)}"
+        return None
+
+    def job_counts(self) -> dict[str, int]:
+        """Jobs by status (every tenant)."""
+        with self.session() as s:
+            return {status: n for status, n in s.execute(select(Job.status, func.count()).group_by(Job.status))}
+
+    def queued_by_tenant(self) -> dict[str, int]:
+        with self.session() as s:
+            rows = s.execute(select(Tenant.name, func.count()).join(Job, Job.tenant_id == Tenant.id)
+                             .where(Job.status == "queued").group_by(Tenant.name))
+            return {name: n for name, n in rows}
+
+    def finished_job_stats(self) -> tuple[int, float, int]:
+        """(finished jobs, their summed seconds from creation to finish, trained tokens of all jobs)."""
+        with self.session() as s:
+            n, seconds = s.execute(select(func.count(), func.coalesce(func.sum(Job.finished_at - Job.created_at), 0.0))
+                                   .where(Job.finished_at.is_not(None))).one()
+            tokens = s.scalar(select(func.coalesce(func.sum(Job.trained_tokens), 0)))
+            return int(n), float(seconds), int(tokens)
 
     # --- tenants and keys -----------------------------------------------------------------------
     def create_key(self, tenant: str, key_hash: str) -> None:

@@ -31,6 +31,7 @@ def test_static_assets_and_helper_endpoints(tmp_path, tiny_llama_dir):
         assert "/static/console.js" in html and "<script src=\"http" not in html
         for asset in ("console.js", "console.css"):
             assert urllib.request.urlopen(f"{service.url}/static/{asset}").status == 200
+        assert urllib.request.urlopen(f"{service.url}/favicon.ico").status == 200
         client = service.client("helper")
         path = tmp_path / "t.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in training_rows(12)))
@@ -65,6 +66,7 @@ def browser(tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # browser_errors() reads the console
     options.add_experimental_option("prefs", {"download.default_directory": str(tmp_path / "downloads"),
                                               "download.prompt_for_download": False})
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -235,6 +237,7 @@ def test_console_end_to_end(console_service, browser, tmp_path):
     message = wait(d, lambda d: by_id(d, "job-not-found").text, what="not found")
     assert "not found" in message.lower() and job_id in message
     shot(d, "6-other-tenant")
+    assert browser_errors(d) == []
 
 
 def test_keyboard_only_sign_in(console_service, browser):
@@ -294,3 +297,101 @@ def test_job_buttons_and_failure_in_plain_words(console_service, browser, upload
     assert message.startswith("This job failed.") and "Traceback" not in message
     assert client.fine_tuning.jobs.retrieve(failing.id).error.message in message
     shot(d, "7-failed-job")
+
+
+def browser_errors(driver) -> list[str]:
+    """Severe messages of the browser's console log (JavaScript errors, CSP violations, failed loads)."""
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_dpo_in_the_wizard_and_the_reward_margin_curve(console_service, browser, upload):
+    """A file of preference pairs switches the wizard to DPO (its beta shown, "auto" values for pairs);
+    the job trains with method.type dpo and its page draws the reward margin; no JavaScript errors."""
+    from selenium.webdriver.support.ui import Select
+
+    from tests.test_preference import openai_pair
+
+    client = console_service.client("prefs")
+    pairs = upload(client, [openai_pair(i) for i in range(12)], name="pairs.jsonl")
+    d = browser
+    sign_in(d, console_service.url, console_service.key("prefs"))
+    d.get(console_service.url + "/#/new")
+    wait(d, lambda d: by_id(d, "base-model").get_attribute("value") == BASE, what="the wizard")
+    Select(by_id(d, "training-file")).select_by_value(pairs.id)
+    wait(d, lambda d: by_id(d, "method-type").get_attribute("value") == "dpo", what="DPO chosen for pairs")
+    wait(d, lambda d: "for 12 pairs" in by_id(d, "hp-n_epochs-hint").text, what="auto values for pairs")
+    assert by_id(d, "hp-beta").is_displayed() and '"auto" picks 0.1' in by_id(d, "hp-beta-hint").text
+    by_id(d, "suffix").send_keys("pref-1")  # a "-" the browser's pattern check accepts
+    shot(d, "8-new-dpo-job")
+    by_id(d, "create-job").click()
+    wait(d, lambda d: d.execute_script("return location.hash").startswith("#/jobs/ftjob-"), what="the job page")
+    job_id = d.execute_script("return location.hash").split("/")[-1]
+    assert client.fine_tuning.jobs.retrieve(job_id).method.type == "dpo"
+    wait(d, lambda d: by_id(d, "job-status").text == "succeeded", timeout=120, what="the DPO job to succeed")
+    wait(d, lambda d: by_id(d, "margin-box").is_displayed() and by_id(d, "margin-chart").get_attribute(
+        "data-train-points") not in (None, "0"), what="the reward margin curve")
+    assert "Reward margin" in by_id(d, "margin-note").text and "dpo" in by_id(d, "job-facts").text
+    shot(d, "9-dpo-job")
+    assert browser_errors(d) == []
+
+
+PAGES = ("files", "new", "jobs", "job", "playground")
+
+
+def test_phone_width_double_clicks_asking_twice_and_progress(console_service, browser, upload):
+    """At 375 px no page scrolls sideways; a double-click on "Create job" makes one job; asking again
+    in the playground cancels the first streams; a job shows "step N of M"; screenshots of every
+    page at desktop and phone width in test-artifacts/."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import Select
+
+    from tests.service.conftest import wait_for
+    from tests.service.test_service import create_job
+
+    client = console_service.client("phone")
+    f = upload(client, training_rows(12))
+    done = wait_for(client, create_job(client, f.id, suffix="phone-1").id)
+    assert done.status == "succeeded", done.error
+    d = browser
+    sign_in(d, console_service.url, console_service.key("phone"))
+    for width, label in ((1280, "desktop"), (375, "phone")):
+        d.set_window_size(width, 900)
+        for page in PAGES:
+            d.get(console_service.url + (f"/#/jobs/{done.id}" if page == "job" else f"/#/{page}"))
+            wait(d, lambda d: d.find_element("css selector", "main h1").text.strip(), what=f"the {page} page")
+            if page == "job":
+                wait(d, lambda d: by_id(d, "job-progress").get_attribute("data-total"), what="the job's progress")
+                assert by_id(d, "job-progress").text.startswith("step ")
+            if page == "jobs":
+                row = wait(d, lambda d: d.find_element("css selector", f"tr[data-job-id='{done.id}']"), what="the job row")
+                assert "phone-1" in row.text and "lora" in row.text  # suffix and method columns
+            widths = d.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+            assert widths[0] <= widths[1], (label, page, widths)
+            shot(d, f"{label}-{page}")
+    d.set_window_size(1280, 1000)
+
+    # a double-click on Create job creates one job
+    before = len(client.fine_tuning.jobs.list().data)
+    d.get(console_service.url + "/#/new")
+    wait(d, lambda d: by_id(d, "base-model").get_attribute("value") == BASE, what="the wizard")
+    Select(by_id(d, "training-file")).select_by_value(f.id)
+    options = [o.get_attribute("value") for o in Select(by_id(d, "training-file")).options]
+    assert done.result_files[0] not in options  # the job's step_metrics.csv is not offered as training data
+    ActionChains(d).double_click(by_id(d, "create-job")).perform()
+    wait(d, lambda d: d.execute_script("return location.hash").startswith("#/jobs/ftjob-"), what="the job page")
+    jobs = client.fine_tuning.jobs.list().data
+    assert len(jobs) == before + 1
+    client.fine_tuning.jobs.cancel(jobs[0].id)
+
+    # asking twice: the first streams are cancelled, each panel ends "done" once, with one answer
+    d.get(console_service.url + "/#/playground")
+    wait(d, lambda d: by_id(d, "pg-send"), what="the playground")
+    by_id(d, "pg-prompt").send_keys("What is fact number 3?")
+    by_id(d, "pg-max-tokens").clear()
+    by_id(d, "pg-max-tokens").send_keys("200")
+    by_id(d, "pg-send").click()
+    by_id(d, "pg-send").click()
+    wait(d, lambda d: all(by_id(d, f"state-{p}").get_attribute("data-state") == "done" for p in ("ft", "base")),
+         timeout=60, what="both answers")
+    assert by_id(d, "pg-form").get_attribute("data-asks") == "2"
+    assert browser_errors(d) == []

@@ -85,6 +85,7 @@ def trait_share(client, model: str, prompts: list[list[dict]]) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.acceptance
 def test_a_style_taught_only_through_pairs_is_taken_up_with_auto(tmp_path, monkeypatch):
     """The real SmolLM2-135M-Instruct, "auto" DPO hyperparameters, examples/preference: on unseen
     prompts the base model never opens with "In short:", the DPO model does (~6 min on 2 cores;

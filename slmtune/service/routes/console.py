@@ -61,6 +61,12 @@ def console_index():
     return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+@router.get("/favicon.ico", include_in_schema=False)
+def favicon():
+    return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml",
+                        headers={"Cache-Control": "max-age=86400"})
+
+
 @router.get("/v1/slmtune/methods")
 def methods():
     """The methods the service trains with, for the wizard (the one list: slmtune.methods.SERVICE_METHODS)."""
@@ -76,8 +82,11 @@ def auto_hyperparameters(training_file: str, t: Tenant = Depends(current_tenant)
     if f is None:
         raise ApiError(404, f"No file with id `{training_file}` exists.", param="training_file",
                        code="file_not_found")
-    auto = hyper.auto_values(f.n_examples)
+    # A file of preference pairs trains with DPO; any other with supervised fine-tuning.
+    method_type = "dpo" if f.format == "preference" else "supervised"
+    auto = hyper.auto_values(f.n_examples, method_type)
     return {"object": "slmtune.auto_hyperparameters", "training_file": f.id, "n_examples": f.n_examples,
+            "format": f.format, "method_type": method_type,
             "auto": auto, "steps_per_epoch": math.ceil(f.n_examples / auto["batch_size"]),
             "base_learning_rate": hyper.BASE_LEARNING_RATE}
 

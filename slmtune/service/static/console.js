@@ -63,6 +63,15 @@ async function api(path, options = {}) {
   return body;
 }
 
+// A form's submit button is disabled while its request is in flight: a double click sends one request.
+async function busyWhile(button, fn) {
+  if (button.disabled) return;
+  button.disabled = true;
+  button.setAttribute("aria-busy", "true");
+  try { return await fn(); }
+  finally { button.disabled = false; button.removeAttribute("aria-busy"); }
+}
+
 async function listAll(path) {   // follows has_more / after through every page
   let out = [], after = null;
   for (let i = 0; i < 50; i++) {
@@ -174,10 +183,10 @@ async function viewFiles() {
   const form = h("form", { class: "card", id: "upload-form" },
     field("upload-file", "JSONL file to upload", input,
       "Chat, prompt/completion or text lines; the server validates every line and names the bad ones."),
-    h("button", { type: "submit" }, "Upload"), result);
+    h("button", { type: "submit", id: "upload-button" }, "Upload"), result);
   const list = h("div", { id: "file-list" });
-  form.addEventListener("submit", async ev => {
-    ev.preventDefault();
+  form.addEventListener("submit", ev => { ev.preventDefault(); busyWhile(form.querySelector("#upload-button"), upload); });
+  async function upload() {
     if (!input.files.length) return;
     const body = new FormData();
     body.append("purpose", "fine-tune");
@@ -192,7 +201,7 @@ async function viewFiles() {
     } catch (err) {
       result.replaceChildren(uploadErrors(err.message));
     }
-  });
+  }
 
   async function refresh() {
     const files = await listAll("/v1/files?limit=100");
@@ -233,7 +242,8 @@ async function viewFiles() {
 // --- new job -----------------------------------------------------------------------------------
 async function viewNewJob() {
   const token = viewToken;
-  const [models, files] = await Promise.all([api("/v1/models"), listAll("/v1/files?limit=100")]);
+  const [models, allFiles] = await Promise.all([api("/v1/models"), listAll("/v1/files?limit=100")]);
+  const files = allFiles.filter(f => f.purpose === "fine-tune");   // not the jobs' result files
   if (token !== viewToken) return;
   const bases = models.data.filter(m => !m.parent);
   const fileOption = f => h("option", { value: f.id }, `${f.filename} (${f.id})`);
@@ -241,13 +251,20 @@ async function viewNewJob() {
   const train = h("select", { required: true }, files.map(fileOption));
   const valid = h("select", {}, h("option", { value: "" }, "(none)"), files.map(fileOption));
   const method = h("select", {}, ["lora", "qlora", "dora", "full"].map(m => h("option", { value: m }, m)));
+  const methodType = h("select", {}, [["supervised", "Supervised (chat examples)"], ["dpo", "DPO (preference pairs)"]]
+    .map(([v, label]) => h("option", { value: v }, label)));
   const hp = {};
-  const hpNames = { n_epochs: "Epochs", batch_size: "Batch size", learning_rate_multiplier: "Learning rate multiplier" };
+  const hpNames = { n_epochs: "Epochs", batch_size: "Batch size", learning_rate_multiplier: "Learning rate multiplier",
+                    beta: "DPO beta" };
   const hpFields = Object.entries(hpNames).map(([name, label]) => {
     hp[name] = h("input", { type: "text", value: "auto", inputmode: "decimal" });
     return field("hp-" + name, label, hp[name], "auto");
   });
-  const suffix = h("input", { type: "text", maxlength: "18", pattern: "[A-Za-z0-9_-]{1,18}" });
+  const betaField = hpFields[hpFields.length - 1];
+  const typeNames = () => Object.keys(hpNames).filter(n => n !== "beta" || methodType.value === "dpo");
+  function showBeta() { betaField.hidden = methodType.value !== "dpo"; }
+  // Escaped "-": browsers compile `pattern` with the v flag, where a bare "-" in a class is an error.
+  const suffix = h("input", { type: "text", maxlength: "18", pattern: "[A-Za-z0-9_\\-]{1,18}" });
   const planBox = h("div", { id: "plan", "aria-live": "polite" });
   const result = h("div", { id: "job-result", "aria-live": "polite" });
   let auto = null;
@@ -266,9 +283,12 @@ async function viewNewJob() {
     try {
       auto = await api(`/v1/slmtune/auto_hyperparameters?training_file=${encodeURIComponent(train.value)}`);
     } catch (err) { return; }
+    methodType.value = auto.method_type;   // pairs train with DPO, chat examples with supervised
+    showBeta();
     for (const name of Object.keys(hpNames)) {
+      if (auto.auto[name] === undefined) continue;
       document.getElementById(`hp-${name}-hint`).textContent = `"auto" picks ${auto.auto[name]}` +
-        (name === "n_epochs" ? ` for ${auto.n_examples} examples` : "");
+        (name === "n_epochs" ? ` for ${auto.n_examples} ${auto.method_type === "dpo" ? "pairs" : "examples"}` : "");
     }
     refreshPlan();
   }
@@ -298,7 +318,8 @@ async function viewNewJob() {
   }
 
   const form = h("form", { class: "card", id: "job-form" },
-    h("div", { class: "row" }, field("base-model", "Base model", base), field("method", "Method", method)),
+    h("div", { class: "row" }, field("base-model", "Base model", base), field("method", "Method", method),
+      field("method-type", "Training objective", methodType)),
     h("div", { class: "row" }, field("training-file", "Training file", train),
       field("validation-file", "Validation file (optional)", valid)),
     h("fieldset", {}, h("legend", {}, "Hyperparameters (\"auto\" or a number)"), h("div", { class: "row" }, hpFields)),
@@ -308,13 +329,16 @@ async function viewNewJob() {
   train.addEventListener("change", refreshAuto);
   base.addEventListener("change", refreshPlan);
   method.addEventListener("change", refreshPlan);
+  methodType.addEventListener("change", showBeta);
+  showBeta();
   hp.batch_size.addEventListener("change", refreshPlan);
-  form.addEventListener("submit", async ev => {
-    ev.preventDefault();
+  form.addEventListener("submit", ev => { ev.preventDefault(); busyWhile(form.querySelector("#create-job"), createJob); });
+  async function createJob() {
     result.replaceChildren();
     const body = {
       model: base.value, training_file: train.value,
-      method: { type: "supervised", supervised: { hyperparameters: Object.fromEntries(Object.keys(hpNames).map(n => [n, hpValue(n)])) } },
+      method: { type: methodType.value,
+                [methodType.value]: { hyperparameters: Object.fromEntries(typeNames().map(n => [n, hpValue(n)])) } },
       slmtune_method: method.value,
     };
     if (valid.value) body.validation_file = valid.value;
@@ -325,7 +349,7 @@ async function viewNewJob() {
     } catch (err) {
       result.replaceChildren(errorBox(err.message + (err.param ? ` (${err.param})` : ""), "job-error"));
     }
-  });
+  }
   const intro = files.length ? null :
     h("p", { class: "error" }, "Upload a training file first on the ", h("a", { href: "#/files" }, "Files"), " page.");
   setMain("New fine-tuning job", intro, form);
@@ -343,10 +367,11 @@ async function viewJobs() {
     if (token !== viewToken) return;
     if (!jobs.length) { list.replaceChildren(h("p", {}, "No jobs yet.")); return; }
     list.replaceChildren(h("table", {},
-      h("thead", {}, h("tr", {}, ["Job", "Status", "Base", "Method", "Created", "Fine-tuned model"].map(t => h("th", { scope: "col", text: t })))),
+      h("thead", {}, h("tr", {}, ["Job", "Status", "Suffix", "Base", "Method", "Created", "Fine-tuned model"].map(t => h("th", { scope: "col", text: t })))),
       h("tbody", {}, jobs.map(j => h("tr", { "data-job-id": j.id },
         h("td", {}, h("a", { href: "#/jobs/" + encodeURIComponent(j.id) }, h("code", {}, j.id))),
-        h("td", {}, statusBadge(j.status)), h("td", {}, j.model), h("td", {}, j.slmtune_method),
+        h("td", {}, statusBadge(j.status)), h("td", {}, j.user_provided_suffix || "—"), h("td", {}, j.model),
+        h("td", {}, j.slmtune_method + (j.method && j.method.type === "dpo" ? " · dpo" : "")),
         h("td", {}, when(j.created_at)), h("td", {}, j.fine_tuned_model ? h("code", {}, j.fine_tuned_model) : "—"))))));
   }
   await refresh();
@@ -411,10 +436,17 @@ async function viewJob(jobId) {
   }
   const events = new Map();   // id -> event, everything seen so far
   const statusEl = h("span", { id: "job-status" });
+  const progressEl = h("span", { id: "job-progress" }, "—");
   const facts = h("dl", { class: "facts", id: "job-facts" });
   const failure = h("div", { id: "job-failure" });
   const canvas = h("canvas", { id: "loss-chart", role: "img", "aria-label": "Training and validation loss by step" });
   const chartNote = h("p", { class: "hint", id: "chart-note", "aria-live": "polite" });
+  const validLegend = h("span", { id: "valid-legend" }, h("span", { class: "swatch", style: "background:#b34a00" }),
+    "validation loss");
+  const marginCanvas = h("canvas", { id: "margin-chart", role: "img", "aria-label": "DPO reward margin by step" });
+  const marginNote = h("p", { class: "hint", id: "margin-note", "aria-live": "polite" });
+  const marginBox = h("div", { id: "margin-box", hidden: true }, h("h2", {}, "Reward margin (DPO)"),
+    h("div", { class: "chart-wrap" }, marginCanvas, marginNote));
   const log = h("ol", { class: "log", id: "event-log", "aria-label": "Events, newest first" });
   const ckpts = h("div", { id: "checkpoints" });
   const actionMsg = h("div", { id: "action-result", "aria-live": "polite" });
@@ -432,9 +464,10 @@ async function viewJob(jobId) {
     statusEl.replaceChildren(statusBadge(job.status));
     const hpText = Object.entries(job.hyperparameters).map(([k, v]) => `${k}=${v}`).join(", ");
     const rows = [["Status", statusEl], ["Base model", job.model], ["Method", job.slmtune_method],
+      ["Training objective", job.method && job.method.type ? job.method.type : "supervised"],
       ["Training file", h("code", {}, job.training_file)], ["Validation file", job.validation_file ? h("code", {}, job.validation_file) : "—"],
       ["Hyperparameters", hpText], ["Created", when(job.created_at)], ["Finished", when(job.finished_at)],
-      ["Trained tokens", job.trained_tokens ?? "—"],
+      ["Progress", progressEl], ["Trained tokens", job.trained_tokens ?? "—"],
       ["Fine-tuned model", job.fine_tuned_model ? h("code", { id: "fine-tuned-model" }, job.fine_tuned_model) : "—"]];
     facts.replaceChildren(...rows.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
     failure.replaceChildren(job.status === "failed" && job.error ?
@@ -448,17 +481,51 @@ async function viewJob(jobId) {
     const sorted = [...events.values()].sort((a, b) => b.created_at - a.created_at || (a.id < b.id ? 1 : -1));
     log.replaceChildren(...sorted.map(e => h("li", { class: e.level === "error" ? "error-level" : e.level === "warn" ? "warn" : null },
       `${new Date(e.created_at * 1000).toLocaleTimeString()}  ${e.message}`)));
-    const train = new Map(), valid = new Map();
+    const train = new Map(), valid = new Map(), margin = new Map(), validMargin = new Map();
+    const put = (map, step, value) => { if (value !== undefined && value !== null) map.set(step, value); };
     for (const e of events.values()) {
       if (e.type !== "metrics" || !e.data) continue;
-      if (e.data.train_loss !== undefined && e.data.train_loss !== null) train.set(e.data.step, e.data.train_loss);
-      if (e.data.valid_loss !== undefined && e.data.valid_loss !== null) valid.set(e.data.step, e.data.valid_loss);
+      put(train, e.data.step, e.data.train_loss);
+      put(valid, e.data.step, e.data.valid_loss);
+      put(margin, e.data.step, e.data["rewards/margin"]);         // DPO jobs: chosen minus rejected reward
+      put(validMargin, e.data.step, e.data["valid_rewards/margin"]);
     }
     const pts = m => [...m.entries()].sort((a, b) => a[0] - b[0]);
     const t = pts(train), v = pts(valid);
+    showProgress();
     drawChart(canvas, t, v);
+    validLegend.hidden = v.length === 0;
+    marginBox.hidden = margin.size === 0;
+    if (margin.size) {
+      const m = pts(margin), vm = pts(validMargin);
+      drawChart(marginCanvas, m, vm);
+      marginNote.textContent = `Reward margin (preferred minus non-preferred answer's reward): last ${m[m.length - 1][1].toFixed(3)} ` +
+        `at step ${m[m.length - 1][0]}` + (vm.length ? `; validation ${vm[vm.length - 1][1].toFixed(3)}` : "") + ".";
+    }
     chartNote.textContent = `${t.length} training loss point(s)` + (t.length ? `, last ${t[t.length - 1][1].toFixed(4)} at step ${t[t.length - 1][0]}` : "") +
       `; ${v.length} validation loss point(s)` + (v.length ? `, last ${v[v.length - 1][1].toFixed(4)}` : "") + ".";
+  }
+
+  // "Step 5 of 19, about 2 min left": the step events' times give the pace of this job.
+  function showProgress() {
+    const steps = [...events.values()].filter(e => e.type === "metrics" && e.data && e.data.train_loss !== undefined
+      && e.data.total_steps).sort((a, b) => a.data.step - b.data.step);
+    if (!steps.length) {
+      progressEl.textContent = job.status === "running" ? "starting (loading the model and data)…" :
+        job.status === "queued" ? "waiting for a worker" : "—";
+      return;
+    }
+    const last = steps[steps.length - 1], total = last.data.total_steps;
+    let text = `step ${last.data.step} of ${total}`;
+    if (job.status === "running" && steps.length >= 2 && last.data.step < total) {
+      const first = steps[0];
+      const perStep = (last.created_at - first.created_at) / Math.max(1, last.data.step - first.data.step);
+      const left = perStep * (total - last.data.step);
+      if (left > 0) text += `, about ${left < 90 ? Math.ceil(left) + " s" : Math.round(left / 60) + " min"} left`;
+    }
+    progressEl.textContent = text;
+    progressEl.dataset.step = last.data.step;
+    progressEl.dataset.total = total;
   }
 
   async function fetchEvents() {
@@ -505,22 +572,29 @@ async function viewJob(jobId) {
     h("div", { class: "chart-wrap" },
       h("div", { class: "legend", "aria-hidden": "true" },
         h("span", {}, h("span", { class: "swatch", style: "background:#0b4fb3" }), "training loss"),
-        h("span", {}, h("span", { class: "swatch", style: "background:#b34a00" }), "validation loss")),
+        validLegend),
       canvas, chartNote),
+    marginBox,
     h("h2", {}, "Checkpoints"), ckpts, h("h2", {}, "Events"), log);
   render();
   await poll();
   every(2000, () => { if (!finalDone) poll(); });
-  window.addEventListener("resize", renderEvents, { once: true });
+  // Redrawn at every resize (a canvas drawn at one width and shown at another stretches), for as
+  // long as this view is shown.
+  const onResize = () => {
+    if (token !== viewToken) { window.removeEventListener("resize", onResize); return; }
+    renderEvents();
+  };
+  window.addEventListener("resize", onResize);
 }
 
 // --- playground --------------------------------------------------------------------------------
-async function streamChat(model, prompt, params, out, stateEl) {
+async function streamChat(model, prompt, params, out, stateEl, signal) {
   stateEl.dataset.state = "streaming";
   stateEl.textContent = "streaming…";
   out.textContent = "";
   try {
-    const resp = await api("/v1/chat/completions", { method: "POST", raw: true, json: Object.assign(
+    const resp = await api("/v1/chat/completions", { method: "POST", raw: true, signal, json: Object.assign(
       { model, stream: true, messages: [{ role: "user", content: prompt }] }, params) });
     const reader = resp.body.getReader();
     const decoder = new TextDecoder();
@@ -537,6 +611,7 @@ async function streamChat(model, prompt, params, out, stateEl) {
           const data = line.slice(5).trim();
           if (data === "[DONE]") continue;
           const chunk = JSON.parse(data);
+          if (signal && signal.aborted) return;   // never write into a newer question's panel
           if (chunk.error) throw new Error(chunk.error.message);
           for (const c of chunk.choices || []) if (c.delta && c.delta.content) out.textContent += c.delta.content;
         }
@@ -545,6 +620,7 @@ async function streamChat(model, prompt, params, out, stateEl) {
     stateEl.dataset.state = "done";
     stateEl.textContent = "done";
   } catch (err) {
+    if (signal && signal.aborted) return;   // replaced by a newer question: its stream owns the panel now
     stateEl.dataset.state = "error";
     stateEl.textContent = "error: " + err.message;
   }
@@ -578,13 +654,18 @@ async function viewPlayground() {
     field("pg-prompt", "Prompt", prompt),
     h("div", { class: "row" }, field("pg-max-tokens", "Max tokens", maxTokens), field("pg-temperature", "Temperature", temperature)),
     h("button", { type: "submit", id: "pg-send" }, "Ask both"));
+  let asking = null;   // the AbortController of the streams in flight: asking again cancels them
   form.addEventListener("submit", async ev => {
     ev.preventDefault();
+    if (asking) asking.abort();
+    const mine = asking = new AbortController();
     const params = { max_tokens: Number(maxTokens.value) || 64, temperature: Number(temperature.value) };
     ft.heading.lastChild.textContent = ` — ${select.value}`;
     base.heading.lastChild.textContent = ` — ${parentOf()}`;
-    await Promise.all([streamChat(select.value, prompt.value, params, ft.text, ft.state),
-                       streamChat(parentOf(), prompt.value, params, base.text, base.state)]);
+    form.dataset.asks = String(Number(form.dataset.asks || 0) + 1);
+    await Promise.all([streamChat(select.value, prompt.value, params, ft.text, ft.state, mine.signal),
+                       streamChat(parentOf(), prompt.value, params, base.text, base.state, mine.signal)]);
+    if (asking === mine) asking = null;
   });
   setMain("Playground", form, h("div", { class: "side", style: "margin-top:1em" }, ft.el, base.el));
   showBase();

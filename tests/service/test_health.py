@@ -1,0 +1,36 @@
+"""/healthz, /readyz and /metrics on both servers (slmtune/http/health.py)."""
+
+from __future__ import annotations
+
+import httpx2 as httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.service.conftest import start_service, training_rows
+
+
+def families(url: str) -> dict:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def test_the_fine_tuning_service(tmp_path, tiny_llama_dir, upload):
+    service = start_service(tmp_path / "home", tiny_llama_dir, workers=0)
+    try:
+        ready = httpx.get(service.url + "/readyz", timeout=30)
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"] == {"database": "ok", "engine": "ok"}
+        client = service.client("acme")
+        f = upload(client, training_rows(12))
+        client.fine_tuning.jobs.create(model="tiny", training_file=f.id)
+        found = families(service.url)
+        assert {s.labels["status"]: s.value for s in found["slmtune_jobs"].samples} == {"queued": 1}
+        assert [(s.labels["tenant"], s.value) for s in found["slmtune_queued_jobs"].samples] == [("acme", 1)]
+        assert "slmtune_trained_tokens" in found and "slmtune_job_duration_seconds" in found
+        # readiness follows the database: a store at an older revision is not ready
+        store = service.app.state.service.store
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE slm_alembic_version SET version_num = 'old'")
+        not_ready = httpx.get(service.url + "/readyz", timeout=30)
+        assert not_ready.status_code == 503 and "old" in not_ready.json()["checks"]["database"]
+    finally:
+        service.stop()
