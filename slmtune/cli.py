@@ -330,6 +330,20 @@ def cmd_export(args) -> int:
 def cmd_plan(args) -> int:
     from slmtune.training import plan
 
+    if args.recipe:
+        from slmtune.config import load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        args.model = args.model or recipe.model.name
+        args.seq_len = recipe.data.max_length
+        print(f"Measuring {args.steps} real steps of {args.recipe} on this machine...", file=sys.stderr, flush=True)
+        estimate = plan.estimate_time(args.recipe, args.overrides, probe_steps=args.steps)
+        print(f"Time: {estimate.describe()}.")
+    elif not args.model:
+        from slmtune.config import RecipeError
+
+        raise RecipeError("slmtune plan needs --model, or a recipe (--recipe) to estimate its time as well")
+
     try:
         rows, best, why, hw = plan.plan_table(args.model, args.hardware, args.seq_len, args.micro_batch,
                                               args.lora_r, args.gradient_checkpointing)
@@ -362,12 +376,17 @@ def _service_settings(args):
                                    "max_upload_bytes": getattr(args, "max_upload_bytes", None)}.items()
                  if v is not None}
     models = {}
+    from slmtune.models import CATALOG  # here, not at the top: `slmtune --help` stays fast
+
     for item in getattr(args, "models", None) or []:
         name, sep, path = item.partition("=")
+        if not sep and name in CATALOG:  # a bare catalog name offers that model under its own name
+            name, sep, path = name, "=", name
         if not sep or not name or not path:
             from slmtune.config import RecipeError
 
-            raise RecipeError(f"--models {item!r}: use NAME=DIR (a model directory or catalog name)")
+            raise RecipeError(f"--models {item!r}: use NAME=DIR (a model directory or catalog name), or a catalog "
+                              f"name alone ({', '.join(CATALOG)})")
         models[name] = path
     if models:
         overrides["models"] = models
@@ -506,8 +525,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the greedy-generation parity check against the PyTorch model")
     p.set_defaults(func=cmd_export)
 
-    p = verbs.add_parser("plan", help="estimate memory per method and recommend one")
-    p.add_argument("--model", required=True, help="catalog/table name (e.g. qwen2.5-7b) or a directory with config.json")
+    p = verbs.add_parser("plan", help="estimate memory per method and recommend one; with --recipe, also its time")
+    p.add_argument("--model", help="catalog/table name (e.g. qwen2.5-7b) or a directory with config.json")
+    p.add_argument("--recipe", help="a recipe: its model and max_length for the memory table, and its training "
+                   "time on this machine (measured over --steps real steps)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of --recipe")
     p.add_argument("--hardware", default="cpu:24GB", help="1x24GB, 2x80GB or cpu:32GB")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=4)

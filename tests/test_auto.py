@@ -151,3 +151,21 @@ def test_durations_parse_and_bad_ones_are_clear():
         recipe_from_dict({"model": {"name": "m"}, "data": {"train": "t"}, "output": {"dir": "o"},
                           "train": {"time_budget": "soon"}})
 
+
+
+def test_plan_estimates_a_recipes_time_from_real_steps(tiny_llama_dir, tmp_path, capsys):
+    """`slmtune plan --recipe`: the data counted as the run counts it ("auto" epochs resolved), the
+    speed measured over real steps of that recipe."""
+    from slmtune.training.plan import estimate_time
+
+    data = write_jsonl(tmp_path / "train.jsonl", facts(40))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{name: {tiny_llama_dir}}}\ndata: {{train: {data}, max_length: 64}}\n"
+                      f"train: {{precision: fp32, num_threads: 1}}\noutput: {{dir: {tmp_path / 'out'}}}\n")
+    estimate = estimate_time(str(recipe), probe_steps=2)
+    assert estimate.examples == 40 and estimate.held_out == 0 and estimate.epochs == auto.epochs(40) == 10
+    assert estimate.tokens_per_epoch > 40 * 10 and estimate.tokens_per_second > 0 and estimate.probe_steps == 2
+    assert estimate.train_seconds == pytest.approx(10 * estimate.tokens_per_epoch / estimate.tokens_per_second)
+    assert cli_main(["plan", "--recipe", str(recipe), "--hardware", "cpu:8GB", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "Time: 40 training examples" in out and "minutes of training" in out

@@ -286,3 +286,57 @@ def measure(model: str, methods: list[str], seq_len: int, micro_batch: int, **kw
             raise RuntimeError(f"measuring {method} failed:\n{proc.stderr[-2000:]}")
         results[method] = float(proc.stdout.strip().splitlines()[-1])
     return results
+
+
+@dataclass
+class TimeEstimate:
+    examples: int
+    held_out: int
+    epochs: float
+    tokens_per_epoch: int
+    probe_steps: int
+    tokens_per_second: float
+    threads: int
+
+    @property
+    def train_seconds(self) -> float:
+        return self.epochs * self.tokens_per_epoch / self.tokens_per_second
+
+    def describe(self) -> str:
+        minutes = self.train_seconds / 60
+        return (f"{self.examples} training examples ({self.held_out} held out for validation), {self.epochs:g} "
+                f"epoch(s) of {self.tokens_per_epoch:,} tokens; {self.tokens_per_second:.0f} tokens/s measured over "
+                f"{self.probe_steps} real steps here ({self.threads} threads): about "
+                f"{minutes:.1f} minutes of training, plus loading and evaluations")
+
+
+def estimate_time(recipe_path: str, overrides: list[str] | None = None, probe_steps: int = 3) -> TimeEstimate:
+    """How long a recipe trains on this machine: its data tokenized as the run will (epochs "auto"
+    resolved the same way), and the tokens/s of `probe_steps` real steps of that very recipe in a
+    child process (`slmtune train ... train.max_steps=N`), since a CPU's speed is best measured, not
+    modelled. A `train.time_budget` is its own answer."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from slmtune.config import load_recipe
+    from slmtune.data.dataset import build_datasets
+    from slmtune.models import load_tokenizer
+    from slmtune.training.objectives import OBJECTIVES
+
+    recipe = load_recipe(recipe_path, overrides)
+    tokenizer = load_tokenizer(recipe.model.name)
+    pairs = OBJECTIVES[recipe.train.objective.name].formats == ("preference",)
+    data = build_datasets(recipe.data, tokenizer, recipe.train.seed, pairs=pairs)
+    cfg = recipe.train.resolved_for_data(data.n_examples, recipe.method.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "slmtune.cli", "train", str(recipe_path), *(overrides or []),
+               f"output.dir={tmp}/probe", "output.overwrite=true", f"train.max_steps={probe_steps}",
+               "train.eval_every=0", "train.save_every=0", "train.time_budget=null", "--no-progress"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the probe run failed:\n{proc.stderr[-2000:]}")
+        summary = json.loads((Path(tmp) / "probe" / "summary.json").read_text())
+    return TimeEstimate(examples=len(data.train), held_out=data.held_out, epochs=float(cfg.epochs),
+                        tokens_per_epoch=sum(len(e) for e in data.train), probe_steps=summary["steps"],
+                        tokens_per_second=summary["tokens_per_second"], threads=summary["threads"])

@@ -204,3 +204,44 @@ def test_a_worker_outlives_a_database_outage(tmp_path):
     thread.start()
     thread.join(30)
     assert not thread.is_alive() and calls["n"] >= 4
+
+
+def test_a_fresh_api_accepts_a_job_on_the_default_model(tmp_path, monkeypatch, upload):
+    """`slmtune api` with no --models: the official client's first job on the README's default model
+    is accepted (the model is pulled when the job trains, as `slmtune train` pulls it)."""
+    from slmtune.service.app import create_service_app
+    from slmtune.service.auth import create_key
+    from tests.serve.conftest import ServerThread
+
+    monkeypatch.delenv("SLMTUNE_MODELS", raising=False)
+    settings = Settings(home=tmp_path / "home", workers=0, serve=False)
+    app = create_service_app(settings)
+    server = ServerThread(app).start()
+    try:
+        from openai import OpenAI
+
+        key = create_key(app.state.service.store, "newcomer")
+        client = OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+        f = upload(client, training_rows(12))
+        job = client.fine_tuning.jobs.create(model="smollm2-135m-instruct", training_file=f.id)
+        assert job.status == "queued" and job.model == "smollm2-135m-instruct"
+        assert "smollm2-135m-instruct" in [m.id for m in client.models.list()]
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("raw,param", [
+    (b'"n_epochs": 1e400', "n_epochs"),      # JSON's overflow to infinity
+    (b'"batch_size": NaN', "batch_size"),
+    (b'"learning_rate_multiplier": -Infinity', "learning_rate_multiplier"),
+])
+def test_non_finite_hyperparameters_are_400s(strict_service, upload, raw, param):
+    client = strict_service.client("numbers")
+    f = upload(client, training_rows(12))
+    body = (b'{"model": "tiny", "training_file": "' + f.id.encode() + b'", "method": {"type": "supervised", '
+            b'"supervised": {"hyperparameters": {' + raw + b'}}}}')
+    response = httpx.post(strict_service.url + "/v1/fine_tuning/jobs", content=body, timeout=30,
+                          headers={"Authorization": f"Bearer {strict_service.key('numbers')}",
+                                   "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert param in (response.json()["error"]["param"] or "")

@@ -147,7 +147,7 @@ function viewSignIn() {
   sessionStorage.removeItem("slmtune.signinMessage");
   if (note) msg.append(errorBox(note));
   const form = h("form", { class: "card", id: "signin-form" },
-    field("api-key", "API key", input, "From `slmtune keys create --tenant NAME`. Kept in this tab's session storage only."),
+    field("api-key", "API key", input, "From whoever runs this service (slmtune keys create --tenant NAME). Kept in this tab's session storage only."),
     h("button", { type: "submit" }, "Sign in"), msg);
   form.addEventListener("submit", async ev => {
     ev.preventDefault();
@@ -155,8 +155,11 @@ function viewSignIn() {
     const candidate = input.value.trim();
     const resp = await fetch("/v1/models", { headers: { Authorization: "Bearer " + candidate } });
     if (!resp.ok) {
+      // The API's own message speaks to programs (headers); a person gets a sentence.
       const body = await resp.json().catch(() => null);
-      msg.replaceChildren(errorBox((body && body.error && body.error.message) || `HTTP ${resp.status}`));
+      msg.replaceChildren(errorBox(resp.status === 401 ? "This API key was not accepted. Check that you copied all " +
+        "of it, or ask whoever runs the service for a new one." :
+        (body && body.error && body.error.message) || `HTTP ${resp.status}`, "signin-error"));
       return;
     }
     sessionStorage.setItem(KEY, candidate);
