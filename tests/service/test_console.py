@@ -370,8 +370,8 @@ def test_phone_width_double_clicks_asking_twice_and_progress(console_service, br
                 row = wait(d, lambda d: d.find_element("css selector", f"tr[data-job-id='{done.id}']"), what="the job row")
                 assert "phone-1" in row.text and "lora" in row.text  # suffix and method columns
             widths = d.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
-            assert widths[0] <= widths[1], (label, page, widths)
             shot(d, f"{label}-{page}")
+            assert widths[0] <= widths[1], (label, page, widths)
     d.set_window_size(1280, 1000)
 
     # a double-click on Create job creates one job
