@@ -54,12 +54,13 @@ def build_tokenizer():
     return fast
 
 
-def build_model(arch: str, vocab_size: int, eos_id: int, pad_id: int, seed: int = 0):
+def build_model(arch: str, vocab_size: int, eos_id: int, pad_id: int, seed: int = 0,
+                max_positions: int = 512):
     from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config
 
     common = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None, tie_word_embeddings=False,
     )
     config = LlamaConfig(**common) if arch == "llama" else Phi3Config(**common)

@@ -4,7 +4,7 @@
     GET /readyz    200 when every readiness check passes, else 503 naming the failing ones
     GET /metrics   Prometheus text format (prometheus-client)
 
-`install_health(app, checks, collect)` adds the three routes and an HTTP middleware that times every
+`install_health(app, checks, collect)` adds the three routes and an ASGI middleware that times every
 request (`slmtune_http_request_seconds` by method, route and status). `checks` maps a name to a
 function returning None (ready) or a reason; `collect` returns the app's own metric families
 (engine batch sizes, jobs by status, ...), built fresh on each scrape from the state they describe,
@@ -17,7 +17,7 @@ import asyncio
 import time
 from typing import Callable, Iterable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import Metric
@@ -37,6 +37,37 @@ class FamiliesCollector:
         return self._collect()
 
 
+class RequestTimer:
+    """Pure ASGI middleware observing each HTTP request's latency by method, route template and status.
+
+    Not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware stands between the app and the
+    server's `receive`, so `Request.is_disconnected()` never sees a client hang up, and abandoned
+    non-streamed generations would run to the end (tests/serve/test_limits.py)."""
+
+    def __init__(self, app, latency: Histogram):
+        self.app = app
+        self.latency = latency
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500  # what the client sees if the app fails before starting a response
+
+        async def send_timed(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_timed)
+        finally:
+            # The route's template, not the path: ids in paths would make one series per job.
+            name = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.latency.labels(scope["method"], name, str(status)).observe(time.perf_counter() - started)
+
+
 def install_health(app: FastAPI, checks: dict[str, ReadinessCheck],
                    collect: Callable[[], Iterable[Metric]] | None = None) -> CollectorRegistry:
     """Add /healthz, /readyz, /metrics and request timing to `app`; returns its metrics registry."""
@@ -46,15 +77,7 @@ def install_health(app: FastAPI, checks: dict[str, ReadinessCheck],
     if collect is not None:
         registry.register(FamiliesCollector(collect))
 
-    @app.middleware("http")
-    async def _time_requests(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        # The route's template, not the path: ids in paths would make one series per job.
-        name = getattr(route, "path", None) or "unmatched"
-        latency.labels(request.method, name, str(response.status_code)).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(RequestTimer, latency=latency)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz():
