@@ -13,7 +13,10 @@
     slmtune adapters add|remove|list [NAME [RUN_DIR]] --url http://127.0.0.1:8000
     slmtune export runs/mine --merge exports/mine
     slmtune export runs/mine --format onnx [--precision fp32|int8|int4] --output exports/mine-onnx
+    slmtune export runs/mine --format gguf [--quant f16|q8_0|q4_0|...] --output exports/mine-gguf
+    slmtune export runs/mine --format gguf-lora [--base-gguf base.gguf] --output exports/mine-lora
     slmtune serve --backend onnx --model exports/mine-onnx
+    slmtune plot runs/a [runs/b ...] [--output curves.png]
     slmtune plan --model qwen2.5-1.5b --hardware 1x24GB --seq-len 2048 [--measure]
     slmtune api [--db URL] [--workers N] [--models NAME=DIR] [--port 8000]   # the fine-tuning service
     slmtune worker --db URL | slmtune keys create --tenant NAME [--db URL]
@@ -300,7 +303,26 @@ def cmd_export(args) -> int:
         raise RecipeError("--builder-option applies to --format onnx")
     from slmtune.export.parity import format_parity
 
-    if fmt == "onnx":
+    if fmt != "gguf" and args.quant:
+        raise RecipeError("--quant applies to --format gguf (ONNX takes --precision; a GGUF LoRA is f32)")
+    if fmt != "gguf-lora" and args.base_gguf:
+        raise RecipeError("--base-gguf applies to --format gguf-lora")
+    if fmt.startswith("gguf") and (args.precision != "fp32" or args.builder_option):
+        raise RecipeError("--precision/--builder-option apply to --format onnx; GGUF takes --quant")
+    llamacpp_report = None  # GGUF: the same prompts answered by llama.cpp itself
+    if fmt == "gguf":
+        from slmtune.export.gguf import export_gguf
+
+        result = export_gguf(args.run_dir, out, args.quant or "f16", check_parity=not args.no_parity)
+        path, report = result.path, result.parity
+        llamacpp_report = result.llamacpp_parity
+    elif fmt == "gguf-lora":
+        from slmtune.export.gguf import export_gguf_lora
+
+        result = export_gguf_lora(args.run_dir, out, base_gguf=args.base_gguf, check_parity=not args.no_parity)
+        path, report = result.path, None
+        llamacpp_report = result.llamacpp_parity
+    elif fmt == "onnx":
         from slmtune.export.onnx import export_onnx
 
         options = {}
@@ -323,7 +345,16 @@ def cmd_export(args) -> int:
             report = parity(args.run_dir, path, exported, "merged")
     if report is not None:
         print(format_parity(report) + f"; details in {path / 'parity.json'}", file=sys.stderr)
+    if llamacpp_report is not None:
+        print(format_parity(llamacpp_report) + f"; details in {path / 'parity-llamacpp.json'}", file=sys.stderr)
     print(path)
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from slmtune.plot import plot_runs
+
+    print(plot_runs(args.run_dirs, args.output))
     return 0
 
 
@@ -512,8 +543,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("export", help="write a run as a standalone model")
     p.add_argument("run_dir")
-    p.add_argument("--format", choices=["merged", "onnx"],
-                   help="merged: HF safetensors with the adapter merged (default); onnx: for ONNX Runtime GenAI")
+    p.add_argument("--format", choices=["merged", "onnx", "gguf", "gguf-lora"],
+                   help="merged: HF safetensors with the adapter merged (default); onnx: for ONNX Runtime GenAI; "
+                   "gguf: one file for llama.cpp / Ollama / LM Studio, with an Ollama Modelfile; gguf-lora: the "
+                   "LoRA adapter alone, applied by llama.cpp (--lora) or Ollama (ADAPTER) on the base's GGUF")
+    p.add_argument("--base-gguf", metavar="FILE", help="gguf-lora: the base model's GGUF (for the Modelfile's FROM "
+                   "and the parity check; default: a temporary f32 one)")
+    p.add_argument("--quant", help="GGUF weight type: f32, f16 (default), bf16, q8_0, q5_0, q4_1, q4_0; for "
+                   "k-quants (q4_k_m, ...) run llama.cpp's llama-quantize on the f16 file")
     p.add_argument("--output", metavar="OUT", help="folder to write (must not exist or be empty)")
     p.add_argument("--merge", metavar="OUT", help="same as --format merged --output OUT")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"],
@@ -524,6 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-parity", action="store_true",
                    help="skip the greedy-generation parity check against the PyTorch model")
     p.set_defaults(func=cmd_export)
+
+    p = verbs.add_parser("plot", help="a PNG of runs' training/validation loss (and DPO reward margins)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--output", help="the PNG to write (default: RUN_DIR/curves.png for one run, else ./curves.png)")
+    p.set_defaults(func=cmd_plot)
 
     p = verbs.add_parser("plan", help="estimate memory per method and recommend one; with --recipe, also its time")
     p.add_argument("--model", help="catalog/table name (e.g. qwen2.5-7b) or a directory with config.json")

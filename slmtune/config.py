@@ -172,6 +172,19 @@ def parse_duration(value) -> float:
     return seconds
 
 
+class TrackingSection(Section):
+    """Where and under which names the run is reported (train.report_to chooses the backends)."""
+
+    project: str | None = Field(None, max_length=128, description="W&B project / MLflow experiment "
+                                "(default: slmtune).")
+    experiment: str | None = Field(None, max_length=128, description="MLflow experiment (default: project).")
+    name: str | None = Field(None, max_length=128, description="The run's name (default: the run folder's).")
+    entity: str | None = Field(None, max_length=128, description="W&B entity (team or user).")
+    tags: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=32)
+    tracking_uri: str | None = Field(None, max_length=2048, description="MLflow tracking URI (default: "
+                                     "$MLFLOW_TRACKING_URI, else SQLite in RUN_DIR/mlflow.db).")
+
+
 class TrainSection(Section):
     objective: ObjectiveSection = Field(
         default_factory=SFTObjective, description="What training minimizes: sft (default), dpo or orpo "
@@ -240,6 +253,12 @@ class TrainSection(Section):
         None, description="Train for about this long (e.g. 90s, 10m, 1h): the step count is set from the "
         "throughput of the first steps, and warmup and decay are planned for it; overrides epochs and max_steps."
     )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers that receive the run's metrics, recipe and "
+        "result (docs/tracking.md); `report_to: tensorboard` is short for [tensorboard]."
+    )
+    tracking: TrackingSection = Field(default_factory=TrackingSection, description="{project, name, entity, "
+                                      "tags, tracking_uri} for report_to.")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps; 0 = no intermediate checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
     log_every: int = Field(1, ge=1)
@@ -248,6 +267,11 @@ class TrainSection(Section):
         default_factory=DistributedSection, description="{strategy, offload}; `distributed: fsdp` is short "
         "for {strategy: fsdp}. Start the processes with `slmtune train ... --nproc N`."
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value):
+        return [value] if isinstance(value, str) else value
 
     @field_validator("time_budget", mode="before")
     @classmethod

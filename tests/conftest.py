@@ -116,16 +116,13 @@ def _isolated_home(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def onnx_export(tmp_path_factory, tiny_llama_dir):
-    """A LoRA run on the tiny Llama (2 small steps: its answers differ from the base's yet stay varied)
-    and its fp32 ONNX export, parity checked; shared by the export and the ONNX serving tests."""
-    from types import SimpleNamespace
-
+def lora_run(tmp_path_factory, tiny_llama_dir) -> Path:
+    """A LoRA run on the tiny Llama (2 small steps: its answers differ from the base's yet stay varied),
+    shared by the export tests (ONNX, GGUF) and the ONNX serving tests."""
     from slmtune.config import recipe_from_dict
-    from slmtune.export.onnx import export_onnx
     from slmtune.training.run import run
 
-    root = tmp_path_factory.mktemp("onnx")
+    root = tmp_path_factory.mktemp("lora-run")
     data = write_jsonl(root / "train.jsonl", [chat_example(f"What is fact number {i}?",
                                                            f"Fact {i} is that the lamp lasts {i} hours.")
                                               for i in range(16)])
@@ -136,8 +133,19 @@ def onnx_export(tmp_path_factory, tiny_llama_dir):
         "train": {"micro_batch_size": 4, "learning_rate": 5e-3, "seed": 3, "precision": "fp32", "max_steps": 2},
         "output": {"dir": str(root / "run")},
     }), progress=False)
-    result = export_onnx(root / "run", root / "export-fp32", "fp32")
-    return SimpleNamespace(root=root, run_dir=root / "run", export_dir=result.path, parity=result.parity)
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def onnx_export(tmp_path_factory, lora_run):
+    """`lora_run`'s fp32 ONNX export, parity checked."""
+    from types import SimpleNamespace
+
+    from slmtune.export.onnx import export_onnx
+
+    root = tmp_path_factory.mktemp("onnx")
+    result = export_onnx(lora_run, root / "export-fp32", "fp32")
+    return SimpleNamespace(root=root, run_dir=lora_run, export_dir=result.path, parity=result.parity)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -15,7 +15,7 @@ LAYERS = [
     ("slmtune.cli", 7),
     ("slmtune.service", 6),
     ("slmtune.serve", 5),
-    ("slmtune.chat", 4), ("slmtune.evaluate", 4), ("slmtune.export", 4),
+    ("slmtune.chat", 4), ("slmtune.evaluate", 4), ("slmtune.export", 4), ("slmtune.plot", 4),
     ("slmtune.training", 3),
     ("slmtune.config", 2), ("slmtune.generation", 2), ("slmtune.data.validate", 2), ("slmtune.data.convert", 2),
     ("slmtune.data.dataset", 2), ("slmtune.data.batching", 2),

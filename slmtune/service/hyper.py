@@ -84,7 +84,8 @@ def resolve(requested: dict, n_examples: int, method_type: str = "supervised") -
 
 def build_recipe(*, base: str, method: str, train_path: str, validation_path: str | None, resolved: dict,
                  seed: int, run_dir: str, n_examples: int, save_every: int, threads: int | None,
-                 method_type: str = "supervised") -> Recipe:
+                 method_type: str = "supervised", integrations: list[dict] | None = None,
+                 mlflow_tracking_uri: str | None = None) -> Recipe:
     """The recipe of a job (raises RecipeError if it is not valid). Rows are not packed, so an epoch
     is exactly ceil(n_examples / batch_size) steps and `save_every: 0` means one checkpoint per epoch.
     A dpo job's batch is pairs; its reference is the model with its adapter disabled (or, for full
@@ -101,5 +102,24 @@ def build_recipe(*, base: str, method: str, train_path: str, validation_path: st
     } | ({"num_threads": threads} if threads else {})
     if method_type == "dpo":
         train["objective"] = {"name": "dpo", "beta": resolved["beta"]}
+    if integrations:
+        train |= tracking_of(integrations, mlflow_tracking_uri)
     return recipe_from_dict({"model": {"name": base}, "method": {"name": method}, "data": data, "train": train,
                              "output": {"dir": run_dir, "overwrite": True}}, "job")
+
+
+def tracking_of(integrations: list[dict], mlflow_tracking_uri: str | None) -> dict:
+    """A job's `integrations` as the recipe's train.report_to and train.tracking. One tracking section
+    serves both backends: the W&B integration's run name and tags come first, MLflow's fill in."""
+    by_type = {i["type"]: i[i["type"]] for i in integrations}
+    wandb, mlflow = by_type.get("wandb") or {}, by_type.get("mlflow") or {}
+    tracking = {
+        "project": wandb.get("project"),
+        "experiment": mlflow.get("experiment"),
+        "name": wandb.get("name") or mlflow.get("name"),
+        "entity": wandb.get("entity"),
+        "tags": list(dict.fromkeys((wandb.get("tags") or []) + (mlflow.get("tags") or []))),
+    }
+    if "mlflow" in by_type and mlflow_tracking_uri:
+        tracking["tracking_uri"] = mlflow_tracking_uri
+    return {"report_to": list(by_type), "tracking": {k: v for k, v in tracking.items() if v}}

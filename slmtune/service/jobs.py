@@ -107,19 +107,21 @@ def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
                             "shorter suffix.", param="suffix", code="invalid_suffix")
     seed = body.seed if body.seed is not None else random.randrange(2**31)
     run_dir = settings.service_dir / "jobs" / job_id / "run"
+    integrations = [i.model_dump(exclude_none=True) for i in body.integrations or []]
     try:
         recipe = hyper.build_recipe(
             base=settings.models[body.model], method=body.slmtune_method, train_path=train_file.path,
             validation_path=val_file.path if val_file else None, resolved=resolved, seed=seed, run_dir=str(run_dir),
             n_examples=train_file.n_examples, save_every=settings.checkpoint_every, threads=settings.train_threads,
-            method_type=method_type)
+            method_type=method_type, integrations=integrations, mlflow_tracking_uri=settings.mlflow_tracking_uri)
     except RecipeError as err:
         raise ApiError(400, f"Cannot train this job: {err}", code="invalid_request") from None
     job = Job(id=job_id, tenant_id=tenant.id, model=body.model, base_path=settings.models[body.model],
               training_file=train_file.id, validation_file=val_file.id if val_file else None, suffix=body.suffix,
               seed=seed, metadata_=body.metadata, method=body.slmtune_method, hyperparameters=requested,
               resolved=resolved | {"recipe": recipe.model_dump(mode="json"), "fine_tuned_model": ft_name,
-                                   "method_type": method_type}, status="queued", error=None,
+                                   "method_type": method_type, "integrations": integrations},
+              status="queued", error=None,
               result_files=[], run_dir=str(run_dir), attempts=0, created_at=time.time())
     steps = math.ceil(train_file.n_examples / resolved["batch_size"]) * resolved["n_epochs"]
     settings_text = ", ".join(f"{k}={resolved[k]}" for k in hyper.HYPERPARAMETERS[method_type])

@@ -3,7 +3,7 @@ and the public shapes of files, jobs, events and checkpoints, as OpenAI defines 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -40,6 +40,38 @@ class MethodSpec(Body):
         return (settings.hyperparameters if settings is not None else None) or {}
 
 
+class WandbIntegration(Body):
+    """OpenAI's Weights & Biases integration; the server's own WANDB_API_KEY (or WANDB_MODE=offline) applies."""
+    project: str = Field(min_length=1, max_length=128)
+    name: str | None = Field(None, max_length=128)
+    entity: str | None = Field(None, max_length=128)
+    tags: list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=32)
+
+
+class MlflowIntegration(Body):
+    """slmtune's MLflow integration: the server's tracking URI (SLMTUNE_MLFLOW_TRACKING_URI), the tenant's names."""
+    experiment: str | None = Field(None, max_length=128)
+    name: str | None = Field(None, max_length=128)
+    tags: list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=32)
+
+
+class Integration(Body):
+    type: Literal["wandb", "mlflow"]
+    wandb: WandbIntegration | None = None
+    mlflow: MlflowIntegration | None = None
+
+    @model_validator(mode="after")
+    def _settings_of_its_type(self) -> "Integration":
+        if self.type == "wandb" and self.wandb is None:
+            raise ValueError("an integration of type wandb needs its `wandb` object (at least `project`)")
+        if self.type == "mlflow" and self.mlflow is None:
+            self.mlflow = MlflowIntegration()
+        other = "mlflow" if self.type == "wandb" else "wandb"
+        if getattr(self, other) is not None:
+            raise ValueError(f"integration.{other} is given but its type is {self.type}")
+        return self
+
+
 class JobCreate(Body):
     model: str
     training_file: str
@@ -50,6 +82,14 @@ class JobCreate(Body):
     method: MethodSpec | None = None
     hyperparameters: dict[str, Any] | None = None  # OpenAI's older top-level form
     slmtune_method: Literal[SERVICE_METHODS] = "lora"  # type: ignore[valid-type]  # extension: how slmtune trains
+    integrations: list[Integration] | None = Field(None, max_length=2)
+
+    @model_validator(mode="after")
+    def _one_integration_per_type(self) -> "JobCreate":
+        types = [i.type for i in self.integrations or []]
+        if len(types) != len(set(types)):
+            raise ValueError("integrations: at most one of each type")
+        return self
 
 
 class FilePublic(BaseModel):
@@ -100,7 +140,7 @@ class JobPublic(BaseModel):
                    training_file=j.training_file, validation_file=j.validation_file, hyperparameters=hp,
                    method={"type": method_type, method_type: {"hyperparameters": hp}},
                    trained_tokens=j.trained_tokens, error=j.error, user_provided_suffix=j.suffix, seed=j.seed,
-                   metadata=j.metadata_, slmtune_method=j.method)
+                   metadata=j.metadata_, slmtune_method=j.method, integrations=j.resolved.get("integrations", []))
 
 
 def event_public(e: Event) -> dict:

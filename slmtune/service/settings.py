@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     max_files: int = Field(200, ge=1)
     max_tenant_bytes: int = Field(2 * 1024**3, ge=1)
     public_docs: bool = False
+    # Where jobs' `integrations: [{"type": "mlflow"}]` report: the operator's server, never a URI a
+    # tenant sends (the server would connect wherever it is told). None: SQLite in the job's run folder.
+    mlflow_tracking_uri: str | None = None
 
     @property
     def service_dir(self) -> Path:

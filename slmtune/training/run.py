@@ -30,6 +30,7 @@ from slmtune.training.loop import TrainState, checkpoint_state, peak_rss_mb, tra
 from slmtune.training.loss import autocast_dtype
 from slmtune.training.objectives import OBJECTIVES
 from slmtune.training.rundir import RunDir, RunDirError
+from slmtune.training.tracking import Trackers
 
 
 @dataclass
@@ -147,10 +148,16 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None
     resume_step = (checkpoint_state(checkpoint).step if checkpoint else 0) if resume else None
     metrics = run_dir.open_metrics(resume_step) if par.is_main else None
 
+    # Trackers start before training so that a missing library or an unreachable server fails now.
+    trackers = (Trackers(cfg.report_to, run_dir.path, recipe.model_dump(mode="json"), cfg.tracking)
+                if par.is_main and cfg.report_to else None)
+
     def emit(event: events.Event) -> None:
         if metrics is None:  # ranks other than 0 report nothing
             return
         metrics(event)
+        if trackers is not None:
+            trackers.log(event)
         if isinstance(event, events.Eval) and progress:
             tqdm.write(f"step {event.step}: eval_loss {event.eval_loss:.4f}", file=sys.stderr)
         if on_event is not None:
@@ -166,6 +173,10 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None
             model, method, feed, loss, cfg, run_dir=run_dir, resume_from=checkpoint, emit=emit, progress=progress,
             progress_metrics=objective.progress_metrics, parallel=par,
         )
+    except BaseException:
+        if trackers is not None:
+            trackers.finish(None, [])
+        raise
     finally:
         if metrics is not None:
             metrics.close()
@@ -221,6 +232,9 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None
     }
     if par.is_main:
         run_dir.write_summary(summary)
+    if trackers is not None:
+        for problem in trackers.finish(summary, [run_dir.recipe_file, run_dir.summary_file, run_dir.artifact()]):
+            print(f"warning: tracking: {problem}", file=sys.stderr)
     if on_event is not None:
         on_event(events.End(summary))
     return RunResult(run_dir.path, summary)

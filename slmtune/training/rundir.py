@@ -248,7 +248,10 @@ def load_merged(target: str | os.PathLike):
 
     For QLoRA the base is first dequantized, exactly as training saw it, so the merged model
     reproduces the adapter's outputs rather than those of the unquantized original. Prompt and prefix
-    tuning have no weights to merge into and are refused."""
+    tuning have no weights to merge into and are refused. A plain model (anything
+    `slmtune.models.resolve` takes) is returned as it is, so a base model exports like a run."""
+    if not RunDir.holds_run(target):
+        return load_model(str(target)), load_tokenizer(str(target))
     run_dir = RunDir(target)
     recipe = run_dir.recipe()
     artifact = run_dir.artifact()
