@@ -12,6 +12,10 @@ One run prints one table. Rows:
                         base with 1 and 16 clients, and 16 clients over the 4 adapters
   onnx fp32/int8/int4   `slmtune serve --backend onnx` on the base exported by onnxruntime-genai's
                         builder, 1 client
+  llama.cpp f16/q8_0/q4_0  `slmtune serve --backend llamacpp` on the base written by `slmtune export
+                        --format gguf --quant Q` (llama-cpp-python built from source), 1 and 16 clients
+The quick comparison of runtimes (what to deploy on a CPU):
+    python benchmarks/serve.py --threads 2 --skip-naive --skip-adapters --skip-onnx
 Agreement against PyTorch fp32 (the 1-client row's prompts): "agree" is the share of served tokens
 that match before the first divergence; "next" is next-token agreement, the model fed PyTorch's
 greedy answer and compared at every position (teacher forcing, no compounding; in this process).
@@ -188,6 +192,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--skip-onnx", action="store_true")
+    parser.add_argument("--skip-llamacpp", action="store_true")
+    parser.add_argument("--skip-naive", action="store_true", help="no naive generate loop rows")
+    parser.add_argument("--skip-adapters", action="store_true", help="no adapter rows and no 4-client row")
     args = parser.parse_args()
 
     import torch
@@ -201,12 +208,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="slmtune-serve-bench-"))
     rows = []
 
-    naive = naive_loop(model_dir, texts[: args.requests * 2], args.max_tokens)
-    rows.append(("naive generate loop", 1, naive))
-    rows.append(("naive loop, bf16", 1, naive_loop(model_dir, texts[: args.requests * 2], args.max_tokens, "bfloat16")))
+    if not args.skip_naive:
+        naive = naive_loop(model_dir, texts[: args.requests * 2], args.max_tokens)
+        rows.append(("naive generate loop", 1, naive))
+        rows.append(("naive loop, bf16", 1, naive_loop(model_dir, texts[: args.requests * 2], args.max_tokens,
+                                                       "bfloat16")))
     prompt_ids, answers = reference_answers(model_dir, texts[: args.requests], args.max_tokens)
 
-    adapters = make_adapters(model_dir, work, 4)
+    adapters = {} if args.skip_adapters else make_adapters(model_dir, work, 4)
     flags = ["--model", model_dir, "--max-batch-size", "16"]
     for name, path in adapters.items():
         flags += ["--adapter", f"{name}={path}"]
@@ -214,12 +223,13 @@ def main() -> None:
     try:
         base_id = json.loads(urllib.request.urlopen(f"{server.url}/models").read())["data"][0]["id"]
         single = None
-        for clients in (1, 4, 16):
+        for clients in ((1, 16) if args.skip_adapters else (1, 4, 16)):
             result = load(server.url, [base_id], clients, args.requests, texts, args.max_tokens)
             single = single or result
             rows.append(("torch, base", clients, result))
-        rows.append(("torch, 4 adapters", 16, load(server.url, list(adapters), 16, args.requests, texts,
-                                                    args.max_tokens)))
+        if adapters:
+            rows.append(("torch, 4 adapters", 16, load(server.url, list(adapters), 16, args.requests, texts,
+                                                        args.max_tokens)))
     finally:
         server.close()
     server = Server(flags + ["--dtype", "bfloat16"], args.threads)
@@ -229,16 +239,18 @@ def main() -> None:
             result = load(server.url, [base_id], clients, args.requests, texts, args.max_tokens)
             if clients == 1:
                 result["agreement"] = agreement(single["outputs"], result["outputs"], tokenizer)
+                bf16_single = result
             rows.append(("torch bf16, base", clients, result))
-        rows.append(("torch bf16, 4 adapters", 16, load(server.url, list(adapters), 16, args.requests, texts,
-                                                         args.max_tokens)))
+        if adapters:
+            rows.append(("torch bf16, 4 adapters", 16, load(server.url, list(adapters), 16, args.requests, texts,
+                                                             args.max_tokens)))
     finally:
         server.close()
     from slmtune.models import load_model
     from slmtune.export.parity import torch_next_token_matches
 
     bf16 = load_model(model_dir, dtype="bfloat16").eval()
-    rows[-3][2]["next"] = next_token_agreement(lambda ids, ref: torch_next_token_matches(bf16, ids, ref),
+    bf16_single["next"] = next_token_agreement(lambda ids, ref: torch_next_token_matches(bf16, ids, ref),
                                                prompt_ids, answers)
     del bf16
 
@@ -266,6 +278,28 @@ def main() -> None:
                                                   prompt_ids, answers)
             del exported
 
+        report(args, rows, single)
+    if not args.skip_llamacpp:
+        from slmtune.export.gguf import LlamaCppCandidate, write_gguf
+
+        model = load_model(model_dir).eval()
+        for quant in ("f16", "q8_0", "q4_0"):
+            folder = work / f"gguf-{quant}"
+            folder.mkdir()
+            path = write_gguf(model, tokenizer, folder / "model.gguf", quant)
+            server = Server(["--backend", "llamacpp", "--model", str(path), "--max-batch-size", "16"], args.threads)
+            try:
+                model_id = json.loads(urllib.request.urlopen(f"{server.url}/models").read())["data"][0]["id"]
+                for clients in (1, 16):
+                    result = load(server.url, [model_id], clients, args.requests, texts, args.max_tokens)
+                    if clients == 1:
+                        result["agreement"] = agreement(single["outputs"], result["outputs"], tokenizer)
+                        candidate = LlamaCppCandidate(path, n_threads=args.threads)
+                        result["next"] = next_token_agreement(candidate.next_token_matches, prompt_ids, answers)
+                        candidate.close()
+                    rows.append((f"llama.cpp {quant}", clients, result))
+            finally:
+                server.close()
         report(args, rows, single)
 
 

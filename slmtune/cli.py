@@ -16,6 +16,7 @@
     slmtune export runs/mine --format gguf [--quant f16|q8_0|q4_0|...] --output exports/mine-gguf
     slmtune export runs/mine --format gguf-lora [--base-gguf base.gguf] --output exports/mine-lora
     slmtune serve --backend onnx --model exports/mine-onnx
+    slmtune serve --backend llamacpp --model exports/mine-gguf/model.gguf
     slmtune plot runs/a [runs/b ...] [--output curves.png]
     slmtune plan --model qwen2.5-1.5b --hardware 1x24GB --seq-len 2048 [--measure]
     slmtune api [--db URL] [--workers N] [--models NAME=DIR] [--port 8000]   # the fine-tuning service
@@ -232,12 +233,18 @@ def cmd_serve(args) -> int:
         print("error: --max-loaded-adapters, --max-batch-size and --default-max-tokens must be at least 1",
               file=sys.stderr)
         return 2
-    if args.backend == "onnx" and adapters:
-        print("error: --backend onnx serves one exported model (adapter merged); it takes no --adapter",
+    if args.backend != "torch" and adapters:
+        print(f"error: --backend {args.backend} serves one exported model (adapter merged); it takes no --adapter",
               file=sys.stderr)
         return 2
     try:
-        if args.backend == "onnx":
+        if args.backend == "llamacpp":
+            from slmtune.serve.llamacpp_engine import LlamaCppEngine
+
+            engine = LlamaCppEngine.load(args.model, base_name=args.served_model_name,
+                                         max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                                         default_max_tokens=args.default_max_tokens)
+        elif args.backend == "onnx":
             from slmtune.serve.onnx_engine import OnnxEngine
 
             engine = OnnxEngine.load(args.model, base_name=args.served_model_name, max_batch_size=args.max_batch_size,
@@ -592,8 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("serve", help="serve a model and its adapters over an OpenAI-compatible API")
     p.add_argument("--model", required=True, help="base model: catalog name, directory, .gguf file or hub id; "
                    "with --backend onnx, a `slmtune export --format onnx` folder")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
-                   help="torch (default; adapters) or onnx (an exported model through onnxruntime-genai)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "llamacpp"],
+                   help="torch (default; adapters), onnx (an exported model through onnxruntime-genai) or "
+                   "llamacpp (a `slmtune export --format gguf` file through llama.cpp; one row at a time)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_DIR",
                    help="register an adapter (run directory or PEFT adapter directory); repeatable")
     p.add_argument("--host", default="127.0.0.1")

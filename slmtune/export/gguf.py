@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +35,7 @@ import gguf
 import numpy as np
 import torch
 
+from slmtune import atomic
 from slmtune.config import RecipeError
 from slmtune.export.parity import PARITY_MAX_NEW_TOKENS, TorchCandidate, parity
 from slmtune.generation import Decoding
@@ -559,9 +558,7 @@ def export_gguf(run_dir: str | os.PathLike, out: str | os.PathLike, quant: str =
                               "export f16 and run llama.cpp's llama-quantize on it")
     model, tokenizer = load_merged(run_dir)
     model = model.float().eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic.directory(out) as work:
         write_gguf(model, tokenizer, work / GGUF_FILE, quant, name=Path(run_dir).name)
         (work / MODELFILE).write_text(modelfile(tokenizer))
         report = llamacpp_report = None
@@ -573,12 +570,6 @@ def export_gguf(run_dir: str | os.PathLike, out: str | os.PathLike, quant: str =
                 llamacpp_report = llamacpp_parity(run_dir, work, LlamaCppCandidate(work / GGUF_FILE), quant,
                                                   prompts=prompts, max_new_tokens=max_new_tokens,
                                                   reference=(model, tokenizer))
-        if out.exists():
-            out.rmdir()
-        os.chmod(work, 0o755)
-        os.replace(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return GgufExport(out, report, llamacpp_report)
 
 
@@ -611,9 +602,7 @@ def export_gguf_lora(run_dir: str | os.PathLike, out: str | os.PathLike, *, base
         print("note: a QLoRA adapter was trained on the 4-bit base; on a higher-precision base GGUF its answers "
               "drift (parity says how much)", file=sys.stderr)
     base_quant = quant_of(base_gguf) if base_gguf else "f32"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic.directory(out) as work:
         base = load_base(recipe)
         if METHODS[recipe.method.name].quantized_base:
             base = base.dequantize()
@@ -636,10 +625,4 @@ def export_gguf_lora(run_dir: str | os.PathLike, out: str | os.PathLike, *, base
                 base_path.unlink()
         elif check_parity:
             print('note: no parity check for a GGUF LoRA without llama.cpp: pip install -e ".[gguf]"', file=sys.stderr)
-        if out.exists():
-            out.rmdir()
-        os.chmod(work, 0o755)
-        os.replace(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return GgufExport(out, None, report)

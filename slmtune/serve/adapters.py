@@ -271,3 +271,43 @@ class AdapterRegistry:
                 # PEFT warns when the active adapter goes; we set the adapter before every batch.
                 warnings.simplefilter("ignore", UserWarning)
                 self.model.delete_adapter(peft_name)
+
+
+class NoAdapters:
+    """The registry of a backend that serves one exported model (ONNX, llama.cpp): the model itself and
+    nothing else; registering an adapter is refused with `why`."""
+
+    max_loaded = 0
+    loads = 0
+    evictions = 0
+
+    def __init__(self, model, why: str):
+        self.model = model
+        self.why = why
+
+    def register(self, name, path, *, reserved=frozenset()):
+        raise AdapterError(self.why)
+
+    def remove(self, name):
+        raise UnknownModel(name)
+
+    def __contains__(self, name) -> bool:
+        return False
+
+    def names(self) -> list[str]:
+        return []
+
+    def loaded(self) -> list[str]:
+        return []
+
+    def describe(self) -> list[dict]:
+        return []
+
+    def sync(self) -> None:
+        pass
+
+    @contextmanager
+    def use(self, name):
+        if name is not None:
+            raise UnknownModel(name)
+        yield self.model

@@ -180,7 +180,7 @@ class _Batch:
     into one asyncio queue; engine callbacks hop onto the event loop with call_soon_threadsafe."""
 
     def __init__(self, engine: Engine, model: str, prompts: list[list[int]], body: _Generation,
-                 max_tokens: int | None):
+                 max_tokens: int | None, owner: str = ""):
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.prompts = prompts
@@ -193,7 +193,7 @@ class _Batch:
                 self.requests.append(engine.make_request(
                     model, prompt_ids, body.sampling(max_tokens, index),
                     on_text=self._callback("text", index) if body.stream else None,
-                    on_done=self._callback("done", index)))
+                    on_done=self._callback("done", index), owner=owner))
         self.engine = engine
 
     def _callback(self, kind: str, index: int):
@@ -227,6 +227,19 @@ class _Batch:
         prompt = sum(len(p) for p in self.prompts)
         completion = sum(r.completion_tokens for r in self.requests)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+OWNER_SCOPE_KEY = "slmtune.owner"  # set by a front (the service's ServingGuard: the tenant) before this app
+
+
+def owner_of(http_request: HttpRequest) -> str:
+    """Whose request this is, for the engine's fair queue: the tenant when the service fronts this app,
+    else the client's address (one line per client machine)."""
+    owner = http_request.scope.get(OWNER_SCOPE_KEY)
+    if owner:
+        return str(owner)
+    client = http_request.client
+    return client.host if client else ""
 
 
 DISCONNECT_POLL_SECONDS = 0.25
@@ -294,9 +307,10 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
         loaded = name == engine.base_name or name in engine.registry.loaded()
         return model_card(name, loaded, None if name == engine.base_name else engine.base_name)
 
-    def start(body: _Generation, prompts: list[list[int]], max_tokens: int | None) -> _Batch:
+    def start(body: _Generation, prompts: list[list[int]], max_tokens: int | None,
+              http_request: HttpRequest) -> _Batch:
         try:
-            batch = _Batch(engine, body.model, prompts, body, max_tokens)
+            batch = _Batch(engine, body.model, prompts, body, max_tokens, owner_of(http_request))
         except (UnknownModel, RequestError) as err:
             raise as_api_error(err) from None
         batch.submit()
@@ -361,7 +375,7 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
             prompt = await asyncio.to_thread(engine.encode_chat, messages)
         except RequestError as err:
             raise as_api_error(err) from None
-        batch = start(body, [prompt], body.max_completion_tokens or body.max_tokens)
+        batch = start(body, [prompt], body.max_completion_tokens or body.max_tokens, http_request)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
                 "system_fingerprint": None}
         if not body.stream:
@@ -387,7 +401,7 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
         if not texts:
             raise ApiError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
         prompts = [await asyncio.to_thread(engine.encode_text, t) for t in texts]
-        batch = start(body, prompts, body.max_tokens)
+        batch = start(body, prompts, body.max_tokens, http_request)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model, "system_fingerprint": None}
 

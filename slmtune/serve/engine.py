@@ -22,7 +22,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,7 +34,7 @@ from slmtune.generation import (Completion, Decoder, Decoding, SamplingParams, T
 from slmtune.models import end_of_turn_ids, has_native_bf16, load_model, load_tokenizer
 from slmtune.serve.adapters import AdapterError, AdapterRegistry, UnknownModel
 
-__all__ = ["Engine", "Request", "RequestError", "SamplingParams", "default_base_name"]
+__all__ = ["Engine", "FairQueue", "Request", "RequestError", "SamplingParams", "default_base_name"]
 
 log = logging.getLogger("slmtune.serve")
 
@@ -56,8 +56,50 @@ class Request(Completion):
     """A completion one HTTP request (or Python caller) waits for; the engine sets `done` at the end."""
 
     model: str = ""  # the base model's name or a registered adapter name
+    owner: str = ""  # who asked (the service's tenant, else the client's address): the queue is fair by owner
     on_done: Callable[["Request"], None] | None = None  # called on the engine thread at the end
     done: threading.Event = field(default_factory=threading.Event)
+
+
+class FairQueue:
+    """The engine's queue, fair between owners: requests wait in one line per owner, and each get()
+    takes the next request of the owner served least recently (round-robin), so a client that sends
+    hundreds of rows at once delays another client's request by at most one row per turn instead of
+    by all of them. Control items (stop, wake) go first. The interface of queue.Queue the engine uses."""
+
+    def __init__(self):
+        self._ready = threading.Condition()
+        self._lines: OrderedDict[str, deque] = OrderedDict()  # owner -> its requests, least recently served first
+        self._control: deque = deque()
+
+    def put(self, item) -> None:
+        with self._ready:
+            if isinstance(item, Request):
+                self._lines.setdefault(item.owner, deque()).append(item)
+            else:
+                self._control.append(item)
+            self._ready.notify()
+
+    def get(self, timeout: float | None = None):
+        with self._ready:
+            if not self._ready.wait_for(lambda: self._control or self._lines, timeout):
+                raise queue.Empty
+            if self._control:
+                return self._control.popleft()
+            owner, line = next(iter(self._lines.items()))
+            item = line.popleft()
+            if line:
+                self._lines.move_to_end(owner)  # the others' turn first
+            else:
+                del self._lines[owner]
+            return item
+
+    def get_nowait(self):
+        return self.get(timeout=0)
+
+    def qsize(self) -> int:
+        with self._ready:
+            return len(self._control) + sum(len(line) for line in self._lines.values())
 
 
 _WAKE = object()  # queued to make the engine thread look at the registry (an adapter was removed)
@@ -83,7 +125,7 @@ class Engine:
         self.batch_wait = batch_wait_ms / 1000.0
         self.default_max_tokens = default_max_tokens
         self.created = int(time.time())
-        self._queue: queue.Queue = queue.Queue()
+        self._queue = FairQueue()
         # HTTP handlers encode while the engine thread decodes; a fast tokenizer used from two
         # threads at once can fail with "Already borrowed", and the lock costs microseconds.
         self._tokenizer_lock = threading.Lock()

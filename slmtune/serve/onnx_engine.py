@@ -11,51 +11,11 @@ with an OnnxDecoder: generation by onnxruntime-genai's Generator API from the ex
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 from slmtune.export.onnx import ExportError, OnnxDecoder, export_tokenizer, genai_eos_ids, genai_vocab_size, onnx_genai
-from slmtune.serve.adapters import AdapterError, UnknownModel
+from slmtune.serve.adapters import AdapterError, NoAdapters
 from slmtune.serve.engine import Engine, default_base_name
-
-
-class NoAdapters:
-    """The registry an ONNX engine has: the model itself and nothing else."""
-
-    max_loaded = 0
-    loads = 0
-    evictions = 0
-
-    def __init__(self, model):
-        self.model = model
-
-    def register(self, name, path, *, reserved=frozenset()):
-        raise AdapterError("the ONNX backend serves one exported model with its adapter merged; "
-                           "it cannot load adapters (serve them with the PyTorch backend)")
-
-    def remove(self, name):
-        raise UnknownModel(name)
-
-    def __contains__(self, name) -> bool:
-        return False
-
-    def names(self) -> list[str]:
-        return []
-
-    def loaded(self) -> list[str]:
-        return []
-
-    def describe(self) -> list[dict]:
-        return []
-
-    def sync(self) -> None:
-        pass
-
-    @contextmanager
-    def use(self, name):
-        if name is not None:
-            raise UnknownModel(name)
-        yield self.model
 
 
 class OnnxEngine(Engine):
@@ -79,6 +39,7 @@ class OnnxEngine(Engine):
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         vocab_size = genai_vocab_size(path, tokenizer)
-        return cls(tokenizer, NoAdapters(model), base_name=base_name or default_base_name(str(path)),
+        return cls(tokenizer, NoAdapters(model, "the ONNX backend serves one exported model with its adapter merged; it cannot "
+                                                  "load adapters (serve them with the PyTorch backend)"), base_name=base_name or default_base_name(str(path)),
                    eos_ids=eos_ids, context_length=int(model_config.get("context_length") or 2048),
                    new_decoder=lambda m, names: OnnxDecoder(m, vocab_size), **kwargs)

@@ -11,6 +11,7 @@ import asyncio
 import json
 
 from slmtune.http.errors import ApiError, send_error
+from slmtune.serve.app import OWNER_SCOPE_KEY
 from slmtune.service.core import Service
 from slmtune.service.deps import tenant_of
 
@@ -56,4 +57,5 @@ class ServingGuard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.inner(scope, replay, send)
+        # The engine's queue is fair by owner: each tenant gets its turn, however many rows another sends.
+        await self.inner(scope | {OWNER_SCOPE_KEY: tenant.name}, replay, send)

@@ -10,7 +10,7 @@ import pytest
 import httpx2 as httpx
 
 from slmtune.serve.app import MAX_PROMPTS, create_app
-from slmtune.serve.engine import MAX_CHARS_PER_TOKEN, Engine, SamplingParams
+from slmtune.serve.engine import MAX_CHARS_PER_TOKEN, Engine, FairQueue, Request, SamplingParams
 from tests.conftest import build_model
 from tests.serve.conftest import ServerThread
 from tests.serve.test_serve import HELLO, http
@@ -97,3 +97,34 @@ def test_stop_cancels_generation_in_flight(endless):
     engine.stop()
     assert request.done.is_set()
     assert request.completion_tokens < LONG / 4
+
+
+def test_the_queue_takes_owners_in_turn():
+    queue = FairQueue()
+    rows = [Request(prompt_ids=[1], params=SamplingParams(), max_tokens=1, owner=o) for o in "AAAAB"]
+    for r in rows:
+        queue.put(r)
+    queue.put("control")
+    assert queue.qsize() == 6
+    assert queue.get() == "control"  # stop/wake first
+    assert [queue.get().owner for _ in range(5)] == ["A", "B", "A", "A", "A"]
+    with pytest.raises(Exception):
+        queue.get_nowait()
+
+
+def test_one_owners_flood_does_not_hold_back_anothers_request(endless):
+    """Owner A queues 16 rows at once, then B one: B is decoded in the first batches, not after A's 16."""
+    _, engine = endless
+    engine.max_batch_size = 2
+    finished: list[str] = []
+
+    def request(owner):
+        return engine.chat_request(engine.base_name, HELLO, SamplingParams(temperature=0, max_tokens=16),
+                                   owner=owner, on_done=lambda r: finished.append(r.owner))
+
+    flood = [request("A") for _ in range(16)]
+    other = request("B")
+    for r in flood + [other]:
+        engine.submit(r)
+    assert other.done.wait(60) and all(r.done.wait(120) for r in flood)
+    assert finished.index("B") <= 3, finished  # FIFO would have made it the 17th
