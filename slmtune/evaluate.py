@@ -96,9 +96,10 @@ def task_context(task: str, recipe, rows: list[Record]) -> dict:
 
 
 def generate_batched(model, tokenizer, prompts: list[list[dict]], *, batch_size: int, max_new_tokens: int,
-                     eos_ids: set[int], on_batch=None) -> list[str]:
-    """Greedy replies to chat prompts, `batch_size` at a time (slmtune.generation.complete), in prompt order."""
-    encoded = [chat_prompt_ids(tokenizer, p) for p in prompts]
+                     eos_ids: set[int], on_batch=None, tools: list[list | None] | None = None) -> list[str]:
+    """Greedy replies to chat prompts (each with its `tools`, if any), `batch_size` at a time
+    (slmtune.generation.complete), in prompt order."""
+    encoded = [chat_prompt_ids(tokenizer, p, t) for p, t in zip(prompts, tools or [None] * len(prompts))]
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
     replies = complete(model, tokenizer, encoded, params, batch_size=batch_size, eos_ids=set(eos_ids),
                        on_batch=on_batch)
@@ -274,10 +275,11 @@ def evaluate(
     device = next(model.parameters()).device
     examples = [module.to_example(r.data, **context) for r in rows]
 
-    prompts, references = [], []
+    prompts, references, prompt_tools = [], [], []
     if budget > 0:
         for example in examples:
             prompt, reference = split_last_assistant(example["messages"])
+            prompt_tools.append(example.get("tools"))
             if system_prompt and (not prompt or prompt[0]["role"] != "system"):
                 prompt = [{"role": "system", "content": system_prompt}] + prompt
             prompts.append(prompt)
@@ -297,7 +299,8 @@ def evaluate(
         outputs = predictions = None
         if budget > 0:
             outputs = generate_batched(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=budget,
-                                       eos_ids=sorted(end_of_turn_ids(model, tokenizer)), on_batch=tick)
+                                       eos_ids=sorted(end_of_turn_ids(model, tokenizer)), on_batch=tick,
+                                       tools=prompt_tools)
             predictions = [module.parse(text, r.data, **context) for text, r in zip(outputs, rows)]
         losses = None
         if module.USES_LOSS:

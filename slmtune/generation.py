@@ -13,6 +13,9 @@ Pieces, each used by every caller:
   the PyTorch one (left-padded prefill, one forward pass per token over the rows still running, per-row
   sampling, finished rows leave the batch and the cache, mixed LoRA adapters per row); the ONNX
   backend (slmtune/serve/onnx_engine.py) implements the same protocol.
+- `TokenConstraint`: what a row may generate next (a Completion's `constraint`); `GrammarConstraint`
+  is the llguidance one (a Lark grammar with embedded JSON schemas: forced tool calls). TorchDecoder
+  masks each constrained row's logits before choosing, Decoding tells the constraint what was chosen.
 - `complete(...)` / `complete_with(decoder, ...)`: prompts -> completions in batches, grouped by
   length; what eval, chat and the parity checks use.
   The serving engine (slmtune/serve/engine.py) drives decoders itself to batch concurrent requests.
@@ -20,14 +23,19 @@ Pieces, each used by every caller:
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
+import llguidance
+import llguidance.hf
+import llguidance.torch
 import torch
 from transformers import DynamicCache
 
+from slmtune.data.tools import template_messages, tool_style
 from slmtune.methods.peft_common import prompt_learning_config, unwrap
 from slmtune.models import end_of_turn_ids
 
@@ -46,6 +54,58 @@ class SamplingParams:
 GREEDY = SamplingParams(temperature=0.0)
 
 
+class TokenConstraint(Protocol):
+    def mask(self, logits: torch.Tensor) -> None:
+        """Set the logits (one row's, over the vocabulary) of tokens not allowed next to -inf, in place."""
+
+    def accept(self, token: int) -> None:
+        """The token chosen for this row."""
+
+
+class GrammarError(ValueError):
+    """A grammar llguidance cannot compile (the message says why)."""
+
+
+@functools.lru_cache(maxsize=4)
+def llguidance_tokenizer(tokenizer, eos_ids: tuple[int, ...]):
+    # Building it scans the whole vocabulary (~1 s for 50k tokens): once per tokenizer.
+    return llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer), eos_token=list(eos_ids))
+
+
+class GrammarConstraint:
+    """Constrained decoding with llguidance: the row can only generate text of the Lark grammar
+    (`%json {schema}` rules match JSON documents of a schema), then an end-of-turn token."""
+
+    BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+    def __init__(self, lark: str, tokenizer, eos_ids: set[int]):
+        ll_tokenizer = llguidance_tokenizer(tokenizer, tuple(sorted(eos_ids)))
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        error = llguidance.LLMatcher.validate_grammar(grammar, ll_tokenizer)
+        if error:
+            raise GrammarError(error)
+        self.matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
+        self.eos_ids = sorted(eos_ids)
+        self.bitmask = llguidance.torch.allocate_token_bitmask(1, len(tokenizer))
+
+    def mask(self, logits: torch.Tensor) -> None:
+        if self.matcher.is_error():  # cannot happen for tokens it allowed; end the row rather than loop
+            logits.fill_(float("-inf"))
+            logits[self.eos_ids] = 0.0
+            return
+        llguidance.torch.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
+        # Unpacked here (one bit per token id) rather than with llguidance's helper, which goes
+        # through torch.compile: seconds of compiling on a CPU for a mask of a few thousand words.
+        allowed = ((self.bitmask[0][:, None] >> self.BIT_SHIFTS) & 1).flatten().bool()
+        n = min(len(allowed), logits.shape[-1])
+        # A model's vocabulary may be padded past the tokenizer's: those ids are never allowed.
+        logits[n:] = float("-inf")
+        logits[:n].masked_fill_(~allowed[:n].to(logits.device), float("-inf"))
+
+    def accept(self, token: int) -> None:
+        self.matcher.consume_token(token)
+
+
 @dataclass(eq=False)
 class Completion:
     """One prompt to complete; decoding fills in the rest."""
@@ -59,6 +119,7 @@ class Completion:
     finish_reason: str | None = None  # "stop" (end of turn or stop string) or "length"
     cancelled: bool = False  # set by the caller when nobody waits for the answer any more
     error: BaseException | None = None
+    constraint: TokenConstraint | None = None  # what may be generated (forced tool calls); TorchDecoder only
 
     @property
     def prompt_tokens(self) -> int:
@@ -107,6 +168,8 @@ class Decoding:
             self.finish("stop", c.text)
             return
         c.token_ids.append(token)
+        if c.constraint is not None:
+            c.constraint.accept(token)
         if token in self.eos_ids:
             self.finish("stop", self.detokenize(self.tokens))
             return
@@ -214,7 +277,11 @@ class TorchDecoder:
         logits, attention_mask, next_position, cache, forward, padded = self._prefill(
             input_ids, attention_mask, padded, mixed)
         alive = list(range(len(rows)))  # batch row -> index into rows
+        constrained = [c.constraint for c in completions]
         while True:
+            for b, i in enumerate(alive):
+                if constrained[i] is not None:
+                    constrained[i].mask(logits[b])
             tokens = logits.argmax(-1)
             for b, i in enumerate(alive):
                 if samplers[i] is not None:
@@ -307,11 +374,17 @@ def complete_with(decoder: Decoder, tokenizer, prompts: Sequence[list[int]], par
     return completions
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+def chat_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """A conversation rendered with the model's chat template, ready for the assistant's answer; a
-    model without a chat template continues the last message's plain text."""
+    model without a chat template continues the last message's plain text. With tools (or tool
+    calls and results in the conversation), as slmtune.data.tools renders them for training."""
     if tokenizer.chat_template:
-        clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+        extra = {}
+        if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+            clean, tools = template_messages(messages, tools, tool_style(tokenizer))
+            extra = {"tools": tools} if tools else {}
+        else:
+            clean = [{"role": m["role"], "content": m["content"]} for m in messages]
         return list(tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"])
+                                                  return_dict=True, **extra)["input_ids"])
     return list(tokenizer(messages[-1]["content"])["input_ids"])

@@ -127,3 +127,19 @@ def test_eval_bad_rows_and_unknown_task_are_clear_errors(tiny_llama_dir, tmp_pat
     odd = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "p", "completion": "c"}])
     assert main(["eval", str(tiny_llama_dir), "--data", str(odd), "--no-progress"]) == 2
     assert "give --task" in capsys.readouterr().err
+
+
+def test_tools_eval_offers_the_tools_and_scores_calls(tiny_llama_dir, tmp_path, monkeypatch):
+    from slmtune import evaluate as evaluate_module
+    from tests.service.test_tools_service import ping_row
+
+    data = write_jsonl(tmp_path / "tools.jsonl", [ping_row(i) for i in range(3)])
+    offered = []
+    real = evaluate_module.chat_prompt_ids
+    monkeypatch.setattr(evaluate_module, "chat_prompt_ids", lambda tok, messages, tools=None: offered.append(tools)
+                        or real(tok, messages, tools))
+    report = evaluate(str(tiny_llama_dir), str(data), batch_size=2, max_new_tokens=4, progress=False).report
+    assert report["task"] == "tools" and offered == [[ping_row(0)["tools"][0]]] * 3
+    metrics = report["metrics"]
+    assert metrics["n"] == 3 and metrics["n_with_calls"] == 3 and metrics["missed_call_rate"] == 1.0  # 4 random tokens
+    assert json.loads(report["examples"][0]["reference"]) == [ping_row(0)["messages"][-1]["tool_calls"][0]["function"]]

@@ -212,6 +212,9 @@ def _check(task: str | None, row: dict, where, problems: _Problems) -> bool:
 
 
 def _check_columns(columns: list[str], task: str | None, mapping: dict[str, str], source: str) -> None:
+    if task not in TASK_FIELDS:
+        raise DataError(f"--task {task}: its rows are conversations (OpenAI's chat format with tools), not "
+                        "columns; write them as JSON Lines (docs/tools.md)")
     required, optional = TASK_FIELDS[task]
     unknown = sorted(set(mapping) - set(required) - set(optional))
     if unknown:

@@ -1,7 +1,9 @@
 """Training data formats, read from JSON Lines with the line number of every record kept.
 
 - chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": "...", "weight": 0|1}, ...]}`
-  (OpenAI's fine-tuning format; `weight: 0` on an assistant turn excludes it from the loss)
+  (OpenAI's fine-tuning format; `weight: 0` on an assistant turn excludes it from the loss), with
+  function calling: `tools`, assistant `tool_calls`, `tool` messages (slmtune/data/tools.py; the legacy
+  `functions`/`function_call` shape is converted)
 - prompt_completion: `{"prompt": "...", "completion": "..."}`
 - text: `{"text": "..."}` (continued pretraining: loss on every token)
 - preference (DPO/ORPO): OpenAI's `{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant",
@@ -16,8 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from slmtune.data.tools import check_messages, from_legacy
+
 FORMATS = ("chat", "prompt_completion", "text", "preference")
 ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ROLES + ("tool",)
 
 
 class DataError(ValueError):
@@ -93,6 +98,7 @@ def check_example(fmt: str, data: dict) -> list[tuple[str, str]]:
     """Problems with one example of a known format, as (code, message) pairs."""
     problems = []
     if fmt == "chat":
+        data = from_legacy(data)
         messages = data.get("messages")
         if not isinstance(messages, list) or not messages:
             return [("missing_messages", "`messages` must be a non-empty list")]
@@ -102,9 +108,11 @@ def check_example(fmt: str, data: dict) -> list[tuple[str, str]]:
                 problems.append(("invalid_message", f"messages[{i}] is not an object"))
                 continue
             role = msg.get("role")
-            if role not in ROLES:
-                problems.append(("unknown_role", f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}"))
-            if not _nonblank_str(msg.get("content")):
+            if role not in CHAT_ROLES:
+                problems.append(("unknown_role", f"messages[{i}].role is {role!r}; expected one of "
+                                                 f"{', '.join(CHAT_ROLES)}"))
+            # An assistant turn that calls tools may have no text.
+            if not _nonblank_str(msg.get("content")) and not (role == "assistant" and msg.get("tool_calls")):
                 problems.append(("empty_content", f"messages[{i}].content is missing or empty"))
             if "weight" in msg:
                 if role != "assistant":
@@ -114,6 +122,7 @@ def check_example(fmt: str, data: dict) -> list[tuple[str, str]]:
             has_assistant |= role == "assistant"
         if not has_assistant:
             problems.append(("no_assistant_message", "the example has no assistant message to learn from"))
+        problems.extend(check_messages(data))
     elif fmt == "prompt_completion":
         for key in ("prompt", "completion"):
             if not _nonblank_str(data.get(key)):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slmtune.data.formats import preference_parts
+from slmtune.data.tools import from_legacy, template_messages, tool_style
 
 IGNORE = -100
 
@@ -51,15 +52,22 @@ def _ids(tokenizer, text: str, special: bool = False) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"] if text else []
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> str:
+    """The conversation as the chat template writes it; messages and tools already through
+    slmtune.data.tools.template_messages when the conversation uses tools."""
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError("the tokenizer has no chat template; use the prompt_completion or text format")
-    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=add_generation_prompt)
+    clean = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
+    extra = {"tools": tools} if tools else {}
+    return tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **extra)
 
 
-def chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
-    """Split the rendered conversation into (text, trainable) pieces, in order."""
+def chat_segments(messages: list[dict], tokenizer, tools: list | None = None) -> list[tuple[str, bool]]:
+    """Split the rendered conversation into (text, trainable) pieces, in order. With tools, messages
+    and tools are first put in the template's tool style (tool_calls trained like content)."""
+    if tools or any("tool_calls" in m or m["role"] == "tool" for m in messages):
+        messages, tools = template_messages(messages, tools, tool_style(tokenizer))
     pieces: list[tuple[str, bool]] = []
     done = ""
 
@@ -75,17 +83,21 @@ def chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
 
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            advance(render(tokenizer, messages[:i], add_generation_prompt=True), False)
-            advance(render(tokenizer, messages[: i + 1]), message.get("weight", 1) != 0)
-        else:
-            advance(render(tokenizer, messages[: i + 1]), False)
+            advance(render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools), False)
+            advance(render(tokenizer, messages[: i + 1], tools=tools), message.get("weight", 1) != 0)
+        elif not (message["role"] == "tool" and i + 1 < len(messages) and messages[i + 1]["role"] == "tool"):
+            # Consecutive tool results may share one turn (Qwen2.5 closes it after the last one):
+            # they are rendered together.
+            advance(render(tokenizer, messages[: i + 1], tools=tools), False)
     return [(text, trainable) for text, trainable in pieces if text]
 
 
-def encode_chat(messages: list[dict], tokenizer, system_prompt: str | None = None) -> Example:
+def encode_chat(messages: list[dict], tokenizer, system_prompt: str | None = None,
+                tools: list | None = None) -> Example:
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + list(messages)
-    return _from_segments([(_ids(tokenizer, text), trainable) for text, trainable in chat_segments(messages, tokenizer)])
+    return _from_segments([(_ids(tokenizer, text), trainable)
+                           for text, trainable in chat_segments(messages, tokenizer, tools)])
 
 
 def encode_prompt_completion(prompt: str, completion: str, tokenizer) -> Example:
@@ -130,7 +142,8 @@ def encode(fmt: str, data: dict, tokenizer, max_length: int | None, system_promp
     if fmt == "preference":
         return encode_pair(data, tokenizer, system_prompt).truncated(max_length)
     if fmt == "chat":
-        example = encode_chat(data["messages"], tokenizer, system_prompt)
+        data = from_legacy(data)
+        example = encode_chat(data["messages"], tokenizer, system_prompt, data.get("tools"))
     elif fmt == "prompt_completion":
         example = encode_prompt_completion(data["prompt"], data["completion"], tokenizer)
     elif fmt == "text":
@@ -140,11 +153,11 @@ def encode(fmt: str, data: dict, tokenizer, max_length: int | None, system_promp
     return example.truncated(max_length)
 
 
-def check_end_of_turn(messages: list[dict], tokenizer, end_ids: set[int]) -> None:
+def check_end_of_turn(messages: list[dict], tokenizer, end_ids: set[int], tools: list | None = None) -> None:
     """Round-trip one conversation through template and tokenizer and make sure every trained
-    assistant turn ends with a token that stops generation. Without it the fine-tuned model learns
-    never to stop, the classic failure of hand-written templates."""
-    example = encode_chat(messages, tokenizer)
+    assistant turn (tool-call turns included) ends with a token that stops generation. Without it the
+    fine-tuned model learns never to stop, the classic failure of hand-written templates."""
+    example = encode_chat(messages, tokenizer, tools=tools)
     spans: list[list[int]] = []
     previous = IGNORE
     for target in example.targets:
@@ -164,7 +177,8 @@ def check_end_of_turn(messages: list[dict], tokenizer, end_ids: set[int]) -> Non
                 f"turn {text[-80:]!r}; the fine-tuned model would never learn to stop. Fix the tokenizer's "
                 "chat_template or use the prompt_completion format."
             )
-    assistant_texts = [m["content"].strip() for m in messages if m["role"] == "assistant" and m.get("weight", 1) != 0]
+    assistant_texts = [(m.get("content") or "").strip() for m in messages
+                       if m["role"] == "assistant" and m.get("weight", 1) != 0 and (m.get("content") or "").strip()]
     decoded = " ".join(tokenizer.decode([t for span in spans for t in span]).split())
     for content in assistant_texts:
         if " ".join(content.split())[:40] not in decoded:

@@ -11,8 +11,17 @@ Codes (errors unless marked):
   mixed_formats         object's format differs from the file's first example
   missing_messages      `messages` is missing, not a list, or empty
   invalid_message       a message is not an object
-  unknown_role          role is not system, user or assistant
-  empty_content         content is missing, not a string, or blank
+  unknown_role          role is not system, user, assistant or tool
+  empty_content         content is missing, not a string, or blank (an assistant turn with tool_calls may
+                        have none)
+  Function calling (slmtune/data/tools.py):
+  invalid_tools         `tools` is not a list of {"type": "function", "function": {name, parameters}}
+                        specs (a bad name, a `parameters` that is not a JSON schema, a repeated name)
+  invalid_tool_call     `tool_calls` is not a list of {"id", "type": "function", "function": {...}}
+  unknown_function      a tool call names a function that is not in `tools`
+  invalid_arguments     a call's `arguments` is not a string holding a JSON object
+  arguments_violate_schema  the arguments break the function's `parameters` (required keys, types)
+  unknown_tool_call_id  a `tool` message's tool_call_id answers no earlier call
   no_assistant_message  a chat example has no assistant turn to learn from
   bad_weight            `weight` is not 0 or 1, or is set on a non-assistant turn
   missing_field         prompt/completion/text missing, not a string, or empty

@@ -4,7 +4,8 @@
     uvicorn.run(app, port=8000)     # what `slmtune serve` does
 
     GET    /v1/models                 the base model and every registered adapter (with "loaded")
-    POST   /v1/chat/completions       messages -> reply; "stream": true for server-sent events
+    POST   /v1/chat/completions       messages -> reply; "stream": true for server-sent events; `tools`,
+                                      `tool_choice`, `parallel_tool_calls` -> `tool_calls` (docs/tools.md)
     POST   /v1/completions            prompt (or a list of prompts) -> continuation
     GET    /admin/adapters            registered adapters, which are loaded
     POST   /admin/adapters            {"name", "path"}: register a run directory or PEFT adapter
@@ -33,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from slmtune.data.tools import MAX_TOOLS, CallStream, check_messages, check_tools, parse_calls
 from slmtune.http.errors import ApiError, error_body, install_error_handlers, server_error
 from slmtune.http.health import install_health
 from slmtune.serve.adapters import AdapterError, UnknownModel
@@ -103,21 +105,52 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str = Field(max_length=64)
+    arguments: str
+
+
+class ToolCall(_Body):
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(None, max_length=256)
+    refusal: str | None = None  # echoed back by clients that resend a whole reply; ignored
 
     def plain(self) -> dict:
         content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content or [])
         # Chat templates know "system"; "developer" is OpenAI's newer name for the same role.
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if self.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: Literal[False] | None = None
+    tools: list[dict] | None = None  # checked by slmtune.data.tools.check_tools (the training files' rules)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_Generation):
@@ -133,6 +166,62 @@ class CompletionRequest(_Generation):
     echo: Literal[False] = False
     logprobs: None = None
     suffix: None = None
+
+
+class ToolUse:
+    """A chat request's tools: checked like training files' tools, rendered into the prompt, forced
+    (tool_choice "required" or a named function: constrained decoding) and parsed out of the answer."""
+
+    def __init__(self, engine: Engine, tools: list[dict] | None, choice, parallel: bool):
+        self.engine = engine
+        self.tools = tools or []
+        self.choice = choice
+        self.parallel = parallel
+        self.offered = bool(self.tools)
+        self.names = {t["function"]["name"] for t in self.tools}
+        self.parsed = self.offered and choice != "none"
+        self.forced = self.offered and (choice == "required" or isinstance(choice, NamedToolChoice))
+
+    @classmethod
+    def of(cls, body: ChatCompletionRequest, messages: list[dict], engine: Engine) -> "ToolUse":
+        """Check the request's tools, tool_choice and tool messages; raises ApiError (400)."""
+        if body.tools is not None:
+            problems, _ = check_tools(body.tools)
+            if problems:
+                raise ApiError(400, f"tools: {problems[0][1]}", param="tools", code=problems[0][0])
+        if body.tool_choice not in (None, "none", "auto") and not body.tools:
+            raise ApiError(400, "tool_choice needs `tools`", param="tool_choice")
+        if isinstance(body.tool_choice, NamedToolChoice) and body.tool_choice.function.name not in \
+                {t["function"]["name"] for t in body.tools}:
+            raise ApiError(400, f"tool_choice names {body.tool_choice.function.name!r}, which is not in `tools`",
+                           param="tool_choice")
+        called = {"tools": body.tools or [], "messages": [m for m in messages if m["role"] == "tool" or
+                                                          m.get("tool_calls")]}
+        # Past calls are the client's business (it may have dropped a tool since); only the ids matter.
+        problems = [p for p in check_messages(called) if p[0] in ("unknown_tool_call_id", "invalid_arguments")]
+        if problems:
+            raise ApiError(400, f"messages: {problems[0][1]}", param="messages", code=problems[0][0])
+        return cls(engine, body.tools, body.tool_choice, body.parallel_tool_calls is not False)
+
+    def constraint(self):
+        name = self.choice.function.name if isinstance(self.choice, NamedToolChoice) else None
+        return self.engine.call_constraint(self.tools, name)
+
+    def message(self, request: Request) -> tuple[dict, str | None]:
+        """The assistant message and finish reason of one generated choice."""
+        if not self.parsed:
+            return {"role": "assistant", "content": request.text}, request.finish_reason
+        content, calls = parse_calls(request.text, self.engine.tool_style, self.names)
+        if not calls:
+            return {"role": "assistant", "content": request.text}, request.finish_reason
+        finish = "tool_calls" if request.finish_reason == "stop" else request.finish_reason
+        return {"role": "assistant", "content": content, "tool_calls": self.kept(calls)}, finish
+
+    def kept(self, calls: list[dict]) -> list[dict]:
+        return calls if self.parallel else calls[:1]
+
+    def stream(self) -> CallStream | None:
+        return CallStream(self.engine.tool_style, self.names) if self.parsed else None
 
 
 class AdapterBody(_Body):
@@ -180,7 +269,7 @@ class _Batch:
     into one asyncio queue; engine callbacks hop onto the event loop with call_soon_threadsafe."""
 
     def __init__(self, engine: Engine, model: str, prompts: list[list[int]], body: _Generation,
-                 max_tokens: int | None, owner: str = ""):
+                 max_tokens: int | None, owner: str = "", constraints: list | None = None):
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.prompts = prompts
@@ -193,7 +282,8 @@ class _Batch:
                 self.requests.append(engine.make_request(
                     model, prompt_ids, body.sampling(max_tokens, index),
                     on_text=self._callback("text", index) if body.stream else None,
-                    on_done=self._callback("done", index), owner=owner))
+                    on_done=self._callback("done", index), owner=owner,
+                    constraint=constraints[index] if constraints else None))
         self.engine = engine
 
     def _callback(self, kind: str, index: int):
@@ -308,9 +398,9 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
         return model_card(name, loaded, None if name == engine.base_name else engine.base_name)
 
     def start(body: _Generation, prompts: list[list[int]], max_tokens: int | None,
-              http_request: HttpRequest) -> _Batch:
+              http_request: HttpRequest, constraints: list | None = None) -> _Batch:
         try:
-            batch = _Batch(engine, body.model, prompts, body, max_tokens, owner_of(http_request))
+            batch = _Batch(engine, body.model, prompts, body, max_tokens, owner_of(http_request), constraints)
         except (UnknownModel, RequestError) as err:
             raise as_api_error(err) from None
         batch.submit()
@@ -325,11 +415,11 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
             raise as_api_error(err) from None
         finally:
             watcher.cancel()
-        return {"choices": [shape(i, r.text, r.finish_reason) for i, r in enumerate(requests)],
-                "usage": batch.usage()}
+        return {"choices": [shape(i, r) for i, r in enumerate(requests)], "usage": batch.usage()}
 
-    async def stream(batch: _Batch, body: _Generation, meta: dict, shape, opening=None) -> StreamingResponse:
-        """Server-sent events: `opening` chunks, text chunks, one finish chunk per choice, usage, [DONE]."""
+    async def stream(batch: _Batch, body: _Generation, meta: dict, piece, closing, opening=None) -> StreamingResponse:
+        """Server-sent events: `opening` chunks, text chunks (`piece(index, text)`: a choice or None),
+        the closing chunks of each choice as it ends (`closing(index, request)`: a list), usage, [DONE]."""
         # An error before the first token (e.g. an adapter that fails to load) still gets a proper
         # HTTP status, since nothing has been sent yet.
         try:
@@ -351,14 +441,17 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
                     kind, index, value = pending if pending is not None else await batch.events.get()
                     pending = None
                     if kind == "text":
-                        yield _sse(meta | {"choices": [shape(index, value, None)]})
+                        choice = piece(index, value)
+                        if choice is not None:
+                            yield _sse(meta | {"choices": [choice]})
                         continue
                     remaining -= 1
                     if value.error is not None:
                         err = as_api_error(value.error)
                         yield _sse(error_body(err.message, err.type, err.param, err.code))
                         break
-                    yield _sse(meta | {"choices": [shape(index, "", value.finish_reason)]})
+                    for choice in closing(index, value):
+                        yield _sse(meta | {"choices": [choice]})
                 if include_usage:
                     yield _sse(meta | {"choices": [], "usage": batch.usage()})
                 yield _sse("[DONE]")
@@ -371,29 +464,46 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http_request: HttpRequest):
         messages = [m.plain() for m in body.messages]
+        calls = ToolUse.of(body, messages, engine)
         try:
-            prompt = await asyncio.to_thread(engine.encode_chat, messages)
+            prompt = await asyncio.to_thread(engine.encode_chat, messages, body.tools if calls.offered else None)
+            constraints = [await asyncio.to_thread(calls.constraint) for _ in range(body.n)] if calls.forced else None
         except RequestError as err:
             raise as_api_error(err) from None
-        batch = start(body, [prompt], body.max_completion_tokens or body.max_tokens, http_request)
+        batch = start(body, [prompt], body.max_completion_tokens or body.max_tokens, http_request, constraints)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
                 "system_fingerprint": None}
         if not body.stream:
-            def choice(index, text, finish):
-                return {"index": index, "message": {"role": "assistant", "content": text},
-                        "finish_reason": finish, "logprobs": None}
+            def choice(index, request):
+                message, finish = calls.message(request)
+                return {"index": index, "message": message, "finish_reason": finish, "logprobs": None}
 
             return meta | {"object": "chat.completion"} | await answer(batch, choice, http_request)
 
-        def chunk(index, text, finish):
-            return {"index": index, "delta": {"content": text} if text else {}, "finish_reason": finish,
-                    "logprobs": None}
+        streams = [calls.stream() for _ in batch.requests]
+
+        def piece(index, text):
+            text = streams[index].feed(text) if streams[index] else text
+            return {"index": index, "delta": {"content": text}, "finish_reason": None, "logprobs": None} if text else None
+
+        def closing(index, request):
+            out, finish = [], request.finish_reason
+            if streams[index]:
+                rest, tool_calls = streams[index].finish()
+                tool_calls = calls.kept(tool_calls)
+                if rest:
+                    out.append({"index": index, "delta": {"content": rest}, "finish_reason": None, "logprobs": None})
+                if tool_calls:
+                    finish = "tool_calls" if finish == "stop" else finish
+                    delta = {"tool_calls": [call | {"index": k} for k, call in enumerate(tool_calls)]}
+                    out.append({"index": index, "delta": delta, "finish_reason": None, "logprobs": None})
+            return out + [{"index": index, "delta": {}, "finish_reason": finish, "logprobs": None}]
 
         def opening(index):
             return {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                     "logprobs": None}
 
-        return await stream(batch, body, meta | {"object": "chat.completion.chunk"}, chunk, opening)
+        return await stream(batch, body, meta | {"object": "chat.completion.chunk"}, piece, closing, opening)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http_request: HttpRequest):
@@ -409,8 +519,9 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
             return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
 
         if not body.stream:
-            return meta | await answer(batch, choice, http_request)
-        return await stream(batch, body, meta, choice)
+            return meta | await answer(batch, lambda i, r: choice(i, r.text, r.finish_reason), http_request)
+        return await stream(batch, body, meta, lambda i, text: choice(i, text, None),
+                            lambda i, r: [choice(i, "", r.finish_reason)])
 
     @app.get("/admin/adapters")
     async def list_adapters(request: HttpRequest):

@@ -29,8 +29,9 @@ from typing import Callable
 
 import torch
 
-from slmtune.generation import (Completion, Decoder, Decoding, SamplingParams, TorchDecoder, chat_prompt_ids,
-                                detokenizer, notify, pad_id_of)
+from slmtune.data.tools import call_grammar, tool_style
+from slmtune.generation import (Completion, Decoder, Decoding, GrammarConstraint, GrammarError, SamplingParams,
+                                TorchDecoder, chat_prompt_ids, detokenizer, notify, pad_id_of)
 from slmtune.models import end_of_turn_ids, has_native_bf16, load_model, load_tokenizer
 from slmtune.serve.adapters import AdapterError, AdapterRegistry, UnknownModel
 
@@ -110,12 +111,16 @@ class Engine:
     """Owns the model on one thread; `submit` requests from anywhere.
 
     `new_decoder(model, adapter_names)` makes the backend's Decoder for one batch (slmtune/generation.py):
-    TorchDecoder for PyTorch models (Engine.load), the ONNX backend's for exports (OnnxEngine.load)."""
+    TorchDecoder for PyTorch models (Engine.load), the ONNX backend's for exports (OnnxEngine.load).
+    `constrained_decoding`: the decoders honour Completion.constraint (forced tool calls)."""
 
     def __init__(self, tokenizer, registry: AdapterRegistry, *, base_name: str, eos_ids: set[int],
                  context_length: int, new_decoder: Callable[[object, list[str] | None], Decoder],
-                 max_batch_size: int = 8, batch_wait_ms: float = 10.0, default_max_tokens: int = 512):
+                 max_batch_size: int = 8, batch_wait_ms: float = 10.0, default_max_tokens: int = 512,
+                 constrained_decoding: bool = False):
         self.tokenizer = tokenizer
+        self.tool_style = tool_style(tokenizer)
+        self.constrained_decoding = constrained_decoding
         self.registry = registry
         self.base_name = base_name
         self.eos_ids = eos_ids
@@ -167,7 +172,8 @@ class Engine:
         pad_id = pad_id_of(tokenizer, eos_ids)
         context_length = int(model.config.max_position_embeddings or 2048)
         return cls(tokenizer, registry, base_name=base_name, eos_ids=eos_ids, context_length=context_length,
-                   new_decoder=lambda m, names: TorchDecoder(m, pad_id, names), **kwargs)
+                   new_decoder=lambda m, names: TorchDecoder(m, pad_id, names), constrained_decoding=True,
+                   **kwargs)
 
     # --- lifecycle ---------------------------------------------------------------------------
     @property
@@ -225,11 +231,12 @@ class Engine:
                                f"has {chars} characters, far more than fit.", param=param,
                                code="context_length_exceeded")
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        self.check_prompt_size(sum(len(m.get("content") or "") for m in messages), "messages")
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        chars = sum(len(m.get("content") or "") + len(str(m.get("tool_calls") or "")) for m in messages)
+        self.check_prompt_size(chars + len(str(tools or "")), "messages")
         try:
             with self._encoder_lock:
-                return chat_prompt_ids(self._encoder, messages)
+                return chat_prompt_ids(self._encoder, messages, tools)
         except Exception as err:  # jinja raises TemplateError for conversations the template refuses
             raise RequestError(f"the model's chat template rejected these messages: {err}", param="messages") from err
 
@@ -241,6 +248,20 @@ class Engine:
     def decode(self, tokens: list[int]) -> str:
         with self._tokenizer_lock:
             return self._detokenize(tokens)
+
+    def call_constraint(self, tools: list[dict], name: str | None = None) -> GrammarConstraint:
+        """A constraint that makes a row one call (to `name`, else to any of `tools`) with arguments
+        valid for the function's schema, written in this model's tool style."""
+        if not self.constrained_decoding:
+            raise RequestError("tool_choice \"required\" or a named function needs constrained decoding, which "
+                               "this backend does not do; serve the PyTorch model, or use tool_choice \"auto\"",
+                               param="tool_choice", code="unsupported_parameter")
+        try:
+            with self._encoder_lock:  # the tokenizer is read whole once (cached): not the decode loop's
+                return GrammarConstraint(call_grammar(tools, self.tool_style, name), self._encoder, self.eos_ids)
+        except GrammarError as err:
+            raise RequestError(f"the tools' parameters cannot be enforced: {err}", param="tools",
+                               code="invalid_tools") from err
 
     def make_request(self, model: str, prompt_ids: list[int], params: SamplingParams, **callbacks) -> Request:
         """Check the model name and the lengths; raises UnknownModel or RequestError."""

@@ -23,13 +23,14 @@ Row formats (one JSON object per line):
     creative        {"prompt", "completion"}                 line count, rhyme scheme adherence
     domain          {"text"}                                 loss, perplexity
     chat            {"messages": [...]}                      loss, perplexity, ROUGE-L
+    tools           {"tools": [...], "messages": [...]}      call exact match, name accuracy, JSON validity
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from slmtune.tasks import chat, classification, creative, domain, ner, qa, translation
+from slmtune.tasks import chat, classification, creative, domain, ner, qa, tools, translation
 
 TASKS: dict[str, ModuleType] = {
     "classification": classification,
@@ -39,6 +40,7 @@ TASKS: dict[str, ModuleType] = {
     "creative": creative,
     "domain": domain,
     "chat": chat,
+    "tools": tools,
 }
 TASK_NAMES = tuple(TASKS)
 
@@ -48,6 +50,8 @@ def detect_task(row) -> str | None:
     if not isinstance(row, dict):
         return None
     keys = set(row)
+    if "messages" in keys and ("tools" in keys or "functions" in keys):
+        return "tools"
     if "messages" in keys:
         return "chat"
     if {"tokens", "tags"} <= keys:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -67,10 +68,14 @@ def unquote(text: str) -> str:
 
 
 def split_last_assistant(messages: list[dict]) -> tuple[list[dict], str]:
-    """The conversation up to the last assistant turn (the generation prompt) and that turn's text."""
+    """The conversation up to the last assistant turn (the generation prompt) and that turn's text
+    (for a turn that only calls tools, its calls' functions as JSON)."""
     for i in range(len(messages) - 1, -1, -1):
         if messages[i].get("role") == "assistant":
-            return list(messages[:i]), messages[i]["content"]
+            message = messages[i]
+            if not message.get("content") and message.get("tool_calls"):
+                return list(messages[:i]), json.dumps([c["function"] for c in message["tool_calls"]])
+            return list(messages[:i]), message.get("content") or ""
     raise ValueError("the example has no assistant message")
 
 

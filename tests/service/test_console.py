@@ -228,6 +228,26 @@ def test_console_end_to_end(console_service, browser, tmp_path):
         assert by_id(d, f"answer-{panel}").text.strip(), panel
     shot(d, "5-playground")
 
+    # tools in the playground: bad JSON is refused in words; a forced call is shown as a call
+    by_id(d, "pg-tools").send_keys("[{not json")
+    by_id(d, "pg-send").click()
+    assert "not valid JSON" in wait(d, lambda d: by_id(d, "pg-tools-error").text, what="the tools error")
+    by_id(d, "pg-tools").clear()
+    by_id(d, "pg-tools").send_keys(json.dumps([{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Oslo", "Lima"]}}, "required": ["city"]}}}]))
+    Select(by_id(d, "pg-tool-choice")).select_by_value("required")
+    by_id(d, "pg-max-tokens").clear()
+    by_id(d, "pg-max-tokens").send_keys("160")  # the tiny tokenizer writes the call's ~80 characters in ~80 tokens
+    by_id(d, "pg-send").click()
+    wait(d, lambda d: all(by_id(d, f"state-{p}").text.startswith("done: 1 tool call") for p in ("ft", "base")),
+         timeout=60, what="both answers' tool calls")
+    for panel in ("ft", "base"):
+        call = d.find_element("css selector", f"#answer-{panel} .tool-calls li")
+        name, arguments = call.find_elements("css selector", "code")
+        assert name.text == "get_weather" and json.loads(arguments.text)["city"] in ("Oslo", "Lima")
+    assert not by_id(d, "pg-tools-error").text
+    shot(d, "5b-playground-tool-call")
+
     # another tenant signs in: the job is "not found", and lists show nothing of acme's
     by_id(d, "sign-out").click()
     wait(d, lambda d: by_id(d, "api-key"), what="signed out")

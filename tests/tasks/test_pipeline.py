@@ -23,6 +23,9 @@ GOOD = {
     "creative": {"prompt": "Write a 2-line stanza. Use the rhyme scheme AA.", "completion": "day\nway"},
     "domain": {"text": "PEP 8 -- Style Guide for Python Code"},
     "chat": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+    "tools": {"tools": [{"type": "function", "function": {"name": "ping", "parameters": {"type": "object"}}}],
+              "messages": [{"role": "user", "content": "Ping it"}, {"role": "assistant", "tool_calls": [
+                  {"id": "c1", "type": "function", "function": {"name": "ping", "arguments": "{}"}}]}]},
 }
 # a row missing one required field, the code, and the field the error must name
 MISSING = {
@@ -33,6 +36,8 @@ MISSING = {
     "creative": ({"prompt": "x"}, "missing_field", "completion"),
     "domain": ({"txt": "x"}, "missing_field", "text"),
     "chat": ({"messages": []}, "missing_messages", "messages"),  # chat rows keep the chat format's codes
+    "tools": ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+              "missing_field", "tools"),
 }
 
 

@@ -595,7 +595,9 @@ async function viewJob(jobId) {
 async function streamChat(model, prompt, params, out, stateEl, signal) {
   stateEl.dataset.state = "streaming";
   stateEl.textContent = "streaming…";
-  out.textContent = "";
+  const text = h("span", { class: "content" });
+  const calls = [];
+  out.replaceChildren(text);
   try {
     const resp = await api("/v1/chat/completions", { method: "POST", raw: true, signal, json: Object.assign(
       { model, stream: true, messages: [{ role: "user", content: prompt }] }, params) });
@@ -616,12 +618,24 @@ async function streamChat(model, prompt, params, out, stateEl, signal) {
           const chunk = JSON.parse(data);
           if (signal && signal.aborted) return;   // never write into a newer question's panel
           if (chunk.error) throw new Error(chunk.error.message);
-          for (const c of chunk.choices || []) if (c.delta && c.delta.content) out.textContent += c.delta.content;
+          for (const c of chunk.choices || []) {
+            if (!c.delta) continue;
+            if (c.delta.content) text.textContent += c.delta.content;
+            for (const d of c.delta.tool_calls || []) {   // OpenAI-style deltas, joined per call index
+              const call = calls[d.index] = calls[d.index] || { name: "", arguments: "" };
+              if (d.function) { call.name += d.function.name || ""; call.arguments += d.function.arguments || ""; }
+            }
+          }
         }
       }
     }
+    const made = calls.filter(Boolean);
+    if (made.length) {
+      out.append(h("ul", { class: "tool-calls", "aria-label": "Tool calls" }, made.map(c =>
+        h("li", {}, h("code", { class: "tool-name" }, c.name), " ", h("code", {}, c.arguments)))));
+    }
     stateEl.dataset.state = "done";
-    stateEl.textContent = "done";
+    stateEl.textContent = made.length ? `done: ${made.length} tool call${made.length > 1 ? "s" : ""}` : "done";
   } catch (err) {
     if (signal && signal.aborted) return;   // replaced by a newer question: its stream owns the panel now
     stateEl.dataset.state = "error";
@@ -642,6 +656,10 @@ async function viewPlayground() {
   const prompt = h("textarea", { required: true, rows: "3" });
   const maxTokens = h("input", { type: "number", min: "1", max: "2048", value: "64" });
   const temperature = h("input", { type: "number", min: "0", max: "2", step: "0.1", value: "0" });
+  const tools = h("textarea", { rows: "3", spellcheck: "false",
+    placeholder: '[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]' });
+  const toolsError = h("div", { id: "pg-tools-error" });
+  const toolChoice = h("select", {}, ["auto", "required", "none"].map(v => h("option", { value: v }, v)));
   const panel = (id, title) => {
     const text = h("div", { class: "text", id: `answer-${id}`, "aria-live": "polite" });
     const state = h("span", { class: "hint", id: `state-${id}`, "data-state": "idle" }, "idle");
@@ -655,14 +673,22 @@ async function viewPlayground() {
   const form = h("form", { class: "card", id: "pg-form" },
     field("pg-model", "Fine-tuned model", select), baseNote,
     field("pg-prompt", "Prompt", prompt),
+    field("pg-tools", "Tools (optional: OpenAI function specs as a JSON list)", tools), toolsError,
+    field("pg-tool-choice", "Tool choice (with tools)", toolChoice),
     h("div", { class: "row" }, field("pg-max-tokens", "Max tokens", maxTokens), field("pg-temperature", "Temperature", temperature)),
     h("button", { type: "submit", id: "pg-send" }, "Ask both"));
   let asking = null;   // the AbortController of the streams in flight: asking again cancels them
   form.addEventListener("submit", async ev => {
     ev.preventDefault();
+    const params = { max_tokens: Number(maxTokens.value) || 64, temperature: Number(temperature.value) };
+    toolsError.replaceChildren();
+    if (tools.value.trim()) {
+      try { params.tools = JSON.parse(tools.value); }
+      catch (err) { toolsError.replaceChildren(errorBox(`Tools: not valid JSON (${err.message})`)); return; }
+      params.tool_choice = toolChoice.value;
+    }
     if (asking) asking.abort();
     const mine = asking = new AbortController();
-    const params = { max_tokens: Number(maxTokens.value) || 64, temperature: Number(temperature.value) };
     ft.heading.lastChild.textContent = ` — ${select.value}`;
     base.heading.lastChild.textContent = ` — ${parentOf()}`;
     form.dataset.asks = String(Number(form.dataset.asks || 0) + 1);

@@ -13,6 +13,7 @@ from slmtune.config import Recipe, RecipeError
 from slmtune.data.batching import collate, should_pack
 from slmtune.data.dataset import Datasets
 from slmtune.data.tokenize import check_end_of_turn
+from slmtune.data.tools import from_legacy, has_tools
 from slmtune.methods import METHODS
 from slmtune.models import end_of_turn_ids
 from slmtune.training.attention import use_per_example_attention
@@ -33,7 +34,11 @@ def resolve_packing(recipe: Recipe, lengths: list[int], row_length: int) -> bool
 
 def make_feed(data: Datasets, recipe: Recipe, tokenizer, model, parallel) -> Feed:
     if data.format == "chat":
-        check_end_of_turn(data.train_records[0].data["messages"], tokenizer, end_of_turn_ids(model, tokenizer))
+        # The first example, and the first that calls tools (its turns are rendered differently).
+        firsts = [data.train_records[0].data] + [r.data for r in data.train_records[:500] if has_tools(r.data)][:1]
+        for first in firsts:
+            first = from_legacy(first)
+            check_end_of_turn(first["messages"], tokenizer, end_of_turn_ids(model, tokenizer), first.get("tools"))
     row_length = recipe.data.max_length
     packed = resolve_packing(recipe, [len(e) for e in data.train], row_length)
     attention = recipe.model.attn_implementation
