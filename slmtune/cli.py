@@ -8,6 +8,7 @@
     slmtune data validate train.jsonl [--model smollm2-135m-instruct] [--task ner]
     slmtune data convert --from alpaca|sharegpt|csv|hf-datasets IN OUT [--task T] [--map FIELD=COLUMN]
     slmtune eval runs/mine --data test.jsonl [--task T] [--limit N] [--batch-size B] [--output eval.json]
+    slmtune grade --grader g.json --data prompts.jsonl --model NAME_OR_RUN   # a grader's mean reward
     slmtune chat runs/mine [--prompt TEXT] [--system TEXT]
     slmtune serve --model smollm2-135m-instruct --adapter support=runs/mine [--port 8000]
     slmtune adapters add|remove|list [NAME [RUN_DIR]] --url http://127.0.0.1:8000
@@ -26,6 +27,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import sys
@@ -33,7 +35,7 @@ import time
 import warnings
 from pathlib import Path
 
-from slmtune.tasks import TASK_NAMES  # standard library only: keeps `slmtune --help` fast
+from slmtune.tasks import TASK_NAMES  # light (no torch): keeps `slmtune --help` fast
 
 
 def _user_errors():
@@ -154,8 +156,19 @@ def cmd_data(args) -> int:
         from slmtune.models import load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
+    grader_fields = None
+    if args.grader:
+        from slmtune.graders import GraderError, check_grader, item_fields
+
+        grader = read_grader(args.grader)
+        try:
+            check_grader(grader)
+        except GraderError as err:
+            print(f"{args.grader}: error invalid_grader: {err.param}: {err}")
+            return 1
+        grader_fields = item_fields(grader)
     report = validate_file(args.file, fmt=args.format, tokenizer=tokenizer, max_length=args.max_length,
-                           task=args.task)
+                           task=args.task, grader_fields=grader_fields)
     for issue in report.issues:
         print(issue)
     summary = (f"{args.file}: {report.n_examples} valid example(s), "
@@ -167,6 +180,19 @@ def cmd_data(args) -> int:
     summary += (f"; {report.n_errors} error(s), {len(report.warnings) + report.unlisted_warnings} warning(s)")
     print(summary)
     return 1 if report.n_errors else 0
+
+
+def read_grader(path: str) -> dict:
+    """A grader from a JSON file (OpenAI's grader object)."""
+    from slmtune.config import RecipeError
+
+    try:
+        grader = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise RecipeError(f"{path}: cannot read a grader: {err}") from None
+    if not isinstance(grader, dict):
+        raise RecipeError(f"{path}: a grader is a JSON object")
+    return grader
 
 
 def cmd_data_convert(args) -> int:
@@ -192,6 +218,29 @@ def cmd_eval(args) -> int:
                       pairs=args.pairs)
     print(format_table(result.report))
     print(f"wrote {result.path}" if result.path else "(not saved: give --output FILE)", file=sys.stderr)
+    return 0
+
+
+def cmd_grade(args) -> int:
+    from slmtune.evaluate import grade_file
+    from slmtune.graders import GraderError
+
+    grader = read_grader(args.grader)
+    try:
+        result = grade_file(args.model, args.data, grader, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                            allow_python=args.allow_python, progress=not args.no_progress)
+    except GraderError as err:
+        print(f"{args.grader}: error invalid_grader: {err.param}: {err}", file=sys.stderr)
+        return 1
+    for sample in result["samples"][: args.show]:
+        print(f"reward {sample['reward']:.3f}  {sample['prompt'][-60:]!r} -> {sample['answer'][:80]!r}"
+              + (f"  {sample['sub_rewards']}" if sample["sub_rewards"] else "")
+              + (f"  errors {sample['errors']}" if sample["errors"] else ""))
+    errors = ", ".join(f"{k} x{v}" for k, v in result["errors"].items()) or "none"
+    print(f"{result['grader']} on {result['n']} rows of {args.data}, answered by {args.model}: "
+          f"mean reward {result['mean_reward']:.4f}; errors: {errors}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return 0
 
 
@@ -411,7 +460,8 @@ def _service_settings(args):
     from slmtune.service.settings import Settings
 
     overrides = {k: v for k, v in {"db": getattr(args, "db", None), "workers": getattr(args, "workers", None),
-                                   "max_upload_bytes": getattr(args, "max_upload_bytes", None)}.items()
+                                   "max_upload_bytes": getattr(args, "max_upload_bytes", None),
+                                   "allow_python_graders": getattr(args, "allow_python_graders", None) or None}.items()
                  if v is not None}
     models = {}
     from slmtune.models import CATALOG  # here, not at the top: `slmtune --help` stays fast
@@ -524,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--max-length", type=int, default=1024)
     val.add_argument("--format", default="auto", choices=["auto", "chat", "prompt_completion", "text"])
     val.add_argument("--task", choices=TASK_CHOICES, help="check rows as this task's data (slmtune/tasks)")
+    val.add_argument("--grader", help="a grader (JSON file): check rows as reinforcement prompts it can grade")
     conv = dv.add_parser("convert", help="convert alpaca / sharegpt / csv / a datasets folder to JSONL")
     conv.add_argument("--from", dest="source", required=True, choices=["alpaca", "sharegpt", "csv", "hf-datasets"])
     conv.add_argument("input", help="input file (folder for hf-datasets)")
@@ -547,6 +598,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "row's): win rate, and for a run reward accuracy against the model it started from")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = verbs.add_parser("grade", help="a grader's mean reward on a model's answers to a file of prompts")
+    p.add_argument("--grader", required=True, help="the grader, a JSON file (OpenAI's grader object; docs/graders.md)")
+    p.add_argument("--data", required=True, help="JSONL rows: messages ending with a user turn, plus item fields")
+    p.add_argument("--model", required=True, help="a model or a run directory, which answers the prompts")
+    p.add_argument("--limit", type=int, help="the first N rows")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--show", type=int, default=5, help="graded samples to print (default %(default)s)")
+    p.add_argument("--allow-python", action="store_true", help="run python graders (sandboxed subprocess)")
+    p.add_argument("--output", help="also write every graded sample to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_grade)
 
     p = verbs.add_parser("export", help="write a run as a standalone model")
     p.add_argument("run_dir")
@@ -639,6 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", action="append", metavar="NAME=DIR",
                    help="a base model offered for fine-tuning; the first is also served; repeatable")
     p.add_argument("--max-upload-bytes", type=int, help="upload size limit (default 50 MB)")
+    p.add_argument("--allow-python-graders", action="store_true",
+                   help="run tenants' python graders (in a sandboxed subprocess; docs/graders.md); off by default")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_api)
 

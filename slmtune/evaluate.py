@@ -33,8 +33,10 @@ from slmtune.data.tokenize import encode
 from slmtune.data.dataset import pairs_from_task_examples
 from slmtune.data.formats import detect_format
 from slmtune.data.tokenize import Pair, encode_pair
-from slmtune.data.validate import read_records
+from slmtune.data.validate import read_records, validate_file
 from slmtune.generation import SamplingParams, chat_prompt_ids, complete
+from slmtune.grader_sandbox import run_python
+from slmtune.graders import check_grader, grade, item_fields
 from slmtune.models import end_of_turn_ids
 from slmtune.tasks import TASKS, detect_task
 from slmtune.tasks.common import split_last_assistant
@@ -361,3 +363,50 @@ def format_table(report: dict) -> str:
              f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 10}"]
     lines += [f"{k:<{width}}  {v}" for k, v in rows]
     return "\n".join(lines)
+
+
+def grade_file(target: str, data: str, grader: dict, *, limit: int | None = None, max_new_tokens: int = 128,
+               batch_size: int = DEFAULT_BATCH_SIZE, allow_python: bool = False, progress: bool = True) -> dict:
+    """What OpenAI's /graders/run does, for a whole file: `target` (a model or run directory) answers
+    every row's messages (greedy), `grader` scores each answer with the row as its item. Returns the
+    mean reward, the error flags' counts and every graded sample. score_model graders ask `target`
+    when they name it, else the model they name (loaded here)."""
+    check_grader(grader, python_allowed=allow_python)
+    report = validate_file(data, min_examples=1, grader_fields=item_fields(grader))
+    if report.n_errors:
+        shown = "\n".join(str(issue) for issue in report.errors[:20])
+        raise DataError(f"{data}: {report.n_errors} problem(s); run `slmtune data validate {data} --grader G`\n{shown}")
+    rows = [row for _, err, row in iter_jsonl(data) if err is None][:limit]
+    model, tokenizer = load_for_inference(target)
+    loaded = {target: (model, tokenizer)}
+
+    def ask(name: str, messages: list[dict], params: dict) -> str:
+        if name not in loaded:
+            loaded[name] = load_for_inference(name)
+        judge, judge_tokenizer = loaded[name]
+        budget = int(params.get("max_completions_tokens") or 64)
+        [reply] = complete(judge, judge_tokenizer, [chat_prompt_ids(judge_tokenizer, messages)],
+                           SamplingParams(max_tokens=budget, temperature=float(params.get("temperature", 0.0)),
+                                          seed=params.get("seed")))
+        return reply.text
+
+    bar = tqdm(total=math.ceil(len(rows) / batch_size), desc="grade", unit="batch", file=sys.stderr) if progress else None
+    try:
+        answers = generate_batched(model, tokenizer, [row["messages"] for row in rows], batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, eos_ids=sorted(end_of_turn_ids(model, tokenizer)),
+                                   on_batch=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    samples, errors = [], {}
+    for row, answer in zip(rows, answers):
+        result = grade(grader, answer, row, ask=ask, run_python=run_python if allow_python else None)
+        for flag, raised in result.errors.items():
+            if raised is True:
+                errors[flag] = errors.get(flag, 0) + 1
+        samples.append({"prompt": row["messages"][-1]["content"], "answer": answer, "reward": result.reward,
+                        "sub_rewards": result.sub_rewards, "errors": result.errors})
+    rewards = [s["reward"] for s in samples]
+    return {"target": target, "data": data, "grader": grader.get("name") or grader["type"], "n": len(samples),
+            "mean_reward": sum(rewards) / len(rewards) if rewards else 0.0, "errors": errors, "samples": samples}
+

@@ -6,6 +6,8 @@
   `functions`/`function_call` shape is converted)
 - prompt_completion: `{"prompt": "...", "completion": "..."}`
 - text: `{"text": "..."}` (continued pretraining: loss on every token)
+- reinforcement (RFT, with a grader): `{"messages": [... ending with a user turn], <any fields the
+  grader's templates read as {{item.field}}>}`; checked by `check_reinforcement`
 - preference (DPO/ORPO): OpenAI's `{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant",
   "content": "..."}], "non_preferred_output": [...]}`, or `{"prompt", "chosen", "rejected"}` where each is a
   string or a list of messages (`preference_parts` turns both into one prompt and two assistant messages)
@@ -200,3 +202,27 @@ def check_preference(data: dict) -> list[tuple[str, str]]:
         problems.append(("identical_outputs", "the preferred and non-preferred outputs are the same; the pair "
                                               "teaches nothing"))
     return problems
+
+
+def check_reinforcement(data: dict, grader_fields: set[str]) -> list[tuple[str, str]]:
+    """Problems of one reinforcement fine-tuning row: a prompt for the model to answer (messages
+    ending with a user turn, no answer) and every item field the grader reads."""
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return [("missing_messages", "`messages` must be a non-empty list")]
+    problems = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            problems.append(("invalid_message", f"messages[{i}] is not an object"))
+        elif msg.get("role") not in ROLES:
+            problems.append(("unknown_role", f"messages[{i}].role is {msg.get('role')!r}; expected one of "
+                                             f"{', '.join(ROLES)}"))
+        elif not _nonblank_str(msg.get("content")):
+            problems.append(("empty_content", f"messages[{i}].content is missing or empty"))
+    if isinstance(messages[-1], dict) and messages[-1].get("role") != "user":
+        problems.append(("last_message_not_user", "the last message must be the user's: the model writes the "
+                                                  "answer the grader scores"))
+    for name in sorted(grader_fields - set(data)):
+        problems.append(("missing_grader_field", f"`{name}` is missing; the grader reads {{{{item.{name}}}}}"))
+    return problems
+

@@ -36,6 +36,10 @@ Codes (errors unless marked):
   too_long (warning)    with a model: example exceeds max_length; says how many tokens are cut
   no_trainable_tokens   with a model: nothing in the example reaches the loss
   unknown_task          --task names no task in slmtune/tasks
+  Reinforcement rows (with --grader G.json: prompts the grader scores answers to):
+  last_message_not_user the last message is not the user's
+  missing_grader_field  a field the grader reads ({{item.field}}) is missing from the row
+  invalid_grader        the grader itself cannot run (the message names its field)
 
 With `--task T` (or data.task in a recipe) every row is checked as task data instead, with the
 task's `check` (codes in slmtune/tasks/common.py: missing_field naming the field, invalid_field,
@@ -48,7 +52,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slmtune.data.formats import MAX_LINE_BYTES, DataError, Record, check_example, detect_format, iter_jsonl
+from slmtune.data.formats import (MAX_LINE_BYTES, DataError, Record, check_example, check_reinforcement, detect_format,
+                                  iter_jsonl)
 from slmtune.data.tokenize import Pair, encode
 from slmtune.tasks import TASKS
 
@@ -113,11 +118,16 @@ def validate_file(
     max_length: int | None = None,
     system_prompt: str | None = None,
     task: str | None = None,
+    grader_fields: set[str] | None = None,
 ) -> Report:
     """Validate a JSONL training file; with a tokenizer, also measure lengths and truncation.
-    With `task`, rows are that task's data (see slmtune/tasks) and are checked by the task."""
+    With `task`, rows are that task's data (see slmtune/tasks) and are checked by the task.
+    With `grader_fields` (slmtune.graders.item_fields of a grader), rows are reinforcement prompts."""
     path = str(path)
     report = Report(path=path, format=None if fmt == "auto" else fmt, task=task)
+    if grader_fields is not None:
+        report.format = "reinforcement"
+        tokenizer = None  # nothing is trained on the rows' text as such: no lengths to measure
     good: list[tuple[int, dict]] = []
     task_module = None
     if task is not None:
@@ -143,6 +153,12 @@ def validate_file(
             continue
         if not isinstance(data, dict):
             report.add(Issue("not_an_object", path, line, f"expected a JSON object, got {type(data).__name__}"))
+            continue
+        if grader_fields is not None:
+            problems = check_reinforcement(data, grader_fields)
+            for code, msg in problems:
+                report.add(Issue(code, path, line, msg))
+            n_good += not problems
             continue
         if task_module is not None:
             problems = [Issue(p[0], path, line, p[1], *p[2:]) for p in task_module.check(data)]

@@ -40,7 +40,7 @@ from slmtune.serve.engine import Engine
 from slmtune.service.core import Service
 from slmtune.service.deps import tenant_of
 from slmtune.service.files import too_large
-from slmtune.service.routes import console, files, jobs, models
+from slmtune.service.routes import console, files, graders, jobs, models
 from slmtune.service.serving import ServingGuard
 from slmtune.service.settings import Settings
 from slmtune.service.store import new_id
@@ -182,7 +182,7 @@ def create_service_app(settings: Settings, *, engine=None) -> FastAPI:
     install_health(app, {"database": service.store.migration_problem, "engine": lambda: engine_problem(service)},
                    lambda: service_metrics(service))
 
-    for module in (files, jobs, models, console):
+    for module in (files, jobs, graders, models, console):
         app.include_router(module.router)
     console.mount_static(app)
     return app

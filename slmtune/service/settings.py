@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     max_files: int = Field(200, ge=1)
     max_tenant_bytes: int = Field(2 * 1024**3, ge=1)
     public_docs: bool = False
+    allow_python_graders: bool = False  # python graders run the tenant's code (sandboxed): the operator opts in
     # Where jobs' `integrations: [{"type": "mlflow"}]` report: the operator's server, never a URI a
     # tenant sends (the server would connect wherever it is told). None: SQLite in the job's run folder.
     mlflow_tracking_uri: str | None = None
