@@ -283,3 +283,27 @@ def test_the_cli_names_code_file_and_line(tmp_path, capsys):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["data", "validate", str(path)]) == 1
     assert f"{path}:11: error unknown_function: messages[2].tool_calls[0] calls 'get_time'" in capsys.readouterr().out
+
+
+# --- preference pairs with tools (OpenAI's `input.tools`) ---------------------------------------
+def tool_pair(preferred_args: dict, other_args: dict) -> dict:
+    return {"input": {"messages": [{"role": "user", "content": "Wake me at 7:30."}], "tools": TOOLS},
+            "preferred_output": [{"role": "assistant", "tool_calls": [call("c1", "set_alarm", preferred_args)]}],
+            "non_preferred_output": [{"role": "assistant", "tool_calls": [call("c1", "set_alarm", other_args)]}]}
+
+
+def test_a_preference_pair_of_tool_calls_is_checked_and_rendered_with_the_tools(chatml_tokenizer):
+    from slmtune.data.tokenize import encode_pair
+
+    good = tool_pair({"hour": 7, "minute": 30}, {"hour": 19, "minute": 30})
+    assert check_example("preference", good) == []
+    pair = encode_pair(good, chatml_tokenizer)
+    chosen, rejected = (trained_text(e, chatml_tokenizer) for e in (pair.chosen, pair.rejected))
+    assert chosen == ['<tool_call>\n{"name": "set_alarm", "arguments": {"hour": 7, "minute": 30}}\n</tool_call><|im_end|>\n']
+    assert '"hour": 19' in rejected[0]
+    assert "You can call functions." in chatml_tokenizer.decode(pair.chosen.input_ids)  # the tools are offered
+    same = tool_pair({"hour": 7, "minute": 30}, {"hour": 7, "minute": 30})
+    assert [code for code, _ in check_example("preference", same)] == ["identical_outputs"]
+    bad = tool_pair({"hour": "seven", "minute": 30}, {"hour": 19, "minute": 30})
+    [(code, message)] = check_example("preference", bad)
+    assert code == "arguments_violate_schema" and message.startswith("`preferred_output`.tool_calls[0]")

@@ -144,6 +144,12 @@ def _messages(value) -> list | None:
     return value if isinstance(value, list) else None
 
 
+def preference_tools(data: dict) -> list | None:
+    """The tools a preference pair's prompt offers (OpenAI's `input.tools`), if any."""
+    inp = data.get("input")
+    return inp.get("tools") if isinstance(inp, dict) else None
+
+
 def preference_parts(data: dict) -> tuple[list[dict], dict, dict]:
     """(prompt messages, preferred assistant message, non-preferred assistant message) of a valid
     preference example, in either shape."""
@@ -179,10 +185,10 @@ def check_preference(data: dict) -> list[tuple[str, str]]:
     for i, message in enumerate(prompt):
         if not isinstance(message, dict):
             problems.append(("invalid_message", f"prompt message {i} is not an object"))
-        elif message.get("role") not in ROLES:
+        elif message.get("role") not in CHAT_ROLES:
             problems.append(("unknown_role", f"prompt message {i} has role {message.get('role')!r}; expected one "
-                                             f"of {', '.join(ROLES)}"))
-        elif not _nonblank_str(message.get("content")):
+                                             f"of {', '.join(CHAT_ROLES)}"))
+        elif not _nonblank_str(message.get("content")) and not message.get("tool_calls"):
             problems.append(("empty_content", f"prompt message {i} has no content"))
     if not any(isinstance(m, dict) and m.get("role") == "user" for m in prompt):
         problems.append(("no_user_turn", "the prompt has no user message to answer"))
@@ -194,14 +200,27 @@ def check_preference(data: dict) -> list[tuple[str, str]]:
                 or output[0].get("role") != "assistant":
             problems.append(("not_one_assistant_message",
                              f"`{name}` must be exactly one message with role assistant"))
-        elif not _nonblank_str(output[0].get("content")):
+        elif not _nonblank_str(output[0].get("content")) and not output[0].get("tool_calls"):
             problems.append(("empty_output", f"`{name}` has no content"))
-        else:
-            texts.append(output[0]["content"].strip())
+        else:  # an answer is its text and its calls (a preferred call over another call is a pair)
+            texts.append(((output[0].get("content") or "").strip(), json.dumps(output[0].get("tool_calls"))))
     if len(texts) == 2 and texts[0] == texts[1]:
         problems.append(("identical_outputs", "the preferred and non-preferred outputs are the same; the pair "
                                               "teaches nothing"))
-    return problems
+    tools = preference_tools(data)
+    called = [m for m in prompt if isinstance(m, dict)] + [o[0] for o in outputs if isinstance(o, list) and o
+                                                          and isinstance(o[0], dict)]
+    if tools is not None or any("tool_calls" in m or m.get("role") == "tool" for m in called):
+        # The prompt and each answer as one conversation: calls are checked against input.tools.
+        for name, output in zip(names, outputs):
+            answer = output[:1] if isinstance(output, list) else []
+            conversation = {"messages": [m for m in prompt if isinstance(m, dict)] + answer}
+            if tools is not None:
+                conversation["tools"] = tools
+            answer_at = f"messages[{len(prompt)}]"
+            problems.extend((code, message.replace(answer_at, f"`{name}`"))
+                            for code, message in check_messages(conversation))
+    return list(dict.fromkeys(problems))  # a prompt's problem is found once per answer: listed once
 
 
 def check_reinforcement(data: dict, grader_fields: set[str]) -> list[tuple[str, str]]:

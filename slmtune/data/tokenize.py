@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slmtune.data.formats import preference_parts
+from slmtune.data.formats import preference_parts, preference_tools
 from slmtune.data.tools import from_legacy, template_messages, tool_style
 
 IGNORE = -100
@@ -133,9 +133,10 @@ def encode_pair(data: dict, tokenizer, system_prompt: str | None = None) -> Pair
     """Both answers rendered after the same prompt with the chat template; earlier assistant turns of
     the prompt are context (weight 0), so only each answer's tokens (and its end of turn) are targets."""
     prompt, chosen, rejected = preference_parts(data)
+    tools = preference_tools(data)
     context = [m | {"weight": 0} if m["role"] == "assistant" else m for m in prompt]
-    return Pair(encode_chat(context + [chosen], tokenizer, system_prompt),
-                encode_chat(context + [rejected], tokenizer, system_prompt))
+    return Pair(encode_chat(context + [chosen], tokenizer, system_prompt, tools),
+                encode_chat(context + [rejected], tokenizer, system_prompt, tools))
 
 
 def encode(fmt: str, data: dict, tokenizer, max_length: int | None, system_prompt: str | None = None) -> Example | Pair:

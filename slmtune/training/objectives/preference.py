@@ -17,7 +17,7 @@ import torch
 from slmtune.config import Recipe
 from slmtune.data.batching import collate
 from slmtune.data.dataset import Datasets
-from slmtune.data.formats import preference_parts
+from slmtune.data.formats import preference_parts, preference_tools
 from slmtune.data.tokenize import Pair, check_end_of_turn
 from slmtune.models import end_of_turn_ids
 from slmtune.training.attention import use_per_example_attention
@@ -56,8 +56,9 @@ def collate_pairs(rows: list[list[FedPair]], pad_id: int, attention: str) -> dic
 def make_pair_feed(data: Datasets, recipe: Recipe, tokenizer, model, parallel, *, precompute: bool) -> Feed:
     """The feed of pairs; with `precompute`, every pair first gets the reference log-probabilities of
     `model` as it is now (the starting weights)."""
-    prompt, chosen, _ = preference_parts(data.train_records[0].data)
-    check_end_of_turn(prompt + [chosen], tokenizer, end_of_turn_ids(model, tokenizer))
+    first = data.train_records[0].data
+    prompt, chosen, _ = preference_parts(first)
+    check_end_of_turn(prompt + [chosen], tokenizer, end_of_turn_ids(model, tokenizer), preference_tools(first))
     row_length = 2 * recipe.data.max_length
     packed = resolve_packing(recipe, [len(p) for p in data.train], row_length)
     attention = recipe.model.attn_implementation
