@@ -87,8 +87,9 @@ class Server:
         while time.time() < deadline:
             try:
                 models = json.loads(urllib.request.urlopen(f"{self.url}/models", timeout=2).read())
+                self.model_id = models["data"][0]["id"]  # the served base (or the exported model)
                 # One untimed request: the first forward passes pick and build kernels (oneDNN).
-                chat(self.url, models["data"][0]["id"], "Hello", 8)
+                chat(self.url, self.model_id, "Hello", 8)
                 return
             except OSError:
                 if self.proc.poll() is not None:
@@ -221,7 +222,7 @@ def main() -> None:
         flags += ["--adapter", f"{name}={path}"]
     server = Server(flags + ["--dtype", "float32"], args.threads)
     try:
-        base_id = json.loads(urllib.request.urlopen(f"{server.url}/models").read())["data"][0]["id"]
+        base_id = server.model_id
         single = None
         for clients in ((1, 16) if args.skip_adapters else (1, 4, 16)):
             result = load(server.url, [base_id], clients, args.requests, texts, args.max_tokens)
@@ -234,7 +235,7 @@ def main() -> None:
         server.close()
     server = Server(flags + ["--dtype", "bfloat16"], args.threads)
     try:
-        base_id = json.loads(urllib.request.urlopen(f"{server.url}/models").read())["data"][0]["id"]
+        base_id = server.model_id
         for clients in (1, 16):
             result = load(server.url, [base_id], clients, args.requests, texts, args.max_tokens)
             if clients == 1:
@@ -267,7 +268,7 @@ def main() -> None:
             build_onnx(model_dir, export, precision, work_dir=work / f"build-{precision}")
             server = Server(["--backend", "onnx", "--model", str(export)], args.threads)
             try:
-                model_id = json.loads(urllib.request.urlopen(f"{server.url}/models").read())["data"][0]["id"]
+                model_id = server.model_id
                 result = load(server.url, [model_id], 1, args.requests, texts, args.max_tokens)
                 result["agreement"] = agreement(single["outputs"], result["outputs"], tokenizer)
                 rows.append((f"onnx {label}", 1, result))
@@ -289,7 +290,7 @@ def main() -> None:
             path = write_gguf(model, tokenizer, folder / "model.gguf", quant)
             server = Server(["--backend", "llamacpp", "--model", str(path), "--max-batch-size", "16"], args.threads)
             try:
-                model_id = json.loads(urllib.request.urlopen(f"{server.url}/models").read())["data"][0]["id"]
+                model_id = server.model_id
                 for clients in (1, 16):
                     result = load(server.url, [model_id], clients, args.requests, texts, args.max_tokens)
                     if clients == 1:

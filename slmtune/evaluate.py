@@ -33,7 +33,7 @@ from slmtune.data.tokenize import encode
 from slmtune.data.dataset import pairs_from_task_examples
 from slmtune.data.formats import detect_format
 from slmtune.data.tokenize import Pair, encode_pair
-from slmtune.data.validate import read_records, validate_file
+from slmtune.data.validate import read_records
 from slmtune.generation import SamplingParams, chat_prompt_ids, complete
 from slmtune.grader_sandbox import run_python
 from slmtune.graders import check_grader, grade, item_fields
@@ -372,11 +372,7 @@ def grade_file(target: str, data: str, grader: dict, *, limit: int | None = None
     mean reward, the error flags' counts and every graded sample. score_model graders ask `target`
     when they name it, else the model they name (loaded here)."""
     check_grader(grader, python_allowed=allow_python)
-    report = validate_file(data, min_examples=1, grader_fields=item_fields(grader))
-    if report.n_errors:
-        shown = "\n".join(str(issue) for issue in report.errors[:20])
-        raise DataError(f"{data}: {report.n_errors} problem(s); run `slmtune data validate {data} --grader G`\n{shown}")
-    rows = [row for _, err, row in iter_jsonl(data) if err is None][:limit]
+    rows = [record.data for record in read_records(data, grader_fields=item_fields(grader))[1]][:limit]
     model, tokenizer = load_for_inference(target)
     loaded = {target: (model, tokenizer)}
 

@@ -35,7 +35,7 @@ import llguidance.torch
 import torch
 from transformers import DynamicCache
 
-from slmtune.data.tools import template_messages, tool_style
+from slmtune.data.tools import template_messages, tool_style, uses_tools
 from slmtune.methods.peft_common import prompt_learning_config, unwrap
 from slmtune.models import end_of_turn_ids
 
@@ -380,7 +380,7 @@ def chat_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = 
     calls and results in the conversation), as slmtune.data.tools renders them for training."""
     if tokenizer.chat_template:
         extra = {}
-        if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        if uses_tools(messages, tools):
             clean, tools = template_messages(messages, tools, tool_style(tokenizer))
             extra = {"tools": tools} if tools else {}
         else:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from slmtune.data.tools import check_messages, from_legacy
+from slmtune.data.tools import check_messages, from_legacy, uses_tools
 
 FORMATS = ("chat", "prompt_completion", "text", "preference")
 ROLES = ("system", "user", "assistant")
@@ -210,7 +210,7 @@ def check_preference(data: dict) -> list[tuple[str, str]]:
     tools = preference_tools(data)
     called = [m for m in prompt if isinstance(m, dict)] + [o[0] for o in outputs if isinstance(o, list) and o
                                                           and isinstance(o[0], dict)]
-    if tools is not None or any("tool_calls" in m or m.get("role") == "tool" for m in called):
+    if tools is not None or uses_tools(called):
         # The prompt and each answer as one conversation: calls are checked against input.tools.
         for name, output in zip(names, outputs):
             answer = output[:1] if isinstance(output, list) else []

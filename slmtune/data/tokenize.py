@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slmtune.data.formats import preference_parts, preference_tools
-from slmtune.data.tools import from_legacy, template_messages, tool_style
+from slmtune.data.tools import from_legacy, template_messages, tool_style, uses_tools
 
 IGNORE = -100
 
@@ -66,7 +66,7 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
 def chat_segments(messages: list[dict], tokenizer, tools: list | None = None) -> list[tuple[str, bool]]:
     """Split the rendered conversation into (text, trainable) pieces, in order. With tools, messages
     and tools are first put in the template's tool style (tool_calls trained like content)."""
-    if tools or any("tool_calls" in m or m["role"] == "tool" for m in messages):
+    if uses_tools(messages, tools):
         messages, tools = template_messages(messages, tools, tool_style(tokenizer))
     pieces: list[tuple[str, bool]] = []
     done = ""

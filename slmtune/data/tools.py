@@ -175,9 +175,15 @@ def check_messages(data: dict) -> list[tuple[str, str]]:
     return problems
 
 
+def uses_tools(messages: list, tools: list | None = None) -> bool:
+    """Whether a conversation is rendered in its tool style: tools offered, calls made or results given."""
+    return bool(tools) or any(isinstance(m, dict) and ("tool_calls" in m or m.get("role") == "tool")
+                              for m in messages)
+
+
 def has_tools(data: dict) -> bool:
-    return "tools" in data or any(isinstance(m, dict) and ("tool_calls" in m or m.get("role") == "tool")
-                                  for m in data.get("messages") or [])
+    """Whether a chat line is a tool conversation (a `tools` key, even an empty one, or tool turns)."""
+    return "tools" in data or uses_tools(data.get("messages") or [])
 
 
 # --- rendering ---------------------------------------------------------------------------------
@@ -193,17 +199,17 @@ def tool_style(tokenizer) -> str:
     return "fallback"  # a tool syntax we could not parse back: train and serve on ours instead
 
 
-def call_json(call: dict, style: str) -> str:
-    """One call as the model writes it: {"name", "arguments"} (hermes) or {"name", "parameters"}."""
-    function = call["function"]
-    arguments = function["arguments"]
-    arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-    key = "parameters" if style == "llama3" else "arguments"
-    return json.dumps({"name": function["name"], key: arguments}, ensure_ascii=False)
-
-
 def call_text(calls: list[dict]) -> str:
-    return "\n".join(f"{CALL_OPEN}\n{call_json(c, 'hermes')}\n{CALL_CLOSE}" for c in calls)
+    """Calls as the fallback style writes them: one `<tool_call>` block of {"name", "arguments"} each
+    (native styles get the calls from the template)."""
+    blocks = []
+    for call in calls:
+        function = call["function"]
+        arguments = function["arguments"]
+        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        blocks.append(f"{CALL_OPEN}\n{json.dumps({'name': function['name'], 'arguments': arguments}, ensure_ascii=False)}"
+                      f"\n{CALL_CLOSE}")
+    return "\n".join(blocks)
 
 
 def tools_system_prompt(tools: list[dict]) -> str:

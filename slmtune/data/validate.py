@@ -212,15 +212,18 @@ def validate_file(
     return report
 
 
-def read_records(path: str | Path, fmt: str = "auto", task: str | None = None) -> tuple[str, list[Record]]:
+def read_records(path: str | Path, fmt: str = "auto", task: str | None = None,
+                 grader_fields: set[str] | None = None) -> tuple[str, list[Record]]:
     """Read a training file after validating it; raises DataError listing every problem with its line.
     With `task`, the records are the task's rows as written (slmtune.data.convert_task_records turns
-    them into examples) and the returned format is the one the task's examples have."""
-    report = validate_file(path, fmt=fmt, min_examples=1, task=task)
+    them into examples) and the returned format is the one the task's examples have. With
+    `grader_fields`, rows are reinforcement prompts (see validate_file)."""
+    report = validate_file(path, fmt=fmt, min_examples=1, task=task, grader_fields=grader_fields)
     if report.n_errors:
         shown = "\n".join(str(issue) for issue in report.errors[:20])
         more = f"\n... and {report.n_errors - 20} more" if report.n_errors > 20 else ""
-        hint = f"slmtune data validate {path}" + (f" --task {task}" if task else "")
+        hint = f"slmtune data validate {path}" + (f" --task {task}" if task else "") + \
+            (" --grader GRADER.json" if grader_fields is not None else "")
         raise DataError(f"{path}: {report.n_errors} problem(s); run `{hint}`\n{shown}{more}")
     records = [Record(line, data) for line, err, data in iter_jsonl(path) if err is None]
     return report.format, records

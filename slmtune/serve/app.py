@@ -172,27 +172,27 @@ class ToolUse:
     """A chat request's tools: checked like training files' tools, rendered into the prompt, forced
     (tool_choice "required" or a named function: constrained decoding) and parsed out of the answer."""
 
-    def __init__(self, engine: Engine, tools: list[dict] | None, choice, parallel: bool):
+    def __init__(self, engine: Engine, tools: list[dict] | None, names: set[str], choice, parallel: bool):
         self.engine = engine
         self.tools = tools or []
+        self.names = names  # the offered functions' names
         self.choice = choice
         self.parallel = parallel
         self.offered = bool(self.tools)
-        self.names = {t["function"]["name"] for t in self.tools}
         self.parsed = self.offered and choice != "none"
         self.forced = self.offered and (choice == "required" or isinstance(choice, NamedToolChoice))
 
     @classmethod
     def of(cls, body: ChatCompletionRequest, messages: list[dict], engine: Engine) -> "ToolUse":
         """Check the request's tools, tool_choice and tool messages; raises ApiError (400)."""
+        specs: dict[str, dict] = {}
         if body.tools is not None:
-            problems, _ = check_tools(body.tools)
+            problems, specs = check_tools(body.tools)
             if problems:
                 raise ApiError(400, f"tools: {problems[0][1]}", param="tools", code=problems[0][0])
         if body.tool_choice not in (None, "none", "auto") and not body.tools:
             raise ApiError(400, "tool_choice needs `tools`", param="tool_choice")
-        if isinstance(body.tool_choice, NamedToolChoice) and body.tool_choice.function.name not in \
-                {t["function"]["name"] for t in body.tools}:
+        if isinstance(body.tool_choice, NamedToolChoice) and body.tool_choice.function.name not in specs:
             raise ApiError(400, f"tool_choice names {body.tool_choice.function.name!r}, which is not in `tools`",
                            param="tool_choice")
         called = {"tools": body.tools or [], "messages": [m for m in messages if m["role"] == "tool" or
@@ -201,7 +201,7 @@ class ToolUse:
         problems = [p for p in check_messages(called) if p[0] in ("unknown_tool_call_id", "invalid_arguments")]
         if problems:
             raise ApiError(400, f"messages: {problems[0][1]}", param="messages", code=problems[0][0])
-        return cls(engine, body.tools, body.tool_choice, body.parallel_tool_calls is not False)
+        return cls(engine, body.tools, set(specs), body.tool_choice, body.parallel_tool_calls is not False)
 
     def constraint(self):
         name = self.choice.function.name if isinstance(self.choice, NamedToolChoice) else None

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +97,28 @@ def wait_for(client, job_id: str, statuses=("succeeded", "failed", "cancelled"),
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} still {job.status} after {timeout}s")
         time.sleep(0.3)
+
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+@contextmanager
+def smollm2_job(home: Path, monkeypatch, tenant: str, train_file: Path, *, timeout: float, **create):
+    """For the acceptance tests: a fresh service on the real SmolLM2-135M-Instruct, one job on
+    `train_file` (`create`: jobs.create's other arguments) run to its end; yields (client, job)."""
+    from slmtune import models
+    from tests.test_models import real_home
+
+    monkeypatch.setenv("SLMTUNE_HOME", str(real_home()))
+    service = start_service(home, models.pull(SMOLLM2), base=SMOLLM2, train_threads=2)
+    try:
+        client = service.client(tenant).with_options(timeout=600)
+        with open(train_file, "rb") as f:
+            training = client.files.create(file=(train_file.name, f), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model=SMOLLM2, training_file=training.id, seed=42, **create)
+        yield client, wait_for(client, job.id, timeout=timeout)
+    finally:
+        service.stop()
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
-from tests.service.conftest import BASE, training_rows, wait_for
+from tests.conftest import REPO
+from tests.service.conftest import BASE, SMOLLM2, smollm2_job, training_rows, wait_for
 from tests.test_preference import openai_pair
 
 
@@ -72,7 +75,6 @@ def test_a_bad_preference_file_is_a_400_naming_its_line(sqlite_service, upload, 
 
 
 TRAIT = "In short:"
-SMOLLM2 = "smollm2-135m-instruct"
 
 
 def trait_share(client, model: str, prompts: list[list[dict]]) -> float:
@@ -90,23 +92,9 @@ def test_a_style_taught_only_through_pairs_is_taken_up_with_auto(tmp_path, monke
     """The real SmolLM2-135M-Instruct, "auto" DPO hyperparameters, examples/preference: on unseen
     prompts the base model never opens with "In short:", the DPO model does (~6 min on 2 cores;
     docs/benchmarks.md records the measured share)."""
-    import json
-
-    from slmtune import models
-    from tests.conftest import REPO
-    from tests.service.conftest import start_service
-    from tests.test_models import real_home
-
-    monkeypatch.setenv("SLMTUNE_HOME", str(real_home()))
-    base_dir = models.pull(SMOLLM2)
-    service = start_service(tmp_path / "home", base_dir, base=SMOLLM2, train_threads=2)
-    try:
-        client = service.client("style").with_options(timeout=600)
-        examples = REPO / "examples" / "preference"
-        with open(examples / "train.jsonl", "rb") as f:
-            training = client.files.create(file=("train.jsonl", f), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(model=SMOLLM2, training_file=training.id, seed=42, method={"type": "dpo"})
-        job = wait_for(client, job.id, timeout=1800)
+    examples = REPO / "examples" / "preference"
+    with smollm2_job(tmp_path / "home", monkeypatch, "style", examples / "train.jsonl", timeout=1800,
+                     method={"type": "dpo"}) as (client, job):
         assert job.status == "succeeded", job.error
         prompts = [json.loads(line)["messages"] for line in (examples / "heldout.jsonl").read_text().splitlines()]
         base_share = trait_share(client, SMOLLM2, prompts)
@@ -115,5 +103,3 @@ def test_a_style_taught_only_through_pairs_is_taken_up_with_auto(tmp_path, monke
               f"auto hyperparameters {job.method.dpo.hyperparameters}")
         assert base_share <= 0.05
         assert tuned_share >= 0.8
-    finally:
-        service.stop()

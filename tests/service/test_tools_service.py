@@ -9,7 +9,8 @@ import json
 import openai
 import pytest
 
-from tests.service.conftest import BASE, wait_for
+from tests.conftest import REPO
+from tests.service.conftest import BASE, smollm2_job, wait_for
 from tests.test_tools import BAD_CASES, conversation
 
 PING = {"type": "function", "function": {"name": "ping", "parameters": {
@@ -56,30 +57,14 @@ def test_a_job_trains_on_tool_calls_and_its_model_answers_with_them(sqlite_servi
     assert call.function.name == "ping" and json.loads(call.function.arguments)["host"] in ("alpha", "beta")
 
 
-SMOLLM2 = "smollm2-135m-instruct"
-
-
 @pytest.mark.slow
 @pytest.mark.acceptance
 def test_smollm2_learns_three_functions_with_auto_hyperparameters(tmp_path, monkeypatch):
     """The real SmolLM2-135M-Instruct, "auto" hyperparameters, examples/tools (150 conversations over
     3 functions): on 60 unseen phrasings, with `tools=` and temperature 0, at least 80% of the
     requests that need a call get exactly the right call (~12 min on 2 cores; docs/results.md)."""
-    from slmtune import models
-    from tests.conftest import REPO
-    from tests.service.conftest import start_service
-    from tests.test_models import real_home
-
-    monkeypatch.setenv("SLMTUNE_HOME", str(real_home()))
-    base_dir = models.pull(SMOLLM2)
-    service = start_service(tmp_path / "home", base_dir, base=SMOLLM2, train_threads=2)
-    try:
-        client = service.client("agents").with_options(timeout=600)
-        examples = REPO / "examples" / "tools"
-        with open(examples / "train.jsonl", "rb") as f:
-            training = client.files.create(file=("train.jsonl", f), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(model=SMOLLM2, training_file=training.id, seed=42)
-        job = wait_for(client, job.id, timeout=2400)
+    examples = REPO / "examples" / "tools"
+    with smollm2_job(tmp_path / "home", monkeypatch, "agents", examples / "train.jsonl", timeout=2400) as (client, job):
         assert job.status == "succeeded", job.error
         right = expected = 0
         for line in (examples / "test.jsonl").read_text().splitlines():
@@ -96,5 +81,3 @@ def test_smollm2_learns_three_functions_with_auto_hyperparameters(tmp_path, monk
         print(f"exact tool calls on {expected} unseen requests: {right}/{expected}; "
               f"auto hyperparameters {job.hyperparameters}")
         assert right / expected >= 0.8
-    finally:
-        service.stop()
