@@ -6,9 +6,10 @@ the service resolve the same values for the same file (tests/test_auto.py checks
     epochs          supervised: ceil(500 / n) clamped to [3, 10]: about 500 example passes on small
                     datasets (7 epochs for 75 examples), 3 epochs from 167 examples on.
                     dpo / orpo: ceil(360 / n pairs) clamped to [2, 10].
+                    grpo: ceil(400 / n prompts) clamped to [1, 10] (each pass samples 8 answers a prompt).
     learning_rate   the method's base rate (methods/<name>.py: 1e-3 for LoRA, QLoRA, DoRA;
                     5e-5 for full fine-tuning), times DPO_LEARNING_RATE_SCALE (0.2) for preference
-                    objectives; DPO's beta 0.1 and sft_weight 1
+                    objectives (DPO's beta 0.1 and sft_weight 1), GRPO_LEARNING_RATE_SCALE (0.5) for grpo
     batch_size      (the service's examples per step) 1 if n < 16, 2 if n < 32, 4 if n < 1024, else 8
     held out        no validation file: none below HOLD_OUT_FROM examples, else 10% clamped to
                     [HOLD_OUT_MIN, HOLD_OUT_MAX], seeded (slmtune/data/dataset.py)
@@ -42,6 +43,15 @@ PREFERENCE_OBJECTIVE_NAMES = ("dpo", "orpo")
 DPO_LEARNING_RATE_SCALE = 0.2  # times the method's base rate
 DPO_BETA = 0.1
 DPO_SFT_WEIGHT = 1.0  # the preferred answers' NLL in the loss (RPO): the config's default too
+# Reinforcement fine-tuning (train.objective grpo): a step samples GRPO_GENERATIONS answers to each of
+# GRPO_PROMPTS_PER_STEP prompts (32 answers, TRL's and OpenAI's usual group sizes).
+GRPO_PROMPT_PASSES = 400
+GRPO_EPOCHS = (1, 10)
+GRPO_LEARNING_RATE_SCALE = 0.5  # times the method's base rate
+GRPO_GENERATIONS = 8
+GRPO_PROMPTS_PER_STEP = 4
+GRPO_MAX_COMPLETION_TOKENS = 64
+GRPO_EVAL_SAMPLES = 32
 
 HOLD_OUT_FROM = 200
 HOLD_OUT_SHARE = 0.1
@@ -55,13 +65,17 @@ def epochs(n_examples: int, objective: str = "sft") -> int:
     if objective in PREFERENCE_OBJECTIVE_NAMES:
         lo, hi = PREFERENCE_EPOCHS
         return min(hi, max(lo, math.ceil(PREFERENCE_PAIR_PASSES / n)))
+    if objective == "grpo":
+        lo, hi = GRPO_EPOCHS
+        return min(hi, max(lo, math.ceil(GRPO_PROMPT_PASSES / n)))
     lo, hi = SFT_EPOCHS
     return min(hi, max(lo, math.ceil(SFT_EXAMPLE_PASSES / n)))
 
 
 def learning_rate(method: str, objective: str = "sft") -> float:
     """The learning rate "auto" trains `method` with."""
-    scale = DPO_LEARNING_RATE_SCALE if objective in PREFERENCE_OBJECTIVE_NAMES else 1.0
+    scale = (DPO_LEARNING_RATE_SCALE if objective in PREFERENCE_OBJECTIVE_NAMES
+             else GRPO_LEARNING_RATE_SCALE if objective == "grpo" else 1.0)
     return METHODS[method].auto_learning_rate * scale
 
 

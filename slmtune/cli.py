@@ -67,14 +67,18 @@ def cmd_train(args) -> int:
              "epochs": args.epochs, "output": args.output}
     # --objective is a shorthand for train.objective=NAME: with a recipe file too.
     objective_override = [f"train.objective={args.objective}"] if args.objective else []
+    if args.grader:  # reinforcement fine-tuning: train.objective grpo with this grader
+        if args.objective not in (None, "grpo"):
+            raise RecipeError(f"--grader trains with train.objective grpo, not {args.objective}")
+        objective_override = ["train.objective.name=grpo", f"train.objective.grader={args.grader}"]
     objective_override += [f"train.time_budget={args.time_budget}"] if args.time_budget else []
     if args.resume:
         first_is_override = bool(args.recipe) and "=" in args.recipe  # argparse puts the first one there
         if (args.recipe and not first_is_override) or any(v is not None for v in quick.values()):
             raise RecipeError("--resume RUN_DIR takes the run's own recipe.yaml; give only key=value overrides")
-        if args.objective or args.time_budget:
-            raise RecipeError("--resume RUN_DIR continues the run's own plan; --objective and --time-budget do "
-                              "not apply")
+        if args.objective or args.time_budget or args.grader:
+            raise RecipeError("--resume RUN_DIR continues the run's own plan; --objective, --grader and "
+                              "--time-budget do not apply")
         recipe = load_recipe(Path(args.resume) / "recipe.yaml", [args.recipe] * first_is_override + args.overrides)
     elif args.recipe and "=" not in args.recipe:
         if any(v is not None for v in quick.values()):
@@ -548,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", help="train for about this long, e.g. 10m (= train.time_budget=...)")
     p.add_argument("--objective", metavar="NAME",
                    help="what to minimize: sft (default), or dpo / orpo on preference pairs (= train.objective=...)")
+    p.add_argument("--grader", metavar="GRADER.json", help="reinforcement fine-tuning: --data holds prompts, this "
+                   "grader scores sampled answers (= train.objective {name: grpo, grader: ...}; docs/reinforcement.md)")
     p.add_argument("--output", help="run directory (quick mode; default runs/<model>-<method>-<time>)")
     p.add_argument("--json-events", action="store_true", help="print every training event as a JSON line on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -11,6 +11,7 @@ the working directory, the way every recipe's first-line command runs them.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -21,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slmtune import auto
+from slmtune.graders import GraderError, check_grader
 from slmtune.methods import METHOD_CONFIGS, METHODS
 from slmtune.tasks import TASK_NAMES
 
@@ -144,7 +146,62 @@ class ORPOObjective(Section):
     beta: float = Field(0.1, gt=0, le=10, description="Weight (lambda) of the odds-ratio term.")
 
 
-OBJECTIVE_CONFIGS = {c.model_fields["name"].default: c for c in (SFTObjective, DPOObjective, ORPOObjective)}
+class GRPOObjective(Section):
+    """Group-relative policy optimization (Shao et al., 2024) on prompts scored by a grader: OpenAI's
+    reinforcement fine-tuning (slmtune/training/objectives/grpo.py, docs/reinforcement.md)."""
+
+    name: Literal["grpo"] = "grpo"
+    grader: dict = Field(description="An OpenAI grader (docs/graders.md), inline or the path of its JSON file; "
+                         "the saved recipe.yaml holds it inline.")
+    num_generations: int = Field(auto.GRPO_GENERATIONS, ge=2, le=64, description="Answers sampled per prompt (the "
+                                 "group whose rewards are compared).")
+    prompts_per_step: int = Field(auto.GRPO_PROMPTS_PER_STEP, ge=1, le=256, description="Prompts per optimizer "
+                                  "step; a step trains on prompts_per_step x num_generations sampled answers.")
+    max_completion_tokens: int = Field(auto.GRPO_MAX_COMPLETION_TOKENS, ge=1, le=4096, description="Longest "
+                                       "sampled answer, in tokens (the end-of-turn token included).")
+    temperature: float = Field(1.0, gt=0, le=2, description="Sampling temperature of the training answers.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    beta: float = Field(0.0, ge=0, le=10, description="Weight of the per-token KL to the reference (the starting "
+                        "weights; with an adapter, the base with the adapter off). 0, as current practice "
+                        "(DAPO, Dr. GRPO), computes no reference at all.")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Clipping range of the probability ratio.")
+    loss_normalization: Literal["token", "sequence"] = Field(
+        "token", description="token: the step's loss is the mean over all its answer tokens (long answers weigh "
+        "more; DAPO); sequence: each answer's token mean, averaged over answers (the GRPO paper's)."
+    )
+    scale_rewards: Literal["group", "none"] = Field(
+        "group", description="group: advantages are (reward - group mean) / group std; none: reward - group "
+        "mean (Dr. GRPO: no bias toward groups of near-equal rewards)."
+    )
+    eval_samples: int = Field(auto.GRPO_EVAL_SAMPLES, ge=1, le=4096, description="Validation prompts answered "
+                              "(greedy) and graded at each evaluation; validation reward = their mean reward.")
+
+    @field_validator("grader", mode="before")
+    @classmethod
+    def _grader_file(cls, value):
+        if isinstance(value, (str, os.PathLike)):
+            try:
+                value = json.loads(Path(value).read_text(encoding="utf-8"))
+            except OSError as err:
+                raise ValueError(f"cannot read grader file {value}: {err.strerror}") from None
+            except ValueError as err:
+                raise ValueError(f"grader file {value} is not JSON: {err}") from None
+        return value
+
+    @field_validator("grader")
+    @classmethod
+    def _grader_valid(cls, value):
+        try:
+            check_grader(value)
+        except GraderError as err:
+            message, field = str(err), err.param.rsplit(".", 1)[-1]
+            message = message[len(field) + 2:] if message.startswith(f"{field}: ") else message
+            raise ValueError(f"{err.param}: {message}") from None
+        return value
+
+
+OBJECTIVE_CONFIGS = {c.model_fields["name"].default: c
+                     for c in (SFTObjective, DPOObjective, ORPOObjective, GRPOObjective)}
 ObjectiveSection = Annotated[Union[tuple(OBJECTIVE_CONFIGS.values())], Field(discriminator="name")]
 PREFERENCE_OBJECTIVES = ("dpo", "orpo")
 
@@ -188,11 +245,11 @@ class TrackingSection(Section):
 class TrainSection(Section):
     objective: ObjectiveSection = Field(
         default_factory=SFTObjective, description="What training minimizes: sft (default), dpo or orpo "
-        "(preference pairs); `objective: dpo` is short for {name: dpo}."
+        "(preference pairs), grpo (prompts and a grader); `objective: dpo` is short for {name: dpo}."
     )
     epochs: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="Passes over the training data (ignored when max_steps or time_budget is set); auto: "
-        "from the number of examples, the objective (slmtune/auto.py), as the service's \"auto\"."
+        "from the number of examples (prompts, for grpo), the objective (slmtune/auto.py), as the service's \"auto\"."
     )
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
     # On CPU one packed row of max_length tokens already keeps the matmuls busy: a second row per
@@ -360,9 +417,14 @@ class Recipe(Section):
         if self.method.name == "qlora" and strategy not in ("none", "ddp"):
             raise ValueError(f"train.distributed.strategy {strategy}: QLoRA's 4-bit base weights cannot be "
                              "sharded; use ddp (or lora/full with fsdp or a zero stage)")
-        if self.train.objective.name in PREFERENCE_OBJECTIVES and not METHODS[self.method.name].packing:
-            raise ValueError(f"train.objective {self.train.objective.name}: method {self.method.name} learns virtual "
-                             "tokens; preference objectives train lora, qlora, dora, ia3 or full")
+        objective = self.train.objective.name
+        if objective in PREFERENCE_OBJECTIVES + ("grpo",) and not METHODS[self.method.name].packing:
+            raise ValueError(f"train.objective {objective}: method {self.method.name} learns virtual "
+                             "tokens; preference and reinforcement objectives train lora, qlora, dora, ia3 or full")
+        if objective == "grpo" and strategy not in ("none", "ddp"):
+            # Sampling runs the model outside the sharded training forward; sharded weights are not whole there.
+            raise ValueError(f"train.distributed.strategy {strategy}: train.objective grpo samples answers "
+                             "with whole weights on every process; use ddp or one process")
         if self.model.adapter and METHODS[self.method.name].artifact != "adapter":
             raise ValueError(f"model.adapter starts from an adapter; method {self.method.name} trains a whole model")
         if METHODS[self.method.name].rewrites_base(self.method) and strategy in ("zero3", "fsdp"):

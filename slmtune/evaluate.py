@@ -41,6 +41,7 @@ from slmtune.models import end_of_turn_ids
 from slmtune.tasks import TASKS, detect_task
 from slmtune.tasks.common import split_last_assistant
 from slmtune.methods.peft_common import has_adapter, prompt_learning_config
+from slmtune.training.judge import local_judge
 from slmtune.training.loss import autocast_dtype, sequence_logprobs, target_loss_sum
 from slmtune.training.objectives.preference import FedPair, collate_pairs
 from slmtune.training.rundir import RunDir, load_base, load_for_inference
@@ -374,17 +375,7 @@ def grade_file(target: str, data: str, grader: dict, *, limit: int | None = None
     check_grader(grader, python_allowed=allow_python)
     rows = [record.data for record in read_records(data, grader_fields=item_fields(grader))[1]][:limit]
     model, tokenizer = load_for_inference(target)
-    loaded = {target: (model, tokenizer)}
-
-    def ask(name: str, messages: list[dict], params: dict) -> str:
-        if name not in loaded:
-            loaded[name] = load_for_inference(name)
-        judge, judge_tokenizer = loaded[name]
-        budget = int(params.get("max_completions_tokens") or 64)
-        [reply] = complete(judge, judge_tokenizer, [chat_prompt_ids(judge_tokenizer, messages)],
-                           SamplingParams(max_tokens=budget, temperature=float(params.get("temperature", 0.0)),
-                                          seed=params.get("seed")))
-        return reply.text
+    ask = local_judge({target: (model, tokenizer)})
 
     bar = tqdm(total=math.ceil(len(rows) / batch_size), desc="grade", unit="batch", file=sys.stderr) if progress else None
     try:

@@ -261,21 +261,39 @@ class TorchDecoder:
         completions = [row.completion for row in rows]
         device = next(model.parameters()).device
         width = max(c.prompt_tokens for c in completions)
+        names = self.adapter_names or [None] * len(rows)
+        # Rows with the same prompt (and adapter) share one prefill, whose cache is then copied to
+        # each: GRPO samples 8 answers per prompt, and on a CPU prefilling 32 rows of ~100 tokens
+        # cost as much as decoding 30 tokens for all of them. Virtual-token models prefill every row.
+        firsts: dict[tuple, int] = {}
+        if prompt_learning_config(model) is None:
+            source = [firsts.setdefault((tuple(c.prompt_ids), n), len(firsts)) for c, n in zip(completions, names)]
+        else:
+            source = list(range(len(rows)))
+            firsts = {(tuple(c.prompt_ids), i): i for i, c in enumerate(completions)}
+        unique = [completions[source.index(k)] for k in range(len(firsts))]
         # Left padding: every row's last prompt token sits in the last column, where generation starts.
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, c in enumerate(completions):
+        input_ids = torch.full((len(unique), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(unique), width), dtype=torch.long)
+        for i, c in enumerate(unique):
             input_ids[i, width - c.prompt_tokens :] = torch.tensor(c.prompt_ids)
             attention_mask[i, width - c.prompt_tokens :] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         samplers = [RowSampler(c.params, device) if c.params.temperature > 0 else None for c in completions]
         # A mixed batch names each row's adapter (PEFT's mixed-batch LoRA forward).
-        mixed = {} if self.adapter_names is None else {"adapter_names": list(self.adapter_names)}
+        mixed = {} if self.adapter_names is None else {"adapter_names": [names[source.index(k)]
+                                                                         for k in range(len(unique))]}
         # Without padding (one request, or prompts of one length) no mask is needed, and attention
         # takes its causal fast path instead of building a mask every step.
         padded = any(c.prompt_tokens < width for c in completions)
         logits, attention_mask, next_position, cache, forward, padded = self._prefill(
             input_ids, attention_mask, padded, mixed)
+        if len(unique) < len(rows):
+            index = torch.tensor(source, device=device)
+            cache.batch_select_indices(index)
+            logits, attention_mask, next_position = logits[index], attention_mask[index], next_position[index]
+            if mixed:
+                mixed["adapter_names"] = list(names)
         alive = list(range(len(rows)))  # batch row -> index into rows
         constrained = [c.constraint for c in completions]
         while True:
@@ -343,7 +361,8 @@ def pad_id_of(tokenizer, eos_ids: set[int]) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
 
 
-def complete(model, tokenizer, prompts: Sequence[list[int]], params: SamplingParams = GREEDY, *,
+def complete(model, tokenizer, prompts: Sequence[list[int]],
+             params: SamplingParams | Sequence[SamplingParams] = GREEDY, *,
              batch_size: int = 8, eos_ids: set[int] | None = None, on_text: Callable[[str], None] | None = None,
              on_batch: Callable[[], None] | None = None) -> list[Completion]:
     """Complete every prompt (token ids) with a PyTorch model; see complete_with."""
@@ -352,20 +371,25 @@ def complete(model, tokenizer, prompts: Sequence[list[int]], params: SamplingPar
                          batch_size=batch_size, eos_ids=eos_ids, on_text=on_text, on_batch=on_batch)
 
 
-def complete_with(decoder: Decoder, tokenizer, prompts: Sequence[list[int]], params: SamplingParams = GREEDY, *,
-                  eos_ids: set[int], batch_size: int = 8, on_text: Callable[[str], None] | None = None,
+def complete_with(decoder: Decoder, tokenizer, prompts: Sequence[list[int]],
+                  params: SamplingParams | Sequence[SamplingParams] = GREEDY, *, eos_ids: set[int],
+                  batch_size: int = 8, on_text: Callable[[str], None] | None = None,
                   on_batch: Callable[[], None] | None = None) -> list[Completion]:
-    """Complete every prompt (token ids) with `params` through `decoder`, `batch_size` rows at a time,
-    and return the completions in prompt order. Prompts are grouped by length to waste little on
-    padding. `params.max_tokens` defaults to 256; `on_text` streams the text (use it with one prompt);
-    `on_batch` is called after each batch (progress bars)."""
+    """Complete every prompt (token ids) with `params` (one for all, or one per prompt: e.g. seeds of
+    the samples of a group) through `decoder`, `batch_size` rows at a time, and return the completions
+    in prompt order. Prompts are grouped by length to waste little on padding. `max_tokens` defaults
+    to 256; `on_text` streams the text (use it with one prompt); `on_batch` is called after each
+    batch (progress bars)."""
     decode = detokenizer(tokenizer)
-    max_tokens = params.max_tokens if params.max_tokens is not None else 256
-    completions = [Completion(list(p), params, max_tokens, on_text=on_text) for p in prompts]
+    each = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(each) != len(prompts):
+        raise ValueError(f"{len(each)} sampling params for {len(prompts)} prompts")
+    completions = [Completion(list(p), q, q.max_tokens if q.max_tokens is not None else 256, on_text=on_text)
+                   for p, q in zip(prompts, each)]
     order = sorted(range(len(completions)), key=lambda i: -completions[i].prompt_tokens)
     for at in range(0, len(order), batch_size):
         rows = [Decoding(completions[i], decode, eos_ids) for i in order[at : at + batch_size]]
-        if max_tokens > 0:
+        if any(completions[i].max_tokens > 0 for i in order[at : at + batch_size]):
             decoder.decode(rows)
         for row in rows:
             if not row.finished:

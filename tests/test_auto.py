@@ -43,6 +43,19 @@ def test_the_rule_is_one_function_for_the_service_and_recipes(n):
     assert 3 <= resolved.epochs <= 10
     dpo = hyper.resolve({}, n, "dpo")
     assert dpo["n_epochs"] == auto.epochs(n, "dpo") and dpo["beta"] == auto.DPO_BETA
+    rft = hyper.resolve({}, n, "reinforcement")
+    grader = {"type": "string_check", "operation": "eq", "input": "{{sample.output_text}}", "reference": "x"}
+    job = hyper.build_recipe(base="m", method="lora", train_path="t.jsonl", validation_path=None, resolved=rft, seed=1,
+                             run_dir="o", n_examples=n, save_every=0, threads=None, method_type="reinforcement",
+                             grader=grader)
+    cli = recipe_from_dict({"model": "m", "data": {"train": "t.jsonl"}, "output": {"dir": "o"},
+                            "train": {"objective": {"name": "grpo", "grader": grader}}}).train.resolved_for_data(n, "lora")
+    assert job.train.epochs == cli.epochs == rft["n_epochs"] == auto.epochs(n, "grpo")
+    assert job.train.learning_rate == cli.learning_rate == auto.learning_rate("lora", "grpo")
+    assert job.train.objective.prompts_per_step == cli.objective.prompts_per_step == rft["batch_size"]
+    assert job.train.objective.num_generations == cli.objective.num_generations == auto.GRPO_GENERATIONS
+    assert job.train.eval_every == rft["eval_interval"] == auto.eval_every(
+        hyper.steps_of(rft, n, validation_file=False))
 
 
 def test_slmtune_train_resolves_what_the_service_resolves_for_the_same_file(tiny_llama_dir, tmp_path):

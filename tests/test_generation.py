@@ -82,3 +82,19 @@ def test_seeded_sampling_repeats(tiny_llama_dir, tiny_tokenizer):
     first = complete(model, tiny_tokenizer, [prompt, prompt], params)
     again = complete(model, tiny_tokenizer, [prompt], params)
     assert first[0].token_ids == first[1].token_ids == again[0].token_ids
+
+
+@pytest.mark.parametrize("kind", [None, "lora", "prefix_tuning"])
+def test_rows_sharing_a_prompt_share_its_prefill_and_answer_as_if_alone(kind, tiny_llama_dir, tiny_tokenizer):
+    """GRPO's groups: several samples of each prompt in one batch, one prefill per distinct prompt."""
+    model = load_model(str(tiny_llama_dir)).eval()
+    if kind is not None:
+        model = peft_model(model, kind)
+    prompts = [chat_prompt_ids(tiny_tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS[:2]]
+    rows = [p for p in prompts for _ in range(3)]
+    params = [SamplingParams(max_tokens=10, temperature=1.0, seed=s) for s in range(len(rows))]
+    together = complete(model, tiny_tokenizer, rows, params, batch_size=len(rows))
+    for prompt, param, completion in zip(rows, params, together):
+        [alone] = complete(model, tiny_tokenizer, [prompt], param)
+        assert completion.token_ids == alone.token_ids, kind
+    assert len({tuple(c.token_ids) for c in together}) > 2  # the seeds differ, so do the samples

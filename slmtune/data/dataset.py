@@ -14,21 +14,57 @@ from slmtune import auto
 from slmtune.data.formats import DataError, Record
 from slmtune.data.tokenize import Example, encode
 from slmtune.data.validate import read_records
+from slmtune.generation import chat_prompt_ids
 from slmtune.tasks import TASKS
+
+
+@dataclass
+class Prompt:
+    """A reinforcement fine-tuning row: the prompt's token ids (the model's chat template, ready for the
+    answer) and the row itself, which graders read as `{{item.field}}`."""
+
+    ids: list[int]
+    item: dict
+    line: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 @dataclass
 class Datasets:
     format: str
-    train: list[Example]
-    validation: list[Example]
+    train: list  # Examples (chat, prompt_completion, text), Pairs (preference) or Prompts (reinforcement)
+    validation: list
     train_records: list[Record]
     n_examples: int = 0  # examples (pairs) of the training file used, before any was held out: what "auto" sizes for
     held_out: int = 0  # of them, held out for validation (no validation file; data.validation_split)
 
 
+def encode_prompts(records: list[Record], tokenizer, max_length: int, system_prompt: str | None,
+                   source: str) -> list[Prompt]:
+    """Reinforcement rows as prompts; a prompt longer than `max_length` is an error (cutting it would
+    leave the model a question it cannot see)."""
+    prompts, too_long = [], []
+    for record in records:
+        messages = record.data["messages"]
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}] + messages
+        ids = chat_prompt_ids(tokenizer, messages, record.data.get("tools"))
+        if len(ids) > max_length:
+            too_long.append(f"{source}:{record.line}: the prompt has {len(ids)} tokens, more than data.max_length "
+                            f"{max_length}")
+        prompts.append(Prompt(ids, record.data, record.line))
+    if too_long:
+        more = f"\n... and {len(too_long) - 10} more" if len(too_long) > 10 else ""
+        raise DataError("\n".join(too_long[:10]) + more + "\nraise data.max_length or shorten these prompts")
+    return prompts
+
+
 def tokenize_records(fmt: str, records: list[Record], tokenizer, max_length: int, system_prompt: str | None,
-                     source: str) -> list[Example]:
+                     source: str) -> list:
+    if fmt == "reinforcement":
+        return encode_prompts(records, tokenizer, max_length, system_prompt, source)
     examples, empty = [], []
     for record in records:
         example = encode(fmt, record.data, tokenizer, max_length, system_prompt)
@@ -90,15 +126,20 @@ def pairs_from_task_examples(records: list[Record], seed: int, source: str) -> l
     return out
 
 
-def build_datasets(cfg, tokenizer, seed: int, *, pairs: bool = False) -> Datasets:
+def build_datasets(cfg, tokenizer, seed: int, *, pairs: bool = False, grader_fields: set[str] | None = None) -> Datasets:
     """Read, validate and tokenize the recipe's `data` section (converting task rows first when
     `data.task` is set, and sampling `data.max_examples`). With `pairs` (a preference objective),
-    task rows become preference pairs (pairs_from_task_examples); files must hold pairs otherwise."""
-    fmt, records = read_records(cfg.train, cfg.format, cfg.task)
+    task rows become preference pairs (pairs_from_task_examples); files must hold pairs otherwise.
+    With `grader_fields` (a reinforcement objective: the item fields its grader reads), rows are
+    prompts that must carry those fields (format "reinforcement")."""
+    if grader_fields is not None and cfg.task:
+        raise DataError(f"{cfg.train}: data.task converts rows into answered examples; reinforcement fine-tuning "
+                        "takes prompt rows as they are (leave data.task unset)")
+    fmt, records = read_records(cfg.train, cfg.format, cfg.task, grader_fields)
     context = task_context(cfg.task, records) if cfg.task else {}
     val_records: list[Record] = []
     if cfg.validation:
-        val_fmt, val_records = read_records(cfg.validation, cfg.format, cfg.task)
+        val_fmt, val_records = read_records(cfg.validation, cfg.format, cfg.task, grader_fields)
         if val_fmt != fmt:
             raise DataError(f"{cfg.validation}: validation data is {val_fmt} but training data is {fmt}")
     held_out = 0

@@ -134,6 +134,8 @@ def check_example(fmt: str, data: dict) -> list[tuple[str, str]]:
             problems.append(("missing_field", "`text` is missing, not a string, or empty"))
     elif fmt == "preference":
         problems.extend(check_preference(data))
+    elif fmt == "reinforcement":  # without a grader at hand: the fields it reads are checked with it
+        problems.extend(check_reinforcement(data, set()))
     return problems
 
 

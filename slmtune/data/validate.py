@@ -138,6 +138,7 @@ def validate_file(
             return report
         report.format = task_module.FORMAT
     keep_rows, n_good = tokenizer is not None, 0
+    prompt_only: list[int] = []  # chat rows without an answer, ending with the user's turn
     for line, err, data in iter_jsonl(path):
         if err == "invalid_encoding":
             report.add(Issue(err, path, line, "line is not valid UTF-8"))
@@ -180,12 +181,23 @@ def validate_file(
             report.add(Issue("mixed_formats", path, line, f"{found} example in a {report.format} file"))
             continue
         problems = check_example(report.format, data)
+        if fmt == "auto" and report.format == "chat" and [c for c, _ in problems] == ["no_assistant_message"] \
+                and not check_reinforcement(data, set()):
+            prompt_only.append(line)  # reinforcement data, if every row is such a prompt
+            continue
         for code, msg in problems:
             report.add(Issue(code, path, line, msg))
         if not problems:
             n_good += 1
             if keep_rows:  # only the token pass below needs the rows; validation alone streams
                 good.append((line, data))
+    if prompt_only and not n_good and report.format == "chat":
+        # Every row is a conversation ending with the user's turn: prompts for reinforcement fine-tuning.
+        report.format, n_good, keep_rows = "reinforcement", len(prompt_only), False
+    else:
+        for line in prompt_only:
+            report.add(Issue("no_assistant_message", path, line, "the example has no assistant message to learn "
+                             "from (only a file of such prompts is reinforcement fine-tuning data)"))
     report.n_examples = n_good
     if report.n_examples < min_examples:
         report.add(Issue("too_few_examples", path, None,

@@ -4,8 +4,10 @@ recipe a job trains with.
 "auto" is the one rule of slmtune/auto.py (epochs, learning rate, batch size from the number of
 examples, the method and the objective), which recipes and `slmtune train` use too, so a job and a
 CLI run on the same file resolve the same values (tests/test_auto.py). Explicit values must be
-integers n_epochs 1-50 and batch_size 1-256, a number 0 < learning_rate_multiplier <= 10, and for
-DPO a beta in (0, 2].
+integers n_epochs 1-50 and batch_size 1-256, a number 0 < learning_rate_multiplier <= 10, for
+DPO a beta in (0, 2], for reinforcement integers eval_interval and eval_samples, a number
+0 < compute_multiplier <= 10 (answers per prompt: 8 x it, clamped to 2-64) and reasoning_effort
+(accepted, ignored: these models do not reason before answering).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from slmtune import auto
 from slmtune.config import Recipe, recipe_from_dict
 from slmtune.methods import SERVICE_METHODS
 
-LIMITS = {"n_epochs": (1, 50), "batch_size": (1, 256)}
+LIMITS = {"n_epochs": (1, 50), "batch_size": (1, 256), "eval_interval": (1, 100_000), "eval_samples": (1, 4096)}
+# Accepted as OpenAI documents it and ignored: the models trained here do not reason before answering.
+REASONING_EFFORTS = ("default", "low", "medium", "high")
 # The learning rate "auto" trains each method with (learning_rate_multiplier 1), for the console.
 BASE_LEARNING_RATE = {name: auto.learning_rate(name) for name in SERVICE_METHODS}
 
@@ -25,7 +29,10 @@ BASE_LEARNING_RATE = {name: auto.learning_rate(name) for name in SERVICE_METHODS
 HYPERPARAMETERS = {
     "supervised": ("n_epochs", "batch_size", "learning_rate_multiplier"),
     "dpo": ("n_epochs", "batch_size", "learning_rate_multiplier", "beta"),
+    "reinforcement": ("n_epochs", "batch_size", "learning_rate_multiplier", "eval_interval", "eval_samples",
+                      "compute_multiplier", "reasoning_effort"),
 }
+OBJECTIVE_OF = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}
 BETA_LIMITS = (0.0, 2.0)  # exclusive / inclusive bounds of an explicit DPO beta
 
 
@@ -37,11 +44,14 @@ class HyperparameterError(ValueError):
 
 def auto_values(n_examples: int, method_type: str = "supervised") -> dict:
     """What "auto" means for each hyperparameter of `method_type`, for a file of n examples (pairs)."""
-    objective = "dpo" if method_type == "dpo" else "sft"
+    objective = OBJECTIVE_OF[method_type]
     values = {"n_epochs": auto.epochs(n_examples, objective), "batch_size": auto.batch_size(n_examples),
               "learning_rate_multiplier": 1.0}
     if method_type == "dpo":
         values["beta"] = auto.DPO_BETA
+    if method_type == "reinforcement":
+        values |= {"batch_size": auto.GRPO_PROMPTS_PER_STEP, "eval_samples": auto.GRPO_EVAL_SAMPLES,
+                   "compute_multiplier": 1.0, "reasoning_effort": "default"}
     return values
 
 
@@ -59,8 +69,16 @@ def resolve(requested: dict, n_examples: int, method_type: str = "supervised") -
     for name in names:
         value = requested.get(name, "auto")
         param = f"{prefix}.{name}"
+        if name == "eval_interval" and value in ("auto", None):
+            continue  # from the step count, below
         if value == "auto" or value is None:
             out[name] = defaults[name]
+            continue
+        if name == "reasoning_effort":
+            if value not in REASONING_EFFORTS:
+                raise HyperparameterError(param, f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, "
+                                                 f"got {value!r}")
+            out[name] = value
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise HyperparameterError(param, f"{name} must be \"auto\" or a finite number, got {value!r}")
@@ -79,21 +97,32 @@ def resolve(requested: dict, n_examples: int, method_type: str = "supervised") -
             if not 0 < value <= 10:
                 raise HyperparameterError(param, f"{name} must be \"auto\" or a number in (0, 10], got {value!r}")
             out[name] = float(value)
+    if "eval_interval" in names and "eval_interval" not in out:
+        out["eval_interval"] = auto.eval_every(steps_of(out, n_examples, validation_file=False))
     return out
+
+
+def steps_of(resolved: dict, n_examples: int, *, validation_file: bool) -> int:
+    """A job's optimizer steps: batches of `batch_size` examples (prompts, pairs) per epoch, over the
+    examples left after run() holds some out for validation (none when a validation file is given)."""
+    trained = n_examples - (0 if validation_file else auto.held_out(n_examples))
+    return math.ceil(trained / resolved["batch_size"]) * resolved["n_epochs"]
 
 
 def build_recipe(*, base: str, method: str, train_path: str, validation_path: str | None, resolved: dict,
                  seed: int, run_dir: str, n_examples: int, save_every: int, threads: int | None,
                  method_type: str = "supervised", integrations: list[dict] | None = None,
-                 mlflow_tracking_uri: str | None = None) -> Recipe:
+                 mlflow_tracking_uri: str | None = None, grader: dict | None = None,
+                 models: dict[str, str] | None = None) -> Recipe:
     """The recipe of a job (raises RecipeError if it is not valid). Rows are not packed, so an epoch
     is exactly ceil(n_examples / batch_size) steps and `save_every: 0` means one checkpoint per epoch.
     A dpo job's batch is pairs; its reference is the model with its adapter disabled (or, for full
-    fine-tuning, the starting weights' log-probabilities precomputed once)."""
-    trained = n_examples - (0 if validation_path else auto.held_out(n_examples))  # run() holds out the rest
-    per_epoch = math.ceil(trained / resolved["batch_size"])
+    fine-tuning, the starting weights' log-probabilities precomputed once). A reinforcement job's
+    batch is prompts, each answered compute_multiplier x 8 times, and `grader` scores the answers
+    (its score_model graders name a model of `models`, the service's name -> path)."""
+    per_epoch = steps_of(resolved | {"n_epochs": 1}, n_examples, validation_file=bool(validation_path))
     data = {"train": train_path} | ({"validation": validation_path} if validation_path else {})
-    rate = auto.learning_rate(method, "dpo" if method_type == "dpo" else "sft")
+    rate = auto.learning_rate(method, OBJECTIVE_OF[method_type])
     train = {
         "epochs": resolved["n_epochs"], "micro_batch_size": resolved["batch_size"],
         "gradient_accumulation_steps": 1,
@@ -102,10 +131,25 @@ def build_recipe(*, base: str, method: str, train_path: str, validation_path: st
     } | ({"num_threads": threads} if threads else {})
     if method_type == "dpo":
         train["objective"] = {"name": "dpo", "beta": resolved["beta"]}
+    if method_type == "reinforcement":
+        generations = min(64, max(2, round(auto.GRPO_GENERATIONS * resolved["compute_multiplier"])))
+        train |= {"micro_batch_size": "auto", "eval_every": resolved["eval_interval"]}
+        train["objective"] = {"name": "grpo", "grader": local_grader(grader, models or {}),
+                              "prompts_per_step": resolved["batch_size"], "num_generations": generations,
+                              "eval_samples": resolved["eval_samples"]}
     if integrations:
         train |= tracking_of(integrations, mlflow_tracking_uri)
     return recipe_from_dict({"model": {"name": base}, "method": {"name": method}, "data": data, "train": train,
                              "output": {"dir": run_dir, "overwrite": True}}, "job")
+
+
+def local_grader(grader: dict, models: dict[str, str]) -> dict:
+    """The grader as training runs it: score_model graders name the service's model by its path."""
+    if grader["type"] == "score_model":
+        return grader | {"model": models.get(grader["model"], grader["model"])}
+    if grader["type"] == "multi":
+        return grader | {"graders": {k: local_grader(g, models) for k, g in grader["graders"].items()}}
+    return grader
 
 
 def tracking_of(integrations: list[dict], mlflow_tracking_uri: str | None) -> dict:

@@ -6,12 +6,13 @@ over a `Service`, called by the routes (and testable without HTTP).
 
 from __future__ import annotations
 
-import math
 import random
 import re
 import time
 
 from slmtune.config import RecipeError
+from slmtune.data.validate import validate_file
+from slmtune.graders import GraderError, check_grader, item_fields
 from slmtune.http.errors import ApiError
 from slmtune.serve.adapters import NAME_PATTERN
 from slmtune.service import hyper
@@ -51,18 +52,46 @@ def training_input(service: Service, file_id: str | None, param: str, tenant: Te
     return f
 
 
+# The data format each method type trains on (slmtune/data/formats.py); supervised: any other.
+METHOD_FORMATS = {"dpo": "preference", "reinforcement": "reinforcement"}
+FORMAT_SHAPES = {"preference": '{"input", "preferred_output", "non_preferred_output"}',
+                 "reinforcement": '{"messages": [... ending with the user\'s turn], <fields the grader reads>}'}
+
+
 def check_files_fit_method(method_type: str, train_file: File, val_file: File | None) -> None:
-    """A dpo job trains on preference pairs, a supervised job on anything else: a clear 400 otherwise."""
+    """A dpo job trains on preference pairs, a reinforcement job on prompts, a supervised job on
+    anything else: a clear 400 otherwise."""
     for f, param in ((train_file, "training_file"), (val_file, "validation_file")):
         if f is None:
             continue
-        if method_type == "dpo" and f.format != "preference":
-            raise ApiError(400, f"method.type dpo needs a file of preference pairs ({{\"input\", \"preferred_output\", "
-                                f"\"non_preferred_output\"}} per line), but `{f.id}` is {f.format} data.", param=param,
-                           code="invalid_file_format")
-        if method_type != "dpo" and f.format == "preference":
-            raise ApiError(400, f"`{f.id}` holds preference pairs, which train with method.type dpo, not "
+        wanted = METHOD_FORMATS.get(method_type)
+        if wanted is not None and f.format != wanted:
+            raise ApiError(400, f"method.type {method_type} needs a file of {FORMAT_SHAPES[wanted]} per line, but "
+                                f"`{f.id}` is {f.format} data.", param=param, code="invalid_file_format")
+        owner = next((t for t, fmt in METHOD_FORMATS.items() if fmt == f.format), None)
+        if wanted is None and owner is not None:
+            raise ApiError(400, f"`{f.id}` holds {f.format} data, which trains with method.type {owner}, not "
                                 f"{method_type}.", param=param, code="invalid_file_format")
+
+
+def check_job_grader(service: Service, grader: dict, files: list[tuple[File, str]]) -> None:
+    """A reinforcement job's grader must run here (python graders only where the operator allows
+    them; score_model graders ask one of the service's base models) and every row of its files must
+    hold the fields its templates read: a 400 now rather than a failed job later."""
+    param = "method.reinforcement.grader"
+    try:
+        check_grader(grader, param, python_allowed=service.settings.allow_python_graders,
+                     model_names=set(service.settings.models))
+    except GraderError as err:
+        raise ApiError(400, str(err), param=err.param, code="invalid_grader") from None
+    fields = item_fields(grader)
+    for f, file_param in files:
+        report = validate_file(f.path, grader_fields=fields, min_examples=1)
+        rows = sorted({issue.line for issue in report.errors if issue.line is not None})
+        if rows:
+            first = next(issue for issue in report.errors if issue.line == rows[0])
+            raise ApiError(400, f"`{f.id}` line {first.line}: {first.message} ({len(rows)} row(s) with "
+                                "problems for this grader).", param=param, code="invalid_file_format")
 
 
 def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
@@ -96,6 +125,10 @@ def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
                            param="hyperparameters", code="invalid_hyperparameters")
         requested = body.method.hyperparameters()
     check_files_fit_method(method_type, train_file, val_file)
+    grader = body.method.reinforcement.grader if method_type == "reinforcement" else None
+    if grader is not None:
+        check_job_grader(service, grader, [(f, p) for f, p in ((train_file, "training_file"),
+                                                                (val_file, "validation_file")) if f is not None])
     try:
         resolved = hyper.resolve(requested, train_file.n_examples, method_type)
     except hyper.HyperparameterError as err:
@@ -113,19 +146,21 @@ def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
             base=settings.models[body.model], method=body.slmtune_method, train_path=train_file.path,
             validation_path=val_file.path if val_file else None, resolved=resolved, seed=seed, run_dir=str(run_dir),
             n_examples=train_file.n_examples, save_every=settings.checkpoint_every, threads=settings.train_threads,
-            method_type=method_type, integrations=integrations, mlflow_tracking_uri=settings.mlflow_tracking_uri)
+            method_type=method_type, integrations=integrations, mlflow_tracking_uri=settings.mlflow_tracking_uri,
+            grader=grader, models=settings.models)
     except RecipeError as err:
         raise ApiError(400, f"Cannot train this job: {err}", code="invalid_request") from None
     job = Job(id=job_id, tenant_id=tenant.id, model=body.model, base_path=settings.models[body.model],
               training_file=train_file.id, validation_file=val_file.id if val_file else None, suffix=body.suffix,
               seed=seed, metadata_=body.metadata, method=body.slmtune_method, hyperparameters=requested,
               resolved=resolved | {"recipe": recipe.model_dump(mode="json"), "fine_tuned_model": ft_name,
-                                   "method_type": method_type, "integrations": integrations},
+                                   "method_type": method_type, "integrations": integrations}
+              | ({"grader": grader} if grader is not None else {}),
               status="queued", error=None,
               result_files=[], run_dir=str(run_dir), attempts=0, created_at=time.time())
-    steps = math.ceil(train_file.n_examples / resolved["batch_size"]) * resolved["n_epochs"]
+    steps = hyper.steps_of(resolved, train_file.n_examples, validation_file=val_file is not None)
     settings_text = ", ".join(f"{k}={resolved[k]}" for k in hyper.HYPERPARAMETERS[method_type])
-    unit = "preference pairs" if method_type == "dpo" else "training examples"
+    unit = {"dpo": "preference pairs", "reinforcement": "prompts"}.get(method_type, "training examples")
     store.create_job(job, [
         f"Validating training file: {train_file.id}" + (f" and validation file: {val_file.id}" if val_file else ""),
         f"Files validated ({train_file.n_examples} {unit}; {method_type}, {steps} steps with {settings_text}), "

@@ -20,13 +20,25 @@ class MethodSettings(Body):
     hyperparameters: dict[str, Any] | None = None
 
 
-METHOD_TYPES = ("supervised", "dpo")  # OpenAI's method.type values the service trains
+class ReinforcementSettings(MethodSettings):
+    """OpenAI's method.reinforcement: the grader (checked at job creation) and the hyperparameters."""
+    grader: dict
+
+
+METHOD_TYPES = ("supervised", "dpo", "reinforcement")  # OpenAI's method.type values the service trains
 
 
 class MethodSpec(Body):
     type: Literal[METHOD_TYPES]  # type: ignore[valid-type]
     supervised: MethodSettings | None = None
     dpo: MethodSettings | None = None
+    reinforcement: ReinforcementSettings | None = None
+
+    @model_validator(mode="after")
+    def _reinforcement_has_its_grader(self) -> "MethodSpec":
+        if self.type == "reinforcement" and self.reinforcement is None:
+            raise ValueError("method.reinforcement (with its `grader`) is required for method.type reinforcement")
+        return self
 
     @model_validator(mode="after")
     def _settings_of_its_type(self) -> "MethodSpec":
@@ -138,7 +150,8 @@ class JobPublic(BaseModel):
                    finished_at=int(j.finished_at) if j.finished_at else None, fine_tuned_model=j.fine_tuned_model,
                    organization_id=tenant.name, result_files=list(j.result_files or []), status=j.status,
                    training_file=j.training_file, validation_file=j.validation_file, hyperparameters=hp,
-                   method={"type": method_type, method_type: {"hyperparameters": hp}},
+                   method={"type": method_type, method_type: {"hyperparameters": hp}
+                           | ({"grader": j.resolved["grader"]} if "grader" in j.resolved else {})},
                    trained_tokens=j.trained_tokens, error=j.error, user_provided_suffix=j.suffix, seed=j.seed,
                    metadata=j.metadata_, slmtune_method=j.method, integrations=j.resolved.get("integrations", []))
 

@@ -193,13 +193,16 @@ class Worker:
                        "total_steps": ev.total_steps or state["total"], "epoch": ev.epoch} | ev.metrics
             state["last"] = metrics
             loss = f"{ev.loss:.4f}" if ev.loss is not None else "nan"
-            self.store.append_event(job.id, f"Step {ev.step}/{metrics['total_steps']}: training loss={loss}",
+            reward = f", reward={ev.metrics['reward']:.4f}" if "reward" in ev.metrics else ""  # reinforcement
+            self.store.append_event(job.id, f"Step {ev.step}/{metrics['total_steps']}: training loss={loss}{reward}",
                                     type="metrics", data=metrics)
         elif isinstance(ev, events.Eval):
             metrics = {"step": ev.step, "valid_loss": ev.eval_loss} | {f"valid_{k}": v for k, v in ev.metrics.items()}
             state["last"] = state["last"] | metrics
             loss = f"{ev.eval_loss:.4f}" if ev.eval_loss is not None else "nan"
-            self.store.append_event(job.id, f"Step {ev.step}: validation loss={loss}", type="metrics", data=metrics)
+            reward = f", reward={ev.metrics['reward']:.4f}" if "reward" in ev.metrics else ""
+            self.store.append_event(job.id, f"Step {ev.step}: validation loss={loss}{reward}", type="metrics",
+                                    data=metrics)
         elif isinstance(ev, events.Checkpoint):
             self.store.add_checkpoint(job.id, ev.step, ev.path, state["last"] | {"step": ev.step})
             self.store.append_event(job.id, f"Checkpoint created at step {ev.step}")
@@ -220,7 +223,8 @@ class Worker:
         self.store.add_checkpoint(job.id, summary["steps"], str(run_dir.artifact()),
                                   {"step": summary["steps"], "train_loss": summary.get("final_train_loss"),
                                    "valid_loss": summary.get("eval_loss"), "final": True,
-                                   "result_step": result_step, "best": summary.get("best_step") == result_step})
+                                   "result_step": result_step, "best": summary.get("best_step") == result_step}
+                                  | {f"valid_{k}": v for k, v in (summary.get("eval_metrics") or {}).items()})
         name = job.resolved["fine_tuned_model"]
         chosen = (f" (the weights of step {result_step}, the best validation loss)"
                   if result_step != summary["steps"] else "")
@@ -259,16 +263,22 @@ def main(settings: Settings) -> int:
 
 
 def write_result_file(settings: Settings, store: Store, job, run_dir: RunDir) -> str:
-    """step_metrics.csv (step, train_loss, valid_loss, tokens) as a file of the job's tenant; its id."""
+    """step_metrics.csv (step, train_loss, valid_loss, tokens) as a file of the job's tenant; its id.
+    A reinforcement job (its steps carry `reward`) also gets OpenAI's RFT columns train_reward_mean and
+    valid_reward_mean (the mean grader reward of the step's samples, of the validation pass)."""
     rows: dict[int, dict] = {}
+    rewarded = False
     for event in run_dir.metrics():
         if isinstance(event, events.Eval):
-            rows.setdefault(event.step, {})["valid_loss"] = event.eval_loss
+            rows.setdefault(event.step, {}).update(valid_loss=event.eval_loss,
+                                                   valid_reward_mean=event.metrics.get("reward"))
         elif isinstance(event, events.Step):
-            rows.setdefault(event.step, {}).update(train_loss=event.loss, tokens=event.tokens)
-    text = "step,train_loss,valid_loss,tokens\n" + "".join(
-        f"{step},{_cell(r.get('train_loss'))},{_cell(r.get('valid_loss'))},{_cell(r.get('tokens'))}\n"
-        for step, r in sorted(rows.items()))
+            rows.setdefault(event.step, {}).update(train_loss=event.loss, tokens=event.tokens,
+                                                   train_reward_mean=event.metrics.get("reward"))
+            rewarded = rewarded or "reward" in event.metrics
+    columns = ["train_loss", "valid_loss", "tokens"] + (["train_reward_mean", "valid_reward_mean"] if rewarded else [])
+    text = ",".join(["step"] + columns) + "\n" + "".join(
+        ",".join([str(step)] + [_cell(r.get(c)) for c in columns]) + "\n" for step, r in sorted(rows.items()))
     file_id = new_id("file")
     path = settings.service_dir / "files" / f"{file_id}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)

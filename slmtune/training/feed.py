@@ -27,6 +27,12 @@ class Feed:
     micro_batches_per_step: int | None  # fixed count over all ranks (None: as many as a step's examples fill)
     packed: bool
     n_rows: int
+    # Validation that is not a loss over fixed batches (GRPO: sample, grade): () -> (eval_loss, metrics).
+    evaluate: Callable[[], tuple[float, dict]] | None = None
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.eval_batches) or self.evaluate is not None
 
 
 def example_feed(items: Sequence, eval_items: Sequence, cfg: TrainSection, *, row_length: int, packed: bool,

@@ -282,7 +282,10 @@ def train(
     def run_evaluation() -> bool:
         """Evaluate at this step, track the best weights (a kept checkpoint, when they may become the
         result), and say whether training should stop early."""
-        state.last_eval_loss, state.last_eval_metrics = evaluate(par, loss, feed.eval_batches, amp_dtype)
+        if feed.evaluate is not None:
+            state.last_eval_loss, state.last_eval_metrics = feed.evaluate()
+        else:
+            state.last_eval_loss, state.last_eval_metrics = evaluate(par, loss, feed.eval_batches, amp_dtype)
         state.last_eval_step = state.step
         emit(events.Eval(step=state.step, eval_loss=round(state.last_eval_loss, 6), metrics=state.last_eval_metrics))
         if state.best_eval_loss is None or state.last_eval_loss < state.best_eval_loss:
@@ -356,7 +359,7 @@ def train(
                 emit(events.Notice(f"time budget {cfg.time_budget}: {total_steps} steps planned from "
                                    f"{budget.seconds_per_step:.2f} s per step"))
             stop_early = False
-            if eval_every and state.step % eval_every == 0 and state.step < total_steps and feed.eval_batches:
+            if eval_every and state.step % eval_every == 0 and state.step < total_steps and feed.has_validation:
                 stop_early = run_evaluation()
             should_save = cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps
             if (should_save or (stop_requested and state.step < total_steps)) and saved_at[0] != state.step:
@@ -372,7 +375,7 @@ def train(
                 raise TrainingStopped(state.step, run_dir)
     if bar is not None:
         bar.close()
-    if feed.eval_batches and state.last_eval_step != state.step:
+    if feed.has_validation and state.last_eval_step != state.step:
         total_steps = state.step  # the last step's weights are the model's own: no checkpoint for them
         run_evaluation()
     state.loop_seconds = time.perf_counter() - loop_started

@@ -359,6 +359,159 @@ def test_dpo_in_the_wizard_and_the_reward_margin_curve(console_service, browser,
     assert browser_errors(d) == []
 
 
+def test_reward_curve_for_reinforcement_jobs_only(tmp_path, tiny_llama_dir, browser, upload):
+    """A job whose metrics events carry `reward` (GRPO) gets a reward chart next to its loss chart:
+    training reward per step, validation reward points, each sub-grader's last reward, and its
+    objective and grader among the facts; a job without `reward` shows no reward chart. No worker:
+    the jobs stay queued and the worker's metrics events are written into the store directly."""
+    from tests.service.test_reinforcement_service import PROMPTS, rft_method
+    from tests.service.test_service import create_job
+    from tests.test_grpo import EXACT, FUZZY_A
+
+    service = start_service(tmp_path / "home", tiny_llama_dir, workers=0)
+    try:
+        client = service.client("rewards")
+        store = service.app.state.service.store
+        multi = {"type": "multi", "name": "checks", "calculate_output": "0.5 * exact + 0.5 * similar",
+                 "graders": {"exact": EXACT, "similar": FUZZY_A}}
+        rft = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client, PROMPTS, name="prompts.jsonl").id,
+                                             method=rft_method(multi, n_epochs=1, batch_size=4))
+        sft = create_job(client, upload(client, training_rows(12)).id)
+        for step in range(1, 5):  # what the worker's relay() stores for GRPO steps and evaluations
+            reward, common = 0.2 * step, {"step": step, "tokens": 40 * step, "total_steps": 4, "epoch": step / 4}
+            store.append_event(rft.id, f"Step {step}/4: training loss=0.0100, reward={reward:.4f}", type="metrics",
+                               data=common | {"train_loss": 0.01, "learning_rate": 1e-5, "reward": reward,
+                                              "reward_std": 0.1, "reward/exact": reward / 2,
+                                              "reward/similar": min(1.0, 1.5 * reward), "zero_spread_groups": 0,
+                                              "completion_length": 6.0, "generate_seconds": 0.5})
+            store.append_event(sft.id, f"Step {step}/4: training loss={2.0 / step:.4f}", type="metrics",
+                               data=common | {"train_loss": 2.0 / step, "learning_rate": 1e-4})
+            if step % 2 == 0:
+                valid = reward - 0.1
+                store.append_event(rft.id, f"Step {step}: validation loss={1 - valid:.4f}, reward={valid:.4f}",
+                                   type="metrics", data={"step": step, "valid_loss": 1 - valid, "valid_reward": valid,
+                                                         "valid_reward/exact": valid / 2,
+                                                         "valid_completion_length": 6.0})
+                store.append_event(sft.id, f"Step {step}: validation loss={1.5 / step:.4f}", type="metrics",
+                                   data={"step": step, "valid_loss": 1.5 / step})
+
+        d = browser
+        sign_in(d, service.url, service.key("rewards"))
+        d.get(f"{service.url}/#/jobs/{rft.id}")
+        chart = wait(d, lambda d: by_id(d, "reward-box").is_displayed() and by_id(d, "reward-chart"),
+                     what="the reward chart")
+        assert (chart.get_attribute("data-train-points"), chart.get_attribute("data-valid-points")) == ("4", "2")
+        assert by_id(d, "loss-chart").get_attribute("data-train-points") == "4"  # the loss chart stays
+        note = by_id(d, "reward-note").text
+        assert "4 training point(s), last 0.800 at step 4" in note and "2 validation point(s), last 0.700 at step 4" in note
+        assert "by grader: exact 0.400, similar 1.000" in note, note
+        facts = by_id(d, "job-facts").text
+        assert "reinforcement" in facts and "checks (multi)" in facts, facts
+        assert by_id(d, "job-progress").text.startswith("step 4 of 4")
+        d.execute_script("arguments[0].scrollIntoView()", by_id(d, "reward-box"))
+        shot(d, "10-rft-job-reward-curve")
+
+        d.get(f"{service.url}/#/jobs/{sft.id}")
+        wait(d, lambda d: by_id(d, "loss-chart").get_attribute("data-train-points") == "4", what="the SFT loss curve")
+        assert not by_id(d, "reward-box").is_displayed() and by_id(d, "reward-chart").get_attribute("data-train-points") is None
+        assert "supervised" in by_id(d, "job-facts").text and "Grader" not in by_id(d, "job-facts").text
+
+        d.get(f"{service.url}/#/jobs")
+        rows = wait(d, lambda d: [d.find_element("css selector", f"tr[data-job-id='{j.id}']").text for j in (rft, sft)],
+                    what="the job list")  # read at once: the list re-renders every 3 s
+        assert "· reinforcement" in rows[0] and "·" not in rows[1], rows
+        assert browser_errors(d) == []
+    finally:
+        service.stop()
+
+
+def test_reinforcement_job_from_the_wizard(tmp_path, tiny_llama_dir, browser, upload):
+    """A file of prompts switches the wizard to reinforcement: a grader to check (a bad one's error
+    names its field), the reinforcement hyperparameters with what "auto" picks, a grader reading a
+    field the rows lack refused by the server inline, and the job created with method.type
+    reinforcement and the grader. No worker: the job stays queued. No JavaScript errors."""
+    from selenium.webdriver.support.ui import Select
+
+    from tests.service.test_reinforcement_service import PROMPTS
+    from tests.test_grpo import EXACT
+
+    def set_grader(grader):
+        by_id(d, "grader").clear()
+        by_id(d, "grader").send_keys(json.dumps(grader))
+        wait(d, lambda d: json.loads(by_id(d, "grader").get_attribute("value")) == grader, what="the grader typed")
+
+    service = start_service(tmp_path / "home", tiny_llama_dir, workers=0)
+    try:
+        client = service.client("rft-web")
+        chat = upload(client, training_rows(12), name="chat.jsonl")
+        prompts = upload(client, PROMPTS, name="prompts.jsonl")
+        assert len(PROMPTS) >= 10 and PROMPTS[3] == {"messages": [{"role": "user", "content": "Say a word 3"}],
+                                                      "answer": "a"}
+        d = browser
+        sign_in(d, service.url, service.key("rft-web"))
+        d.get(service.url + "/#/new")
+        wait(d, lambda d: by_id(d, "base-model").get_attribute("value") == BASE, what="the wizard")
+        Select(by_id(d, "training-file")).select_by_value(chat.id)
+        wait(d, lambda d: by_id(d, "method-type").get_attribute("value") == "supervised"
+             and "for 12 examples" in by_id(d, "hp-n_epochs-hint").text, what="supervised for chat examples")
+        assert not by_id(d, "grader-box").is_displayed() and not by_id(d, "hp-compute_multiplier").is_displayed()
+
+        Select(by_id(d, "training-file")).select_by_value(prompts.id)
+        wait(d, lambda d: by_id(d, "method-type").get_attribute("value") == "reinforcement"
+             and by_id(d, "grader-box").is_displayed(), what="reinforcement chosen for prompts")
+        wait(d, lambda d: '"auto" picks 10 for 16 prompts' in by_id(d, "hp-n_epochs-hint").text, what="auto values")
+        assert '"auto" picks 4 prompts per step' in by_id(d, "hp-batch_size-hint").text
+        assert '"auto" picks 32' in by_id(d, "hp-eval_samples-hint").text
+        assert '"auto" picks 1' in by_id(d, "hp-compute_multiplier-hint").text
+        assert by_id(d, "hp-eval_interval").is_displayed() and not by_id(d, "hp-beta").is_displayed()
+        prefilled = json.loads(by_id(d, "grader").get_attribute("value"))
+        assert prefilled["type"] == "string_check" and prefilled["reference"] == "{{item.answer}}"
+
+        # a grader that cannot run: the server's message and the field it names, inline
+        set_grader(EXACT | {"operation": "contains"})
+        by_id(d, "check-grader").click()
+        error = wait(d, lambda d: by_id(d, "grader-error").text, what="the grader's error")
+        assert "operation must be one of" in error and "(grader.operation)" in error, error
+        assert by_id(d, "grader").get_attribute("aria-invalid") == "true"
+        shot(d, "11-rft-bad-grader")
+
+        # a grader that runs but reads a field the file's rows lack: the job's 400, inline
+        set_grader(EXACT | {"reference": "{{item.expected}}"})
+        assert not d.find_elements("id", "grader-error")  # editing clears the old verdict
+        by_id(d, "check-grader").click()
+        wait(d, lambda d: by_id(d, "grader-ok").text, what="the grader accepted")
+        by_id(d, "create-job").click()
+        error = wait(d, lambda d: by_id(d, "job-error").text, what="the job's error")
+        assert "expected" in error and "(method.reinforcement.grader)" in error, error
+        assert d.execute_script("return location.hash") == "#/new" and client.fine_tuning.jobs.list().data == []
+
+        # fixed: checked, then created with two hyperparameters set and the rest "auto"
+        set_grader(EXACT)
+        by_id(d, "check-grader").click()
+        assert "exact (string_check)" in wait(d, lambda d: by_id(d, "grader-ok").text, what="the grader OK")
+        for name, value in (("compute_multiplier", "0.5"), ("eval_samples", "8")):
+            by_id(d, f"hp-{name}").clear()
+            by_id(d, f"hp-{name}").send_keys(value)
+        by_id(d, "suffix").send_keys("rft-1")
+        shot(d, "12-new-rft-job")
+        by_id(d, "create-job").click()
+        wait(d, lambda d: d.execute_script("return location.hash").startswith("#/jobs/ftjob-"), what="the job page")
+        job_id = d.execute_script("return location.hash").split("/")[-1]
+        facts = wait(d, lambda d: "exact (string_check)" in by_id(d, "job-facts").text and by_id(d, "job-facts").text,
+                     what="the job's facts")
+        assert "reinforcement" in facts
+
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        assert job.status == "queued" and job.method.type == "reinforcement" and job.user_provided_suffix == "rft-1"
+        assert job.method.reinforcement.grader.to_dict() == EXACT
+        hp = job.method.reinforcement.hyperparameters
+        assert (hp.compute_multiplier, hp.eval_samples, hp.n_epochs, hp.batch_size) == (0.5, 8, 10, 4)
+        assert hp.reasoning_effort == "default"
+        assert browser_errors(d) == []
+    finally:
+        service.stop()
+
+
 PAGES = ("files", "new", "jobs", "job", "playground")
 
 

@@ -69,6 +69,46 @@ def test_sqlite_full_cycle(sqlite_service, upload):
     assert [j.id for j in first.data] == [job.id]
 
 
+def test_step_metrics_csv_gains_openai_reward_columns_for_reinforcement_jobs(tmp_path):
+    """step_metrics.csv keeps its four columns for SFT/DPO; steps carrying `reward` (GRPO) add OpenAI's
+    train_reward_mean and valid_reward_mean after them."""
+    from types import SimpleNamespace
+
+    from slmtune.service.settings import Settings
+    from slmtune.service.store import Store
+    from slmtune.service.worker import write_result_file
+    from slmtune.training import events
+    from slmtune.training.rundir import RunDir
+
+    settings = Settings(home=tmp_path / "home", workers=0)
+    store = Store(settings.db_url)
+    store.migrate()
+    store.create_key("t", "0" * 64)
+    job = SimpleNamespace(id="ftjob-csv", tenant_id=store.tenant_for_key("0" * 64).id)
+
+    def csv(name, logged):
+        run = RunDir(tmp_path / name)
+        run.path.mkdir()
+        run.metrics_file.write_text("".join(events.to_json(e) + "\n" for e in logged))
+        f = store.get_file(job.tenant_id, write_result_file(settings, store, job, run))
+        assert f.filename == "step_metrics.csv" and f.purpose == "fine-tune-results"
+        return open(f.path).read().splitlines()
+
+    def step(n, loss, **metrics):
+        return events.Step(step=n, epoch=n / 2, loss=loss, lr=1e-4, grad_norm=1.0, tokens=10 * n,
+                           tokens_per_second=5.0, total_steps=2, metrics=metrics)
+
+    assert csv("sft", [step(1, 2.5), step(2, 2.0), events.Eval(step=2, eval_loss=1.9),
+                       events.Best(step=2, metric="eval_loss", value=1.9)]) == [
+        "step,train_loss,valid_loss,tokens", "1,2.5,,10", "2,2.0,1.9,20"]
+    assert csv("dpo", [step(1, 0.69, **{"rewards/margin": 0.1})])[0] == "step,train_loss,valid_loss,tokens"
+    assert csv("grpo", [step(1, 0.1, reward=0.25, reward_std=0.1, **{"reward/exact": 0.5}),
+                        step(2, -0.2, reward=0.75, reward_std=0.2),
+                        events.Eval(step=2, eval_loss=0.4, metrics={"reward": 0.6, "completion_length": 7.0})]) == [
+        "step,train_loss,valid_loss,tokens,train_reward_mean,valid_reward_mean",
+        "1,0.1,,10,0.25,", "2,-0.2,0.4,20,0.75,0.6"]
+
+
 def test_postgres_full_cycle(pg_url, tmp_path, tiny_llama_dir, upload):
     from tests.service.conftest import start_service
 

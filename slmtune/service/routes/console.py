@@ -27,6 +27,7 @@ from slmtune.methods import METHODS, SERVICE_METHODS
 from slmtune.service import hyper
 from slmtune.service.core import Service
 from slmtune.service.deps import current_tenant, get_service
+from slmtune.service.jobs import METHOD_FORMATS
 from slmtune.service.models import Tenant
 from slmtune.training import plan as planner
 
@@ -82,8 +83,8 @@ def auto_hyperparameters(training_file: str, t: Tenant = Depends(current_tenant)
     if f is None:
         raise ApiError(404, f"No file with id `{training_file}` exists.", param="training_file",
                        code="file_not_found")
-    # A file of preference pairs trains with DPO; any other with supervised fine-tuning.
-    method_type = "dpo" if f.format == "preference" else "supervised"
+    # A file of preference pairs trains with DPO, prompts with reinforcement, any other with supervised.
+    method_type = next((t for t, fmt in METHOD_FORMATS.items() if fmt == f.format), "supervised")
     auto = hyper.auto_values(f.n_examples, method_type)
     return {"object": "slmtune.auto_hyperparameters", "training_file": f.id, "n_examples": f.n_examples,
             "format": f.format, "method_type": method_type,

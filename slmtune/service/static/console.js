@@ -254,18 +254,57 @@ async function viewNewJob() {
   const train = h("select", { required: true }, files.map(fileOption));
   const valid = h("select", {}, h("option", { value: "" }, "(none)"), files.map(fileOption));
   const method = h("select", {}, ["lora", "qlora", "dora", "full"].map(m => h("option", { value: m }, m)));
-  const methodType = h("select", {}, [["supervised", "Supervised (chat examples)"], ["dpo", "DPO (preference pairs)"]]
-    .map(([v, label]) => h("option", { value: v }, label)));
-  const hp = {};
+  // Each file format trains with one objective; "auto" hyperparameters below pick it for the chosen file.
+  const methodType = h("select", {}, [["supervised", "Supervised (chat examples)"], ["dpo", "DPO (preference pairs)"],
+    ["reinforcement", "Reinforcement (prompts and a grader)"]].map(([v, label]) => h("option", { value: v }, label)));
+  const hp = {}, hpField = {};
   const hpNames = { n_epochs: "Epochs", batch_size: "Batch size", learning_rate_multiplier: "Learning rate multiplier",
-                    beta: "DPO beta" };
+                    beta: "DPO beta", eval_interval: "Evaluation interval (steps)", eval_samples: "Evaluation samples",
+                    compute_multiplier: "Compute multiplier" };
+  // OpenAI's method.<type>.hyperparameters; reinforcement's reasoning_effort is left to the server ("auto").
+  const common = ["n_epochs", "batch_size", "learning_rate_multiplier"];
+  const hpOf = { supervised: common, dpo: [...common, "beta"],
+                 reinforcement: [...common, "eval_interval", "eval_samples", "compute_multiplier"] };
   const hpFields = Object.entries(hpNames).map(([name, label]) => {
     hp[name] = h("input", { type: "text", value: "auto", inputmode: "decimal" });
-    return field("hp-" + name, label, hp[name], "auto");
+    return hpField[name] = field("hp-" + name, label, hp[name], "auto");
   });
-  const betaField = hpFields[hpFields.length - 1];
-  const typeNames = () => Object.keys(hpNames).filter(n => n !== "beta" || methodType.value === "dpo");
-  function showBeta() { betaField.hidden = methodType.value !== "dpo"; }
+  const typeNames = () => hpOf[methodType.value] || common;
+
+  // A reinforcement job's grader: OpenAI's grader object, checked by the server before the job is created.
+  const exampleGrader = { type: "string_check", name: "exact", input: "{{sample.output_text}}",
+                          reference: "{{item.answer}}", operation: "eq" };
+  const graderText = h("textarea", { rows: "8", spellcheck: "false", autocomplete: "off", class: "code",
+                                     text: JSON.stringify(exampleGrader, null, 2) });
+  const graderResult = h("div", { id: "grader-result", "aria-live": "polite" });
+  const checkButton = h("button", { type: "button", class: "secondary", id: "check-grader" }, "Check grader");
+  const graderBox = h("fieldset", { id: "grader-box" }, h("legend", {}, "Grader (reinforcement)"),
+    field("grader", "Grader (OpenAI grader JSON)", graderText,
+      "Scores each sampled answer from 0 to 1 (string_check, text_similarity, python, score_model or multi): " +
+      "{{sample.output_text}} is the answer, {{item.FIELD}} a field of the prompt's row."),
+    h("div", { class: "buttons" }, checkButton), graderResult);
+  function showTypeFields() {
+    for (const name of Object.keys(hpNames)) hpField[name].hidden = !typeNames().includes(name);
+    graderBox.hidden = methodType.value !== "reinforcement";
+  }
+  function graderJson() {   // the textarea's grader, or an Error in words
+    try { return JSON.parse(graderText.value); }
+    catch (err) { throw new Error(`Grader: not valid JSON (${err.message})`); }
+  }
+  const apiError = (err, id) => errorBox(err.message + (err.param ? ` (${err.param})` : ""), id);
+  async function checkGrader() {
+    graderResult.replaceChildren();
+    graderText.removeAttribute("aria-invalid");
+    try {
+      const { grader } = await api("/v1/fine_tuning/alpha/graders/validate",
+                                   { method: "POST", json: { grader: graderJson() } });
+      graderResult.replaceChildren(h("div", { class: "ok", role: "status", id: "grader-ok" },
+        `Grader OK: ${grader.name || "(unnamed)"} (${grader.type}) can run here.`));
+    } catch (err) {
+      graderText.setAttribute("aria-invalid", "true");
+      graderResult.replaceChildren(apiError(err, "grader-error"));
+    }
+  }
   // Escaped "-": browsers compile `pattern` with the v flag, where a bare "-" in a class is an error.
   const suffix = h("input", { type: "text", maxlength: "18", pattern: "[A-Za-z0-9_\\-]{1,18}" });
   const planBox = h("div", { id: "plan", "aria-live": "polite" });
@@ -279,20 +318,35 @@ async function viewNewJob() {
     return Number.isFinite(n) ? n : raw;   // the server explains what is wrong with a non-number
   }
 
+  function hintOf(name) {   // what "auto" means for the chosen file, once the server said
+    if (name === "eval_interval") return '"auto": about 5 evaluations over the job';
+    if (!auto || auto.auto[name] === undefined) return "auto";
+    const rft = auto.method_type === "reinforcement";
+    let text = `"auto" picks ${auto.auto[name]}`;
+    if (name === "n_epochs") text += ` for ${auto.n_examples} ${auto.method_type === "dpo" ? "pairs" : rft ? "prompts" : "examples"}`;
+    if (name === "batch_size" && rft) text += " prompts per step";
+    if (name === "compute_multiplier") text += ": 8 answers sampled per prompt (8 × this, 2 to 64)";
+    return text;
+  }
+  function showHints() {
+    for (const name of Object.keys(hpNames)) hpField[name].querySelector(".hint").textContent = hintOf(name);
+  }
+
   async function refreshAuto() {
     auto = null;
-    for (const name of Object.keys(hpNames)) document.getElementById(`hp-${name}-hint`).textContent = "auto";
-    if (!train.value) return;
+    showHints();
+    const fileId = train.value;
+    if (!fileId) return;
+    let answer;
     try {
-      auto = await api(`/v1/slmtune/auto_hyperparameters?training_file=${encodeURIComponent(train.value)}`);
+      answer = await api(`/v1/slmtune/auto_hyperparameters?training_file=${encodeURIComponent(fileId)}`);
     } catch (err) { return; }
-    methodType.value = auto.method_type;   // pairs train with DPO, chat examples with supervised
-    showBeta();
-    for (const name of Object.keys(hpNames)) {
-      if (auto.auto[name] === undefined) continue;
-      document.getElementById(`hp-${name}-hint`).textContent = `"auto" picks ${auto.auto[name]}` +
-        (name === "n_epochs" ? ` for ${auto.n_examples} ${auto.method_type === "dpo" ? "pairs" : "examples"}` : "");
-    }
+    if (token !== viewToken || train.value !== fileId) return;   // another file (or page) was chosen meanwhile
+    auto = answer;
+    // pairs train with DPO, prompts with reinforcement, chat examples with supervised
+    methodType.value = auto.method_type;
+    showTypeFields();
+    showHints();
     refreshPlan();
   }
 
@@ -325,6 +379,7 @@ async function viewNewJob() {
       field("method-type", "Training objective", methodType)),
     h("div", { class: "row" }, field("training-file", "Training file", train),
       field("validation-file", "Validation file (optional)", valid)),
+    graderBox,
     h("fieldset", {}, h("legend", {}, "Hyperparameters (\"auto\" or a number)"), h("div", { class: "row" }, hpFields)),
     field("suffix", "Suffix (optional)", suffix, "1-18 letters, digits, - or _; part of the fine-tuned model's name."),
     h("h2", {}, "Memory on this server"), planBox,
@@ -332,25 +387,31 @@ async function viewNewJob() {
   train.addEventListener("change", refreshAuto);
   base.addEventListener("change", refreshPlan);
   method.addEventListener("change", refreshPlan);
-  methodType.addEventListener("change", showBeta);
-  showBeta();
+  methodType.addEventListener("change", showTypeFields);
+  showTypeFields();
+  checkButton.addEventListener("click", () => busyWhile(checkButton, checkGrader));
+  graderText.addEventListener("input", () => { graderResult.replaceChildren(); graderText.removeAttribute("aria-invalid"); });
   hp.batch_size.addEventListener("change", refreshPlan);
   form.addEventListener("submit", ev => { ev.preventDefault(); busyWhile(form.querySelector("#create-job"), createJob); });
   async function createJob() {
     result.replaceChildren();
-    const body = {
-      model: base.value, training_file: train.value,
-      method: { type: methodType.value,
-                [methodType.value]: { hyperparameters: Object.fromEntries(typeNames().map(n => [n, hpValue(n)])) } },
-      slmtune_method: method.value,
-    };
+    const type = methodType.value;
+    const settings = { hyperparameters: Object.fromEntries(typeNames().map(n => [n, hpValue(n)])) };
+    if (type === "reinforcement") {
+      try { settings.grader = graderJson(); }
+      catch (err) { result.replaceChildren(errorBox(err.message, "job-error")); return; }
+    }
+    const body = { model: base.value, training_file: train.value, method: { type, [type]: settings },
+                   slmtune_method: method.value };
     if (valid.value) body.validation_file = valid.value;
     if (suffix.value.trim()) body.suffix = suffix.value.trim();
     try {
       const job = await api("/v1/fine_tuning/jobs", { method: "POST", json: body });
       location.hash = "#/jobs/" + encodeURIComponent(job.id);
     } catch (err) {
-      result.replaceChildren(errorBox(err.message + (err.param ? ` (${err.param})` : ""), "job-error"));
+      // e.g. a grader reading {{item.answer}} of a file without it: method.reinforcement.grader
+      if (err.param && err.param.startsWith("method.reinforcement.grader")) graderText.setAttribute("aria-invalid", "true");
+      result.replaceChildren(apiError(err, "job-error"));
     }
   }
   const intro = files.length ? null :
@@ -374,14 +435,15 @@ async function viewJobs() {
       h("tbody", {}, jobs.map(j => h("tr", { "data-job-id": j.id },
         h("td", {}, h("a", { href: "#/jobs/" + encodeURIComponent(j.id) }, h("code", {}, j.id))),
         h("td", {}, statusBadge(j.status)), h("td", {}, j.user_provided_suffix || "—"), h("td", {}, j.model),
-        h("td", {}, j.slmtune_method + (j.method && j.method.type === "dpo" ? " · dpo" : "")),
+        h("td", {}, j.slmtune_method + (j.method && j.method.type && j.method.type !== "supervised" ? " · " + j.method.type : "")),
         h("td", {}, when(j.created_at)), h("td", {}, j.fine_tuned_model ? h("code", {}, j.fine_tuned_model) : "—"))))));
   }
   await refresh();
   every(3000, () => refresh().catch(() => {}));
 }
 
-function drawChart(canvas, train, valid) {
+// `span`: values the y axis always covers (a reward's 0 and 1), besides the points' own range.
+function drawChart(canvas, train, valid, span = []) {
   const ratio = window.devicePixelRatio || 1;
   const w = canvas.clientWidth || 600, hgt = canvas.clientHeight || 280;
   canvas.width = w * ratio; canvas.height = hgt * ratio;
@@ -397,7 +459,7 @@ function drawChart(canvas, train, valid) {
   const pad = { l: 56, r: 16, t: 12, b: 34 };
   const xs = all.map(p => p[0]), ys = all.map(p => p[1]);
   const x0 = Math.min(...xs, 0), x1 = Math.max(...xs, 1);
-  let y0 = Math.min(...ys), y1 = Math.max(...ys);
+  let y0 = Math.min(...ys, ...span), y1 = Math.max(...ys, ...span);
   if (y1 - y0 < 1e-9) { y0 -= 0.5; y1 += 0.5; }
   const X = x => pad.l + (x - x0) / (x1 - x0) * (w - pad.l - pad.r);
   const Y = y => pad.t + (1 - (y - y0) / (y1 - y0)) * (hgt - pad.t - pad.b);
@@ -450,6 +512,16 @@ async function viewJob(jobId) {
   const marginNote = h("p", { class: "hint", id: "margin-note", "aria-live": "polite" });
   const marginBox = h("div", { id: "margin-box", hidden: true }, h("h2", {}, "Reward margin (DPO)"),
     h("div", { class: "chart-wrap" }, marginCanvas, marginNote));
+  const rewardCanvas = h("canvas", { id: "reward-chart", role: "img", "aria-label": "Training and validation reward by step" });
+  const rewardNote = h("p", { class: "hint", id: "reward-note", "aria-live": "polite" });
+  const validRewardLegend = h("span", { id: "valid-reward-legend" },
+    h("span", { class: "swatch", style: "background:#b34a00" }), "validation reward");
+  const rewardBox = h("div", { id: "reward-box", hidden: true }, h("h2", {}, "Reward (reinforcement)"),
+    h("div", { class: "chart-wrap" },
+      h("div", { class: "legend", "aria-hidden": "true" },
+        h("span", {}, h("span", { class: "swatch", style: "background:#0b4fb3" }), "training reward"),
+        validRewardLegend),
+      rewardCanvas, rewardNote));
   const log = h("ol", { class: "log", id: "event-log", "aria-label": "Events, newest first" });
   const ckpts = h("div", { id: "checkpoints" });
   const actionMsg = h("div", { id: "action-result", "aria-live": "polite" });
@@ -466,8 +538,10 @@ async function viewJob(jobId) {
   function render() {
     statusEl.replaceChildren(statusBadge(job.status));
     const hpText = Object.entries(job.hyperparameters).map(([k, v]) => `${k}=${v}`).join(", ");
+    const grader = job.method && job.method.reinforcement && job.method.reinforcement.grader;
     const rows = [["Status", statusEl], ["Base model", job.model], ["Method", job.slmtune_method],
       ["Training objective", job.method && job.method.type ? job.method.type : "supervised"],
+      ...(grader ? [["Grader", `${grader.name || "(unnamed)"} (${grader.type})`]] : []),
       ["Training file", h("code", {}, job.training_file)], ["Validation file", job.validation_file ? h("code", {}, job.validation_file) : "—"],
       ["Hyperparameters", hpText], ["Created", when(job.created_at)], ["Finished", when(job.finished_at)],
       ["Progress", progressEl], ["Trained tokens", job.trained_tokens ?? "—"],
@@ -485,6 +559,7 @@ async function viewJob(jobId) {
     log.replaceChildren(...sorted.map(e => h("li", { class: e.level === "error" ? "error-level" : e.level === "warn" ? "warn" : null },
       `${new Date(e.created_at * 1000).toLocaleTimeString()}  ${e.message}`)));
     const train = new Map(), valid = new Map(), margin = new Map(), validMargin = new Map();
+    const reward = new Map(), validReward = new Map(), subRewards = new Map();   // sub-grader name -> (step -> reward)
     const put = (map, step, value) => { if (value !== undefined && value !== null) map.set(step, value); };
     for (const e of events.values()) {
       if (e.type !== "metrics" || !e.data) continue;
@@ -492,6 +567,13 @@ async function viewJob(jobId) {
       put(valid, e.data.step, e.data.valid_loss);
       put(margin, e.data.step, e.data["rewards/margin"]);         // DPO jobs: chosen minus rejected reward
       put(validMargin, e.data.step, e.data["valid_rewards/margin"]);
+      put(reward, e.data.step, e.data.reward);                     // reinforcement jobs: mean grader reward
+      put(validReward, e.data.step, e.data.valid_reward);
+      for (const [k, value] of Object.entries(e.data)) {           // a multi grader's sub-graders: reward/<name>
+        if (!k.startsWith("reward/")) continue;
+        if (!subRewards.has(k.slice(7))) subRewards.set(k.slice(7), new Map());
+        put(subRewards.get(k.slice(7)), e.data.step, value);
+      }
     }
     const pts = m => [...m.entries()].sort((a, b) => a[0] - b[0]);
     const t = pts(train), v = pts(valid);
@@ -504,6 +586,18 @@ async function viewJob(jobId) {
       drawChart(marginCanvas, m, vm);
       marginNote.textContent = `Reward margin (preferred minus non-preferred answer's reward): last ${m[m.length - 1][1].toFixed(3)} ` +
         `at step ${m[m.length - 1][0]}` + (vm.length ? `; validation ${vm[vm.length - 1][1].toFixed(3)}` : "") + ".";
+    }
+    rewardBox.hidden = reward.size === 0;
+    if (reward.size) {
+      const r = pts(reward), vr = pts(validReward);
+      drawChart(rewardCanvas, r, vr, [0, 1]);
+      validRewardLegend.hidden = vr.length === 0;
+      const byGrader = [...subRewards.entries()].filter(([, m]) => m.size)
+        .map(([name, m]) => { const p = pts(m); return `${name} ${p[p.length - 1][1].toFixed(3)}`; });
+      rewardNote.textContent = `Mean grader reward of the sampled answers (0 to 1): ${r.length} training point(s), ` +
+        `last ${r[r.length - 1][1].toFixed(3)} at step ${r[r.length - 1][0]}` +
+        (byGrader.length ? ` (by grader: ${byGrader.join(", ")})` : "") +
+        `; ${vr.length} validation point(s)` + (vr.length ? `, last ${vr[vr.length - 1][1].toFixed(3)} at step ${vr[vr.length - 1][0]}` : "") + ".";
     }
     chartNote.textContent = `${t.length} training loss point(s)` + (t.length ? `, last ${t[t.length - 1][1].toFixed(4)} at step ${t[t.length - 1][0]}` : "") +
       `; ${v.length} validation loss point(s)` + (v.length ? `, last ${v[v.length - 1][1].toFixed(4)}` : "") + ".";
@@ -577,7 +671,7 @@ async function viewJob(jobId) {
         h("span", {}, h("span", { class: "swatch", style: "background:#0b4fb3" }), "training loss"),
         validLegend),
       canvas, chartNote),
-    marginBox,
+    marginBox, rewardBox,
     h("h2", {}, "Checkpoints"), ckpts, h("h2", {}, "Events"), log);
   render();
   await poll();

@@ -11,7 +11,7 @@ To add an objective: its config class in slmtune/config.py (a `name` literal, li
 
 from __future__ import annotations
 
-from slmtune.training.objectives import dpo, orpo, sft
+from slmtune.training.objectives import dpo, grpo, orpo, sft
 from slmtune.training.objectives.objective import Objective
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (sft.OBJECTIVE, dpo.OBJECTIVE, orpo.OBJECTIVE)}
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (sft.OBJECTIVE, dpo.OBJECTIVE, orpo.OBJECTIVE, grpo.OBJECTIVE)}
