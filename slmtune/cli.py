@@ -71,6 +71,8 @@ def cmd_train(args) -> int:
         if args.objective not in (None, "grpo"):
             raise RecipeError(f"--grader trains with train.objective grpo, not {args.objective}")
         objective_override = ["train.objective.name=grpo", f"train.objective.grader={args.grader}"]
+    if args.allow_python_graders:
+        objective_override.append("train.objective.allow_python_grader=true")
     objective_override += [f"train.time_budget={args.time_budget}"] if args.time_budget else []
     if args.resume:
         first_is_override = bool(args.recipe) and "=" in args.recipe  # argparse puts the first one there
@@ -554,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to minimize: sft (default), or dpo / orpo on preference pairs (= train.objective=...)")
     p.add_argument("--grader", metavar="GRADER.json", help="reinforcement fine-tuning: --data holds prompts, this "
                    "grader scores sampled answers (= train.objective {name: grpo, grader: ...}; docs/reinforcement.md)")
+    p.add_argument("--allow-python-graders", action="store_true", help="let a python grader run its code (sandboxed "
+                   "subprocess; = train.objective.allow_python_grader=true)")
     p.add_argument("--output", help="run directory (quick mode; default runs/<model>-<method>-<time>)")
     p.add_argument("--json-events", action="store_true", help="print every training event as a JSON line on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

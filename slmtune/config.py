@@ -188,16 +188,24 @@ class GRPOObjective(Section):
                 raise ValueError(f"grader file {value} is not JSON: {err}") from None
         return value
 
-    @field_validator("grader")
-    @classmethod
-    def _grader_valid(cls, value):
+    allow_python_grader: bool = Field(False, description="Run python graders (the grader's own code, in a "
+                                      "sandboxed subprocess; docs/graders.md). Off by default, so a recipe from "
+                                      "someone else cannot run code by itself; `slmtune train --allow-python-graders`.")
+
+    @model_validator(mode="after")
+    def _grader_valid(self) -> "GRPOObjective":
         try:
-            check_grader(value)
+            check_grader(self.grader, python_allowed=True)
         except GraderError as err:
             message, field = str(err), err.param.rsplit(".", 1)[-1]
             message = message[len(field) + 2:] if message.startswith(f"{field}: ") else message
             raise ValueError(f"{err.param}: {message}") from None
-        return value
+        try:
+            check_grader(self.grader, python_allowed=self.allow_python_grader)
+        except GraderError as err:
+            raise ValueError(f"{err.param}: a python grader runs its own code; allow it with "
+                             "train.objective.allow_python_grader: true (slmtune train --allow-python-graders)") from None
+        return self
 
 
 OBJECTIVE_CONFIGS = {c.model_fields["name"].default: c
@@ -421,10 +429,11 @@ class Recipe(Section):
         if objective in PREFERENCE_OBJECTIVES + ("grpo",) and not METHODS[self.method.name].packing:
             raise ValueError(f"train.objective {objective}: method {self.method.name} learns virtual "
                              "tokens; preference and reinforcement objectives train lora, qlora, dora, ia3 or full")
-        if objective == "grpo" and strategy not in ("none", "ddp"):
-            # Sampling runs the model outside the sharded training forward; sharded weights are not whole there.
-            raise ValueError(f"train.distributed.strategy {strategy}: train.objective grpo samples answers "
-                             "with whole weights on every process; use ddp or one process")
+        if objective == "grpo" and strategy != "none":
+            # Every process would sample and grade the whole step: any difference between them (a
+            # judge's unseeded sampling, a grader timing out on one) desynchronizes their steps.
+            raise ValueError(f"train.distributed.strategy {strategy}: train.objective grpo trains in one process "
+                             "(sampling split across processes is not built yet); use strategy none")
         if self.model.adapter and METHODS[self.method.name].artifact != "adapter":
             raise ValueError(f"model.adapter starts from an adapter; method {self.method.name} trains a whole model")
         if METHODS[self.method.name].rewrites_base(self.method) and strategy in ("zero3", "fsdp"):

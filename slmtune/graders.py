@@ -215,6 +215,12 @@ def check_grader(grader: Any, param: str = "grader", depth: int = 0, *, python_a
         low, high = score_range(grader)
         if not low < high:
             raise GraderError("range must be [low, high] with low < high", f"{param}.range")
+        params = grader.get("sampling_params")
+        if params is not None:
+            try:
+                judge_sampling(params)
+            except (TypeError, ValueError) as err:
+                raise GraderError(str(err), f"{param}.sampling_params") from None
     if kind == "multi":
         if depth >= MAX_DEPTH:
             raise GraderError(f"multi graders nest at most {MAX_DEPTH} deep", param)
@@ -231,6 +237,27 @@ def check_grader(grader: Any, param: str = "grader", depth: int = 0, *, python_a
             parse_formula(grader["calculate_output"], set(graders))
         except GradingFailed as err:
             raise GraderError(f"calculate_output: {err.details}", f"{param}.calculate_output") from None
+
+
+JUDGE_MAX_TOKENS = 64  # the longest answer a score_model grader's model may give (it only has to name a score)
+
+
+def judge_sampling(params: Any) -> tuple[int, float, int | None]:
+    """(max_tokens, temperature, seed) of a score_model grader's `sampling_params`: its
+    max_completions_tokens clamped to JUDGE_MAX_TOKENS (a grader asks for a score, and a tenant's
+    grader must not make a worker decode for hours), temperature 0 and no seed by default."""
+    params = params or {}
+    if not isinstance(params, dict):
+        raise TypeError("sampling_params must be an object")
+    budget, temperature, seed = (params.get("max_completions_tokens"), params.get("temperature", 0.0),
+                                 params.get("seed"))
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ValueError("max_completions_tokens must be a positive integer")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+        raise ValueError("temperature must be a number from 0 to 2")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError("seed must be a non-negative integer")
+    return min(budget or JUDGE_MAX_TOKENS, JUDGE_MAX_TOKENS), float(temperature), seed
 
 
 def score_range(grader: dict) -> tuple[float, float]:

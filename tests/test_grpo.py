@@ -9,8 +9,11 @@ import json
 import pytest
 import torch
 
+from slmtune.cli import main
 from slmtune.config import RecipeError, recipe_from_dict
 from slmtune.data.formats import DataError
+from slmtune.data.validate import validate_file
+from slmtune.graders import JUDGE_MAX_TOKENS, GraderError, check_grader, judge_sampling
 from slmtune.data.tokenize import IGNORE
 from slmtune.training import events
 from slmtune.training.objectives.grpo import (GRPOLoss, Sample, collate_samples, group_advantages,
@@ -199,9 +202,30 @@ def test_a_bad_grader_is_a_recipe_error(grader, message, tmp_path):
         grpo_recipe("m", "p", tmp_path / "o", grader=grader)
 
 
-def test_sharded_strategies_and_virtual_tokens_are_refused(tmp_path):
-    with pytest.raises(RecipeError, match="grpo samples answers"):
-        grpo_recipe("m", "p", tmp_path / "o", distributed="fsdp")
+PYTHON = {"type": "python", "name": "p", "source": "def grade(sample, item):\n    return 1.0\n"}
+
+
+def test_a_python_grader_runs_only_when_the_recipe_allows_it(tmp_path):
+    with pytest.raises(RecipeError, match="allow_python_grader: true"):
+        grpo_recipe("m", "p", tmp_path / "o", grader=PYTHON)
+    recipe = recipe_from_dict({"model": "m", "data": {"train": "p"}, "output": {"dir": "o"}, "train": {
+        "objective": {"name": "grpo", "grader": PYTHON, "allow_python_grader": True}}})
+    assert recipe.train.objective.allow_python_grader
+
+
+def test_a_judge_cannot_be_asked_for_long_answers():
+    assert judge_sampling({"max_completions_tokens": 10**9, "temperature": 0.5, "seed": 3}) == (JUDGE_MAX_TOKENS, 0.5, 3)
+    judge = {"type": "score_model", "name": "j", "model": "m", "input": [{"role": "user", "content": "x"}]}
+    for bad in ({"max_completions_tokens": "many"}, {"temperature": 9}, {"seed": "s"}, [1]):
+        with pytest.raises(GraderError) as err:
+            check_grader(judge | {"sampling_params": bad})
+        assert err.value.param == "grader.sampling_params"
+
+
+def test_several_processes_and_virtual_tokens_are_refused(tmp_path):
+    for strategy in ("ddp", "fsdp"):
+        with pytest.raises(RecipeError, match="grpo trains in one process"):
+            grpo_recipe("m", "p", tmp_path / "o", distributed=strategy)
     with pytest.raises(RecipeError, match="virtual"):
         recipe_from_dict({"model": "m", "method": "prompt_tuning", "data": {"train": "p"}, "output": {"dir": "o"},
                           "train": {"objective": {"name": "grpo", "grader": EXACT}}})
@@ -218,8 +242,6 @@ def test_a_tiny_model_learns_a_synthetic_reward(tiny_llama_dir, tmp_path):
 
 
 def test_the_cli_trains_with_a_grader(tiny_llama_dir, tmp_path, capsys):
-    from slmtune.cli import main
-
     grader = tmp_path / "grader.json"
     grader.write_text(json.dumps(FUZZY_A))
     out = tmp_path / "run"
@@ -233,8 +255,6 @@ def test_the_cli_trains_with_a_grader(tiny_llama_dir, tmp_path, capsys):
 
 
 def test_prompt_files_are_reinforcement_data_and_need_a_grader_to_train(tiny_llama_dir, tmp_path):
-    from slmtune.data.validate import validate_file
-
     data = prompts_file(tmp_path / "p.jsonl")
     report = validate_file(data)
     assert (report.format, report.n_examples, report.n_errors) == ("reinforcement", 40, 0)

@@ -6,7 +6,8 @@ examples, the method and the objective), which recipes and `slmtune train` use t
 CLI run on the same file resolve the same values (tests/test_auto.py). Explicit values must be
 integers n_epochs 1-50 and batch_size 1-256, a number 0 < learning_rate_multiplier <= 10, for
 DPO a beta in (0, 2], for reinforcement integers eval_interval and eval_samples, a number
-0 < compute_multiplier <= 10 (answers per prompt: 8 x it, clamped to 2-64) and reasoning_effort
+0 < compute_multiplier <= 4 (answers per prompt: 8 x it, at least 2), batch_size at most 64 prompts,
+eval_samples at most 256 and reasoning_effort
 (accepted, ignored: these models do not reason before answering).
 """
 
@@ -18,7 +19,11 @@ from slmtune import auto
 from slmtune.config import Recipe, recipe_from_dict
 from slmtune.methods import SERVICE_METHODS
 
-LIMITS = {"n_epochs": (1, 50), "batch_size": (1, 256), "eval_interval": (1, 100_000), "eval_samples": (1, 4096)}
+LIMITS = {"n_epochs": (1, 50), "batch_size": (1, 256), "eval_interval": (1, 100_000), "eval_samples": (1, 256)}
+# A reinforcement step samples batch_size x 8 x compute_multiplier answers: bounded so that one
+# tenant's job cannot take a shared worker for days (64 prompts x 32 answers = 2,048 answers a step).
+REINFORCEMENT_LIMITS = {"batch_size": (1, 64)}
+MAX_COMPUTE_MULTIPLIER = 4.0
 # Accepted as OpenAI documents it and ignored: the models trained here do not reason before answering.
 REASONING_EFFORTS = ("default", "low", "medium", "high")
 # The learning rate "auto" trains each method with (learning_rate_multiplier 1), for the console.
@@ -83,7 +88,7 @@ def resolve(requested: dict, n_examples: int, method_type: str = "supervised") -
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise HyperparameterError(param, f"{name} must be \"auto\" or a finite number, got {value!r}")
         if name in LIMITS:
-            lo, hi = LIMITS[name]
+            lo, hi = (REINFORCEMENT_LIMITS if method_type == "reinforcement" else LIMITS).get(name, LIMITS[name])
             if float(value) != int(value) or not lo <= value <= hi:
                 raise HyperparameterError(param, f"{name} must be \"auto\" or an integer from {lo} to {hi}, "
                                                  f"got {value!r}")
@@ -94,8 +99,9 @@ def resolve(requested: dict, n_examples: int, method_type: str = "supervised") -
                 raise HyperparameterError(param, f"beta must be \"auto\" or a number in ({lo:g}, {hi:g}], got {value!r}")
             out[name] = float(value)
         else:
-            if not 0 < value <= 10:
-                raise HyperparameterError(param, f"{name} must be \"auto\" or a number in (0, 10], got {value!r}")
+            hi = MAX_COMPUTE_MULTIPLIER if name == "compute_multiplier" else 10
+            if not 0 < value <= hi:
+                raise HyperparameterError(param, f"{name} must be \"auto\" or a number in (0, {hi:g}], got {value!r}")
             out[name] = float(value)
     if "eval_interval" in names and "eval_interval" not in out:
         out["eval_interval"] = auto.eval_every(steps_of(out, n_examples, validation_file=False))
@@ -134,7 +140,8 @@ def build_recipe(*, base: str, method: str, train_path: str, validation_path: st
     if method_type == "reinforcement":
         generations = min(64, max(2, round(auto.GRPO_GENERATIONS * resolved["compute_multiplier"])))
         train |= {"micro_batch_size": "auto", "eval_every": resolved["eval_interval"]}
-        train["objective"] = {"name": "grpo", "grader": local_grader(grader, models or {}),
+        # create_job refused python graders unless the operator allows them (settings.allow_python_graders).
+        train["objective"] = {"name": "grpo", "grader": local_grader(grader, models or {}), "allow_python_grader": True,
                               "prompts_per_step": resolved["batch_size"], "num_generations": generations,
                               "eval_samples": resolved["eval_samples"]}
     if integrations:

@@ -10,10 +10,15 @@ import random
 import re
 import time
 
-from slmtune.config import RecipeError
+from jinja2 import TemplateError
+
+from slmtune.config import DataSection, RecipeError
+from slmtune.data.dataset import encode_prompts
+from slmtune.data.formats import DataError, Record, iter_jsonl
 from slmtune.data.validate import validate_file
 from slmtune.graders import GraderError, check_grader, item_fields
 from slmtune.http.errors import ApiError
+from slmtune.models import load_tokenizer
 from slmtune.serve.adapters import NAME_PATTERN
 from slmtune.service import hyper
 from slmtune.service.core import Service
@@ -21,6 +26,8 @@ from slmtune.service.models import File, Job, Tenant
 from slmtune.service.schemas import JobCreate
 from slmtune.service.store import new_id
 
+# A job's prompts are trained at the recipe's default data.max_length (hyper.build_recipe sets none).
+PROMPT_MAX_TOKENS = DataSection.model_fields["max_length"].default
 SUFFIX_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,18}")
 MIN_TRAINING_EXAMPLES = 10
 
@@ -74,10 +81,11 @@ def check_files_fit_method(method_type: str, train_file: File, val_file: File | 
                                 f"{method_type}.", param=param, code="invalid_file_format")
 
 
-def check_job_grader(service: Service, grader: dict, files: list[tuple[File, str]]) -> None:
+def check_job_grader(service: Service, grader: dict, base_path: str, files: list[tuple[File, str]]) -> None:
     """A reinforcement job's grader must run here (python graders only where the operator allows
-    them; score_model graders ask one of the service's base models) and every row of its files must
-    hold the fields its templates read: a 400 now rather than a failed job later."""
+    them; score_model graders ask one of the service's base models), every row of its files must
+    hold the fields its templates read, and every prompt must render with the base model's template
+    within data.max_length tokens: a 400 now rather than a failed job later."""
     param = "method.reinforcement.grader"
     try:
         check_grader(grader, param, python_allowed=service.settings.allow_python_graders,
@@ -85,6 +93,7 @@ def check_job_grader(service: Service, grader: dict, files: list[tuple[File, str
     except GraderError as err:
         raise ApiError(400, str(err), param=err.param, code="invalid_grader") from None
     fields = item_fields(grader)
+    tokenizer = load_tokenizer(base_path)
     for f, file_param in files:
         report = validate_file(f.path, grader_fields=fields, min_examples=1)
         rows = sorted({issue.line for issue in report.errors if issue.line is not None})
@@ -92,6 +101,16 @@ def check_job_grader(service: Service, grader: dict, files: list[tuple[File, str
             first = next(issue for issue in report.errors if issue.line == rows[0])
             raise ApiError(400, f"`{f.id}` line {first.line}: {first.message} ({len(rows)} row(s) with "
                                 "problems for this grader).", param=param, code="invalid_file_format")
+        records = [Record(line, row) for line, err, row in iter_jsonl(f.path) if err is None]
+        try:
+            encode_prompts(records, tokenizer, PROMPT_MAX_TOKENS, None, f.id)
+        except DataError as err:
+            raise ApiError(400, str(err).replace("data.max_length", "the limit of").replace(
+                "raise the limit of or shorten", "shorten"), param=file_param,
+                           code="invalid_file_format") from None
+        except (TemplateError, ValueError, TypeError, KeyError) as err:  # the template refused a row's tools
+            raise ApiError(400, f"`{f.id}`: the model's chat template cannot render a prompt: {str(err)[:300]}",
+                           param=file_param, code="invalid_file_format") from None
 
 
 def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
@@ -127,8 +146,9 @@ def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
     check_files_fit_method(method_type, train_file, val_file)
     grader = body.method.reinforcement.grader if method_type == "reinforcement" else None
     if grader is not None:
-        check_job_grader(service, grader, [(f, p) for f, p in ((train_file, "training_file"),
-                                                                (val_file, "validation_file")) if f is not None])
+        check_job_grader(service, grader, settings.models[body.model],
+                         [(f, p) for f, p in ((train_file, "training_file"), (val_file, "validation_file"))
+                          if f is not None])
     try:
         resolved = hyper.resolve(requested, train_file.n_examples, method_type)
     except hyper.HyperparameterError as err:

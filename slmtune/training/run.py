@@ -78,7 +78,7 @@ def resolve_frozen_dtype(recipe: Recipe, method: Method, device, *, quantized: b
     # GRPO spends most of a step sampling answers: decoding a few dozen rows through bf16 weights ran
     # 3.4x slower than through fp32 ones on a CPU (SmolLM2-135M + LoRA, 32 rows x 30 tokens, Xeon
     # with AMX: 31 s against 9 s; oneDNN's bf16 path pays off only for larger matrices), so its base stays fp32.
-    sampling = recipe.train.objective.name == "grpo"
+    sampling = recipe.train.objective.name == "grpo" and device.type == "cpu"
     frozen_base = (method.artifact == "adapter" and not quantized and not method.rewrites_base(recipe.method)
                    and not sampling)
     one_dtype_sharding = recipe.train.distributed.strategy not in ("none", "ddp")
@@ -120,6 +120,9 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None
     if torch.cuda.is_available() and not load_kwargs:
         model.to(par.device)
     objective = OBJECTIVES[cfg.objective.name]
+    if cfg.objective.name == "grpo" and par.world_size > 1:
+        raise RecipeError("train.objective grpo trains in one process (sampling split across processes is not "
+                          "built yet); run it without --nproc/--nnodes")
     # Reinforcement rows must hold every field the grader reads ({{item.field}}).
     rft = objective.formats == ("reinforcement",)
     data = build_datasets(recipe.data, tokenizer, cfg.seed, pairs=objective.formats == ("preference",),

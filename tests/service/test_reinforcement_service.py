@@ -79,6 +79,13 @@ def test_auto_reinforcement_hyperparameters_are_resolved(sqlite_service, upload)
     (rft_method(batch_size=0), "method.reinforcement.hyperparameters.batch_size", "batch_size"),
     (rft_method(reasoning_effort="extreme"), "method.reinforcement.hyperparameters.reasoning_effort", "reasoning"),
     (rft_method(beta=0.1), "method.reinforcement.hyperparameters.beta", "Unknown hyperparameter"),
+    # One tenant's step is bounded: at most 64 prompts x 32 answers, 256 validation prompts.
+    (rft_method(batch_size=65), "method.reinforcement.hyperparameters.batch_size", "64"),
+    (rft_method(compute_multiplier=5), "method.reinforcement.hyperparameters.compute_multiplier", "4"),
+    (rft_method(eval_samples=1000), "method.reinforcement.hyperparameters.eval_samples", "256"),
+    (rft_method({"type": "score_model", "name": "s", "model": BASE, "sampling_params": {"temperature": 7},
+                 "input": [{"role": "user", "content": "Score {{sample.output_text}}"}]}),
+     "method.reinforcement.grader.sampling_params", "temperature"),
 ])
 def test_bad_reinforcement_jobs_are_400s_with_param(sqlite_service, upload, method, param, fragment):
     client = sqlite_service.client("rft")
@@ -87,6 +94,16 @@ def test_bad_reinforcement_jobs_are_400s_with_param(sqlite_service, upload, meth
         client.fine_tuning.jobs.create(model=BASE, training_file=f.id, method=method)
     assert err.value.body["param"].startswith(param), err.value.body
     assert fragment in err.value.body["message"], err.value.body
+
+
+def test_a_prompt_too_long_for_training_is_a_400_at_creation(sqlite_service, upload):
+    client = sqlite_service.client("rft")
+    long = {"messages": [{"role": "user", "content": "word " * 1500}], "answer": "a"}
+    f = upload(client, PROMPTS[:12] + [long], name="long.jsonl")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.fine_tuning.jobs.create(model=BASE, training_file=f.id, method=rft_method())
+    assert err.value.body["param"] == "training_file"
+    assert f"{f.id}:13: the prompt has" in err.value.body["message"], err.value.body
 
 
 def test_files_and_methods_must_match(sqlite_service, upload):

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from slmtune.grader_sandbox import run_python
-from slmtune.graders import GraderError, check_grader, grade
+from slmtune.graders import GraderError, check_grader, grade, judge_sampling
 from slmtune.http.errors import ApiError
 from slmtune.serve.engine import SamplingParams
 from slmtune.service.core import Service
@@ -28,7 +28,6 @@ from slmtune.service.models import Tenant
 router = APIRouter()
 MAX_SAMPLE_CHARS = 100_000
 SCORE_MODEL_SECONDS = 120
-SCORE_MODEL_MAX_TOKENS = 64
 
 
 class ValidateBody(BaseModel):
@@ -66,9 +65,9 @@ async def run_grader(body: RunBody, t: Tenant = Depends(current_tenant), service
 
     def ask(model: str, messages: list[dict], params: dict) -> str:
         service.ensure_served(t, model)
+        max_tokens, temperature, seed = judge_sampling(params)
         request = service.engine.chat_request(model, messages, SamplingParams(
-            max_tokens=min(int(params.get("max_completions_tokens") or SCORE_MODEL_MAX_TOKENS), SCORE_MODEL_MAX_TOKENS),
-            temperature=float(params.get("temperature", 0.0)), seed=params.get("seed")),
+            max_tokens=max_tokens, temperature=temperature, seed=seed),
             owner=t.name)  # the engine's queue stays fair between tenants
         return service.engine.generate(request, timeout=SCORE_MODEL_SECONDS).text
 

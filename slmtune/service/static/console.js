@@ -325,7 +325,7 @@ async function viewNewJob() {
     let text = `"auto" picks ${auto.auto[name]}`;
     if (name === "n_epochs") text += ` for ${auto.n_examples} ${auto.method_type === "dpo" ? "pairs" : rft ? "prompts" : "examples"}`;
     if (name === "batch_size" && rft) text += " prompts per step";
-    if (name === "compute_multiplier") text += ": 8 answers sampled per prompt (8 × this, 2 to 64)";
+    if (name === "compute_multiplier") text += ": 8 answers sampled per prompt (8 × this, at most 4)";
     return text;
   }
   function showHints() {

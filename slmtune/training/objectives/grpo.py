@@ -103,6 +103,12 @@ class Sample:
         return len(self.example)
 
 
+def sample_seed(seed: int, step: int, k: int) -> int:
+    """The sampling seed of answer k of a step: distinct for every (step, k) of a run (a step has at
+    most 256 x 64 answers), the same after a resume."""
+    return ((seed * 1_000_003 + step) * 2**15 + k) % 2**63
+
+
 def sample_example(prompt_ids: list[int], answer_ids: list[int]) -> Example:
     """Prompt + answer, with the answer's tokens (its end-of-turn token too, when it ended) as targets."""
     ids = prompt_ids + answer_ids
@@ -136,7 +142,7 @@ class Sampler:
         try:
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 return complete(model, self.tokenizer, [p.ids for p in prompts], params, eos_ids=self.eos_ids,
-                                batch_size=max(GENERATION_ROWS, self.cfg.num_generations))
+                                batch_size=self.cfg.num_generations * max(1, GENERATION_ROWS // self.cfg.num_generations))
         finally:
             model.train(was_training)
 
@@ -174,7 +180,7 @@ def make_feed(data: Datasets, recipe: Recipe, tokenizer, model, parallel) -> Fee
         chosen = [prompts[i] for i in example_steps(len(prompts), cfg.prompts_per_step, train_cfg.seed, epoch)[index]]
         group = cfg.num_generations
         params = [SamplingParams(max_tokens=cfg.max_completion_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 seed=(train_cfg.seed * 1_000_003 + step) * 1024 + k)
+                                 seed=sample_seed(train_cfg.seed, step, k))
                   for k in range(len(chosen) * group)]
         started = time.perf_counter()
         completions = sampler.answers([p for p in chosen for _ in range(group)], params)
