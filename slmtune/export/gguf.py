@@ -432,6 +432,32 @@ def context_length_of(gguf_path: str | os.PathLike) -> int | None:
     return int(reader.fields[key].contents()) if key in reader.fields else None
 
 
+def load_llama(**kwargs):
+    """llama_cpp.Llama(**kwargs), without llama.cpp's extra weight layouts on CPUs with AMX.
+
+    llama.cpp built natively on an Intel Xeon with AMX (llama-cpp-python 0.3.36) moves Q8_0 weights
+    into its AMX buffer type, and decoding a Q8_0 SmolLM2 export then crashes the process with a
+    segmentation fault (tests/test_gguf_export.py, 2026-12-04); f16 and AMD CPUs are unaffected.
+    llama-cpp-python does not expose llama.cpp's `use_extra_bufts`, so its default model parameters
+    are switched off for this one load."""
+    module = llama_cpp()
+    if "AMX_INT8 = 1" not in module.llama_print_system_info().decode(errors="replace"):
+        return module.Llama(**kwargs)
+    low_level = module.llama_cpp
+    defaults = low_level.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    low_level.llama_model_default_params = without_extra_buffers
+    try:
+        return module.Llama(**kwargs)
+    finally:
+        low_level.llama_model_default_params = defaults
+
+
 class LlamaCppDecoder:
     """The Decoder protocol (slmtune/generation.py) on llama.cpp through llama-cpp-python: rows one
     after another, each evaluated from its prompt, greedy by argmax of llama.cpp's logits (or sampled
@@ -473,9 +499,9 @@ class LlamaCppCandidate:
                  lora_path: str | os.PathLike | None = None):
         # No longer than the model's own context: beyond it llama.cpp warns, and the cache is wasted.
         n_ctx = min(n_ctx, context_length_of(gguf_path) or n_ctx)
-        self.llm = llama_cpp().Llama(model_path=str(gguf_path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                                     n_threads=n_threads or max(1, len(os.sched_getaffinity(0))),
-                                     lora_path=str(lora_path) if lora_path else None)
+        self.llm = load_llama(model_path=str(gguf_path), n_ctx=n_ctx, logits_all=True, verbose=False,
+                              n_threads=n_threads or max(1, len(os.sched_getaffinity(0))),
+                              lora_path=str(lora_path) if lora_path else None)
         self.decoder = LlamaCppDecoder(self.llm)
         self.extra_eos_ids = {int(self.llm.token_eos())}
 
