@@ -61,8 +61,9 @@ def training_input(service: Service, file_id: str | None, param: str, tenant: Te
 
 # The data format each method type trains on (slmtune/data/formats.py); supervised: any other.
 METHOD_FORMATS = {"dpo": "preference", "reinforcement": "reinforcement"}
-FORMAT_SHAPES = {"preference": '{"input", "preferred_output", "non_preferred_output"}',
-                 "reinforcement": '{"messages": [... ending with the user\'s turn], <fields the grader reads>}'}
+FORMAT_SHAPES = {"preference": 'preference pairs ({"input", "preferred_output", "non_preferred_output"} per line)',
+                 "reinforcement": 'prompts ({"messages": [... ending with the user\'s turn], <fields the grader '
+                                  'reads>} per line)'}
 
 
 def check_files_fit_method(method_type: str, train_file: File, val_file: File | None) -> None:
@@ -73,7 +74,7 @@ def check_files_fit_method(method_type: str, train_file: File, val_file: File | 
             continue
         wanted = METHOD_FORMATS.get(method_type)
         if wanted is not None and f.format != wanted:
-            raise ApiError(400, f"method.type {method_type} needs a file of {FORMAT_SHAPES[wanted]} per line, but "
+            raise ApiError(400, f"method.type {method_type} needs a file of {FORMAT_SHAPES[wanted]}, but "
                                 f"`{f.id}` is {f.format} data.", param=param, code="invalid_file_format")
         owner = next((t for t, fmt in METHOD_FORMATS.items() if fmt == f.format), None)
         if wanted is None and owner is not None:
