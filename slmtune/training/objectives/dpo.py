@@ -17,17 +17,15 @@ starting weights' log-probabilities precomputed in one pass before training; or 
 
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F
 
 from slmtune.config import DPOObjective, Recipe
 from slmtune.methods import METHODS
-from slmtune.methods.peft_common import unwrap
 from slmtune.training.feed import Feed
 from slmtune.training.loss import ObjectiveLoss, sequence_logprobs
-from slmtune.training.objectives.objective import Objective
+from slmtune.training.objectives.objective import Objective, frozen_reference, reference_scores
 from slmtune.training.objectives.preference import PAIR_METRICS, make_pair_feed, pair_metrics
 
 
@@ -65,11 +63,8 @@ class DPOLoss(ObjectiveLoss):
     def reference_logprobs(self, batch: dict, amp_dtype) -> torch.Tensor:
         if "reference_logprobs" in batch:
             return batch["reference_logprobs"].to(next(self.model.parameters()).device)
-        with torch.no_grad():
-            if self.reference == "adapter_disabled":
-                with self.model.disable_adapter():
-                    return sequence_logprobs(self.model, batch, amp_dtype)[0]
-            return sequence_logprobs(self.reference_model, batch, amp_dtype)[0]
+        return reference_scores(self.reference, self.model, self.reference_model,
+                                lambda m: sequence_logprobs(m, batch, amp_dtype)[0])
 
     def forward(self, batch: dict, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
         reference = self.reference_logprobs(batch, amp_dtype)
@@ -90,10 +85,7 @@ def make_feed(data, recipe: Recipe, tokenizer, model, parallel) -> Feed:
 
 def loss_module(model, recipe: Recipe, feed: Feed) -> DPOLoss:
     mode = reference_mode(recipe)
-    reference_model = None
-    if mode == "copy":
-        reference_model = copy.deepcopy(unwrap(model) if METHODS[recipe.method.name].artifact == "model" else model)
-        reference_model.requires_grad_(False).eval()
+    reference_model = frozen_reference(model, recipe) if mode == "copy" else None
     return DPOLoss(model, recipe.train.objective, mode, reference_model)
 
 

@@ -37,7 +37,6 @@ rewards: no signal), completion_length (tokens), kl (beta > 0), generate_seconds
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -52,13 +51,12 @@ from slmtune.generation import SamplingParams, complete, pad_id_of
 from slmtune.grader_sandbox import run_python
 from slmtune.graders import grade
 from slmtune.methods import METHODS
-from slmtune.methods.peft_common import unwrap
 from slmtune.models import end_of_turn_ids
 from slmtune.training.attention import use_per_example_attention
 from slmtune.training.feed import Feed
 from slmtune.training.judge import local_judge
 from slmtune.training.loss import ObjectiveLoss, autocast_dtype, target_logprobs
-from slmtune.training.objectives.objective import Objective
+from slmtune.training.objectives.objective import Objective, frozen_reference, reference_scores
 
 # Rows decoded together: a group's answers stay in one batch (they share their prompt's prefill),
 # and the KV cache of a batch stays bounded however many prompts a step takes.
@@ -245,11 +243,8 @@ class GRPOLoss(ObjectiveLoss):
         self.__dict__["reference_model"] = reference_model
 
     def reference_logprobs(self, batch: dict, amp_dtype) -> torch.Tensor:
-        with torch.no_grad():
-            if self.reference == "adapter_disabled":
-                with self.model.disable_adapter():
-                    return target_logprobs(self.model, batch, amp_dtype)[0]
-            return target_logprobs(self.reference_model, batch, amp_dtype)[0]
+        return reference_scores(self.reference, self.model, self.reference_model,
+                                lambda m: target_logprobs(m, batch, amp_dtype)[0])
 
     def forward(self, batch: dict, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
         cfg = self.cfg
@@ -280,10 +275,7 @@ def reference_mode(recipe: Recipe) -> str | None:
 
 def loss_module(model, recipe: Recipe, feed: Feed) -> GRPOLoss:
     mode = reference_mode(recipe)
-    reference_model = None
-    if mode == "copy":
-        reference_model = copy.deepcopy(unwrap(model) if METHODS[recipe.method.name].artifact == "model" else model)
-        reference_model.requires_grad_(False).eval()
+    reference_model = frozen_reference(model, recipe) if mode == "copy" else None
     grader = recipe.train.objective.grader
     sub_graders = tuple(grader["graders"]) if grader["type"] == "multi" else ()
     return GRPOLoss(model, recipe.train.objective, mode, reference_model, sub_graders)
