@@ -35,6 +35,7 @@ import time
 import warnings
 from pathlib import Path
 
+from slmtune.serve import DEFAULT_MAX_TOKENS_PER_OWNER  # light, as the next one
 from slmtune.tasks import TASK_NAMES  # light (no torch): keeps `slmtune --help` fast
 
 
@@ -284,30 +285,30 @@ def cmd_serve(args) -> int:
             print(f"error: --adapter {item!r}: use NAME=RUN_DIR", file=sys.stderr)
             return 2
         adapters[name] = path
-    if min(args.max_loaded_adapters, args.max_batch_size, args.default_max_tokens) < 1:
-        print("error: --max-loaded-adapters, --max-batch-size and --default-max-tokens must be at least 1",
+    if min(args.max_loaded_adapters, args.max_batch_size, args.default_max_tokens, args.max_tokens_per_client) < 1:
+        print("error: --max-loaded-adapters, --max-batch-size, --default-max-tokens and --max-tokens-per-client "
+              "must be at least 1", file=sys.stderr)
+        return 2
+    if args.backend == "onnx" and adapters:
+        print("error: --backend onnx serves one exported model (adapter merged); it takes no --adapter",
               file=sys.stderr)
         return 2
-    if args.backend != "torch" and adapters:
-        print(f"error: --backend {args.backend} serves one exported model (adapter merged); it takes no --adapter",
-              file=sys.stderr)
-        return 2
+    batching = dict(max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                    default_max_tokens=args.default_max_tokens, continuous_batching=args.continuous_batching,
+                    max_tokens_per_owner=args.max_tokens_per_client)
     try:
         if args.backend == "llamacpp":
             from slmtune.serve.llamacpp_engine import LlamaCppEngine
 
-            engine = LlamaCppEngine.load(args.model, base_name=args.served_model_name,
-                                         max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                                         default_max_tokens=args.default_max_tokens)
+            engine = LlamaCppEngine.load(args.model, adapters, base_name=args.served_model_name,
+                                         max_loaded_adapters=args.max_loaded_adapters, **batching)
         elif args.backend == "onnx":
             from slmtune.serve.onnx_engine import OnnxEngine
 
-            engine = OnnxEngine.load(args.model, base_name=args.served_model_name, max_batch_size=args.max_batch_size,
-                                     batch_wait_ms=args.batch_wait_ms, default_max_tokens=args.default_max_tokens)
+            engine = OnnxEngine.load(args.model, base_name=args.served_model_name, **batching)
         else:
             engine = Engine.load(args.model, adapters, base_name=args.served_model_name, dtype=args.dtype,
-                                 max_loaded_adapters=args.max_loaded_adapters, max_batch_size=args.max_batch_size,
-                                 batch_wait_ms=args.batch_wait_ms, default_max_tokens=args.default_max_tokens)
+                                 max_loaded_adapters=args.max_loaded_adapters, **batching)
     except AdapterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -676,7 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch (default; adapters), onnx (an exported model through onnxruntime-genai) or "
                    "llamacpp (a `slmtune export --format gguf` file through llama.cpp; one row at a time)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_DIR",
-                   help="register an adapter (run directory or PEFT adapter directory); repeatable")
+                   help="register an adapter (run directory or PEFT adapter directory; with --backend llamacpp a "
+                   "GGUF LoRA from `slmtune export RUN --format gguf-lora`); repeatable")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -686,6 +688,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-loaded-adapters", type=int, default=4, help="adapters kept loaded; least recently used go")
     p.add_argument("--max-batch-size", type=int, default=8, help="requests generated together")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long to collect requests into a batch")
+    p.add_argument("--no-continuous-batching", dest="continuous_batching", action="store_false",
+                   help="requests wait for the running batch to end instead of joining it between steps")
+    p.add_argument("--max-tokens-per-client", type=int, default=DEFAULT_MAX_TOKENS_PER_OWNER,
+                   help="tokens (prompt + max_tokens) one client's unfinished requests may hold; 429 beyond")
     p.add_argument("--default-max-tokens", type=int, default=512, help="chat max_tokens when a request gives none")
     p.add_argument("--admin-token", help="require this bearer token on /admin (default $SLMTUNE_ADMIN_TOKEN)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -9,10 +9,11 @@ Pieces, each used by every caller:
 - `Decoding`: a row being decoded: detokenizes as it grows, streams text that is final (no partial
   UTF-8 character, no possible start of a stop string), and ends the row at end of turn, a stop
   string, max_tokens or when the caller cancels it.
-- `Decoder`: the backend protocol: `decode(rows)` advances every row to its end. `TorchDecoder` is
-  the PyTorch one (left-padded prefill, one forward pass per token over the rows still running, per-row
-  sampling, finished rows leave the batch and the cache, mixed LoRA adapters per row); the ONNX
-  backend (slmtune/serve/onnx_engine.py) implements the same protocol.
+- `Decoder`: the backend protocol: `decode(rows, join)` advances every row to its end, taking in
+  rows that `join` hands it between steps. `TorchDecoder` is the PyTorch one (left-padded prefill,
+  one forward pass per token over the rows still running, per-row sampling, finished rows leave the
+  batch and the cache, joining rows enter it, mixed LoRA adapters per row); the ONNX and llama.cpp
+  backends (slmtune/serve/) implement the same protocol without joining.
 - `TokenConstraint`: what a row may generate next (a Completion's `constraint`); `GrammarConstraint`
   is the llguidance one (a Lark grammar with embedded JSON schemas: forced tool calls). TorchDecoder
   masks each constrained row's logits before choosing, Decoding tells the constraint what was chosen.
@@ -33,7 +34,7 @@ import llguidance
 import llguidance.hf
 import llguidance.torch
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from slmtune.data.tools import template_messages, tool_style, uses_tools
 from slmtune.methods.peft_common import prompt_learning_config, unwrap
@@ -151,8 +152,13 @@ def detokenizer(tokenizer) -> Callable[[list[int]], str]:
 class Decoding:
     """A completion being decoded: detokenizes one row as it grows and decides when it is finished."""
 
-    def __init__(self, completion: Completion, detokenize: Callable[[list[int]], str], eos_ids: set[int]):
+    def __init__(self, completion: Completion, detokenize: Callable[[list[int]], str], eos_ids: set[int],
+                 adapter: str | None = None, on_end: Callable[[Completion], None] | None = None):
         self.completion = completion
+        self.adapter = adapter  # the PEFT adapter of this row in a mixed batch (None: the base model)
+        # Called once the row is finished, while the rest of its batch may still be decoding: the
+        # serving engine answers that request then, not when the batch ends.
+        self.on_end = on_end
         self.detokenize = detokenize
         self.eos_ids = eos_ids
         self.tokens: list[int] = []  # generated ids without the end-of-turn token
@@ -193,6 +199,13 @@ class Decoding:
         self._emit(self.detokenize(self.tokens) if text is None else text)
         self.completion.finish_reason = reason
         self.finished = True
+        notify(self.on_end, self.completion)
+
+    def fail(self, error: BaseException) -> None:
+        """End the row with an error (it could not start); the rest of its batch goes on."""
+        self.completion.error = error
+        self.finished = True
+        notify(self.on_end, self.completion)
 
     def _safe_length(self, text: str) -> int:
         """How much of the text can be streamed now: not a trailing partial UTF-8 character (it
@@ -216,8 +229,9 @@ class Decoding:
 
 
 class Decoder(Protocol):
-    def decode(self, rows: list[Decoding]) -> None:
-        """Generate until every row is finished."""
+    def decode(self, rows: list[Decoding], join: Callable[[], list[Decoding]] | None = None) -> None:
+        """Generate until every row is finished. `join`, where given, is asked between steps for
+        rows to add to the running batch; a backend that cannot add rows never calls it."""
 
 
 class RowSampler:
@@ -245,23 +259,57 @@ class TorchDecoder:
     """Decode rows on a PyTorch causal LM: prefill the left-padded prompts in one forward pass, then
     one forward pass per new token over the rows still running, on a KV cache. A finished row leaves
     the batch and the cache at once, so a long reply never makes short ones pay for its steps, and
-    each row can carry its own LoRA adapter (PEFT's mixed-batch forward, `adapter_names`). For one
-    request it is as fast as transformers' `generate`: on a CPU the forward pass itself is the cost
-    (docs/benchmarks.md). Prompt- and prefix-tuned models get their virtual tokens at prefill, as
-    PEFT's own generate gives them."""
+    each row can carry its own LoRA adapter (PEFT's mixed-batch forward: `mixed=True` and each row's
+    `Decoding.adapter`). New rows can join a running batch between two steps (`decode(rows, join)`,
+    continuous batching): they are prefilled on their own and their cache is appended to the
+    batch's, so a request that arrives while long replies are being written starts at once instead
+    of waiting for them. For one request it is as fast as transformers' `generate`: on a CPU the
+    forward pass itself is the cost (docs/benchmarks.md). Prompt- and prefix-tuned models get their
+    virtual tokens at prefill, as PEFT's own generate gives them."""
 
-    def __init__(self, model, pad_id: int, adapter_names: list[str] | None = None):
+    def __init__(self, model, pad_id: int, mixed: bool = False):
         self.model = model
         self.pad_id = pad_id
-        self.adapter_names = adapter_names
+        self.mixed = mixed
 
     @torch.inference_mode()
-    def decode(self, rows: list[Decoding]) -> None:
+    def decode(self, rows: list[Decoding], join: Callable[[], list[Decoding]] | None = None) -> None:
+        batch = self._start(rows)
+        # Joining appends caches row-wise; models whose cache is not one plain tensor per layer
+        # (sliding-window layers, PEFT's virtual tokens) finish their batch first instead.
+        joinable = join is not None and prompt_learning_config(self.model) is None and batch.cache_is_plain()
+        while batch is not None:
+            batch.advance()
+            if joinable:
+                joined = self._start_joiners(join())
+                if joined is not None:
+                    batch = joined if batch.empty else batch.merge(joined)
+            if batch.empty:
+                return
+
+    def _start_joiners(self, rows: list[Decoding]) -> "_Batch | None":
+        """Prefill rows joining a running batch; rows that cannot start (a bad seed, say) fail alone
+        and the batch they were joining goes on."""
+        rows = [row for row in rows if not row.finished]
+        if not rows:
+            return None
+        try:
+            return self._start(rows)
+        except Exception as err:  # noqa: BLE001 - another client's rows are running in this batch
+            if len(rows) > 1:
+                started = [b for b in (self._start_joiners([row]) for row in rows) if b is not None]
+                return functools.reduce(_Batch.merge, started) if started else None
+            log.warning("a row could not join the batch: %s", err)
+            rows[0].fail(err)
+            return None
+
+    def _start(self, rows: list[Decoding]) -> "_Batch":
+        """Prefill `rows` and return them as a batch whose next tokens are ready to choose."""
         model = self.model
         completions = [row.completion for row in rows]
         device = next(model.parameters()).device
         width = max(c.prompt_tokens for c in completions)
-        names = self.adapter_names or [None] * len(rows)
+        names = [row.adapter for row in rows]
         # Rows with the same prompt (and adapter) share one prefill, whose cache is then copied to
         # each: GRPO samples 8 answers per prompt, and on a CPU prefilling 32 rows of ~100 tokens
         # cost as much as decoding 30 tokens for all of them. Virtual-token models prefill every row.
@@ -281,8 +329,7 @@ class TorchDecoder:
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         samplers = [RowSampler(c.params, device) if c.params.temperature > 0 else None for c in completions]
         # A mixed batch names each row's adapter (PEFT's mixed-batch LoRA forward).
-        mixed = {} if self.adapter_names is None else {"adapter_names": [names[source.index(k)]
-                                                                         for k in range(len(unique))]}
+        mixed = {"adapter_names": [names[source.index(k)] or "__base__" for k in range(len(unique))]} if self.mixed else {}
         # Without padding (one request, or prompts of one length) no mask is needed, and attention
         # takes its causal fast path instead of building a mask every step.
         padded = any(c.prompt_tokens < width for c in completions)
@@ -292,35 +339,9 @@ class TorchDecoder:
             index = torch.tensor(source, device=device)
             cache.batch_select_indices(index)
             logits, attention_mask, next_position = logits[index], attention_mask[index], next_position[index]
-            if mixed:
-                mixed["adapter_names"] = list(names)
-        alive = list(range(len(rows)))  # batch row -> index into rows
-        constrained = [c.constraint for c in completions]
-        while True:
-            for b, i in enumerate(alive):
-                if constrained[i] is not None:
-                    constrained[i].mask(logits[b])
-            tokens = logits.argmax(-1)
-            for b, i in enumerate(alive):
-                if samplers[i] is not None:
-                    tokens[b] = samplers[i](logits[b])
-            for b, token in enumerate(tokens.tolist()):
-                rows[alive[b]].add(token)
-            keep = [b for b, i in enumerate(alive) if not rows[i].finished]
-            if not keep:
-                return
-            if len(keep) < len(alive):
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                attention_mask, tokens, next_position = attention_mask[index], tokens[index], next_position[index]
-                alive = [alive[b] for b in keep]
-                if mixed:
-                    mixed["adapter_names"] = [mixed["adapter_names"][b] for b in keep]
-            if padded:
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(alive), 1))], dim=1)
-            logits = forward(input_ids=tokens[:, None], attention_mask=attention_mask if padded else None,
-                             position_ids=next_position, past_key_values=cache, use_cache=True, **mixed).logits[:, -1, :]
-            next_position = next_position + 1
+        if mixed:
+            mixed["adapter_names"] = [n or "__base__" for n in names]
+        return _Batch(list(rows), samplers, cache, logits, attention_mask, next_position, forward, padded, mixed)
 
     def _prefill(self, input_ids, attention_mask, padded: bool, mixed: dict):
         """The first forward pass over the prompts. Returns the last position's logits, the attention
@@ -355,6 +376,94 @@ class TorchDecoder:
         logits = base(inputs_embeds=torch.cat([prompts, embeds], dim=1), attention_mask=attention_mask,
                       position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
         return logits, attention_mask, positions[:, -1:] + 1, cache, base, True
+
+
+class _Batch:
+    """The rows a TorchDecoder is advancing, with their state on the model: the KV cache, attention
+    mask, next positions and the logits of each row's next token."""
+
+    def __init__(self, rows, samplers, cache, logits, attention_mask, next_position, forward, padded, mixed):
+        self.rows, self.samplers, self.cache = rows, samplers, cache
+        self.logits, self.attention_mask, self.next_position = logits, attention_mask, next_position
+        self.forward, self.padded, self.mixed = forward, padded, mixed
+
+    @property
+    def empty(self) -> bool:
+        return not self.rows
+
+    def cache_is_plain(self) -> bool:
+        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    def advance(self) -> None:
+        """Choose every row's next token, drop the rows that finished, run the others one step."""
+        logits, rows = self.logits, self.rows
+        for b, row in enumerate(rows):
+            if row.completion.constraint is not None:
+                row.completion.constraint.mask(logits[b])
+        tokens = logits.argmax(-1)
+        for b, sampler in enumerate(self.samplers):
+            if sampler is not None:
+                tokens[b] = sampler(logits[b])
+        for b, token in enumerate(tokens.tolist()):
+            rows[b].add(token)
+        keep = [b for b, row in enumerate(rows) if not row.finished]
+        if len(keep) < len(rows):
+            self._select(keep)
+            tokens = tokens[torch.tensor(keep, dtype=torch.long, device=tokens.device)]
+        if not self.rows:
+            return
+        if self.padded:
+            self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((len(self.rows), 1))], 1)
+        self.logits = self.forward(input_ids=tokens[:, None], attention_mask=self.attention_mask if self.padded else None,
+                                   position_ids=self.next_position, past_key_values=self.cache, use_cache=True,
+                                   **self.mixed).logits[:, -1, :]
+        self.next_position = self.next_position + 1
+
+    def _select(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.long, device=self.logits.device)
+        if keep:
+            self.cache.batch_select_indices(index)
+        self.logits, self.attention_mask = self.logits[index], self.attention_mask[index]
+        self.next_position = self.next_position[index]
+        self.rows = [self.rows[b] for b in keep]
+        self.samplers = [self.samplers[b] for b in keep]
+        if self.mixed:
+            self.mixed["adapter_names"] = [self.mixed["adapter_names"][b] for b in keep]
+
+    def full_mask(self) -> torch.Tensor:
+        """The attention mask over the whole cache (an unpadded batch does not keep one)."""
+        length = self.cache.get_seq_length()
+        if self.padded:
+            return self.attention_mask
+        return self.attention_mask.new_ones((len(self.rows), length))
+
+    def merge(self, other: "_Batch") -> "_Batch":
+        """This batch with `other`'s rows appended. Caches of different lengths are left-padded to
+        the longer one (masked out, as prompt padding is); positions stay each row's own."""
+        mine, theirs = self.full_mask(), other.full_mask()
+        width = max(mine.shape[1], theirs.shape[1])
+        for a, b in zip(self.cache.layers, other.cache.layers):
+            a.keys = torch.cat([left_pad(a.keys, width, dim=-2), left_pad(b.keys, width, dim=-2)])
+            a.values = torch.cat([left_pad(a.values, width, dim=-2), left_pad(b.values, width, dim=-2)])
+        self.attention_mask = torch.cat([left_pad(mine, width, dim=1), left_pad(theirs, width, dim=1)])
+        self.padded = True
+        self.logits = torch.cat([self.logits, other.logits])
+        self.next_position = torch.cat([self.next_position, other.next_position])
+        self.rows = self.rows + other.rows
+        self.samplers = self.samplers + other.samplers
+        if self.mixed:
+            self.mixed["adapter_names"] = self.mixed["adapter_names"] + other.mixed["adapter_names"]
+        return self
+
+
+def left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`tensor` with zeros prepended along `dim` up to `width`."""
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def pad_id_of(tokenizer, eos_ids: set[int]) -> int:

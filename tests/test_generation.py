@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slmtune.generation import SamplingParams, chat_prompt_ids, complete
+from slmtune.generation import (Completion, Decoding, SamplingParams, TorchDecoder, chat_prompt_ids, complete,
+                                detokenizer, pad_id_of)
 from slmtune.models import end_of_turn_ids, load_model
 
 QUESTIONS = ["Hi", "What is the capital of France? Tell me", "hello world", "Batteries last how long?"]
@@ -98,3 +99,84 @@ def test_rows_sharing_a_prompt_share_its_prefill_and_answer_as_if_alone(kind, ti
         [alone] = complete(model, tiny_tokenizer, [prompt], param)
         assert completion.token_ids == alone.token_ids, kind
     assert len({tuple(c.token_ids) for c in together}) > 2  # the seeds differ, so do the samples
+
+
+def joining_rows(tiny_tokenizer, model, schedule: dict[int, list[Completion]], first: list[Completion],
+                 mixed: bool = False, adapter_of=lambda c: None):
+    """Decode `first`, handing the decoder schedule[k] as joiners at its k-th call of join."""
+    eos = end_of_turn_ids(model, tiny_tokenizer)
+    decode = detokenizer(tiny_tokenizer)
+    calls = []
+
+    def row(c):
+        c.on_text = None
+        return Decoding(c, decode, eos, adapter=adapter_of(c))
+
+    def join():
+        calls.append(1)
+        return [row(c) for c in schedule.get(len(calls), [])]
+
+    rows = [row(c) for c in first]
+    TorchDecoder(model, pad_id_of(tiny_tokenizer, eos), mixed).decode(rows, join)
+    assert len(calls) >= max(schedule)  # every scheduled row joined while the batch ran
+
+
+@pytest.mark.parametrize("kind", [None, "lora"])
+def test_rows_joining_a_running_batch_answer_as_if_alone(kind, tiny_llama_dir, tiny_tokenizer):
+    """Continuous batching: rows that join between steps (prompts longer and shorter than the
+    running rows', two with one prompt, greedy and seeded) get exactly the tokens they get alone,
+    and the rows already running are not changed by them."""
+    model = load_model(str(tiny_llama_dir)).eval()
+    if kind is not None:
+        model = peft_model(model, kind)
+    prompts = [chat_prompt_ids(tiny_tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    asks = [(prompts[0], SamplingParams(max_tokens=14, temperature=0)),
+            (prompts[1], SamplingParams(max_tokens=9, temperature=0)),
+            (prompts[2], SamplingParams(max_tokens=12, temperature=1.0, seed=5)),
+            (prompts[1], SamplingParams(max_tokens=11, temperature=0.8, seed=6)),
+            (prompts[1], SamplingParams(max_tokens=8, temperature=0)),
+            (prompts[3], SamplingParams(max_tokens=6, temperature=0))]
+    alone = [complete(model, tiny_tokenizer, [p], q)[0].token_ids for p, q in asks]
+    fresh = [Completion(list(p), q, q.max_tokens) for p, q in asks]
+    joining_rows(tiny_tokenizer, model, {2: fresh[2:4], 4: fresh[4:5], 5: fresh[5:]}, fresh[:2])
+    assert [c.token_ids for c in fresh] == alone, kind
+    assert all(c.finish_reason in ("stop", "length") for c in fresh)
+
+
+def test_a_row_that_cannot_join_fails_alone(tiny_llama_dir, tiny_tokenizer):
+    model = load_model(str(tiny_llama_dir)).eval()
+    prompt = chat_prompt_ids(tiny_tokenizer, [{"role": "user", "content": "hello"}])
+    greedy = SamplingParams(max_tokens=10, temperature=0)
+    [alone] = complete(model, tiny_tokenizer, [prompt], greedy)
+    running = Completion(list(prompt), greedy, 10)
+    poisoned = Completion(list(prompt), SamplingParams(max_tokens=5, temperature=1.0, seed=2**80), 5)
+    good = Completion(list(prompt), greedy, 10)
+    joining_rows(tiny_tokenizer, model, {2: [poisoned, good]}, [running])
+    assert "Overflow" in str(poisoned.error) and not poisoned.token_ids
+    assert running.token_ids == good.token_ids == alone.token_ids and running.error is None
+
+
+def test_a_mixed_adapter_batch_takes_rows_of_its_adapters_and_the_base(tiny_llama_dir, tiny_tokenizer):
+    import peft
+
+    model = peft_model(load_model(str(tiny_llama_dir)).eval(), "lora")
+    torch.manual_seed(4)
+    model.add_adapter("other", peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                                               target_modules="all-linear", init_lora_weights=False))
+    prompts = [chat_prompt_ids(tiny_tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    asks = [("default", prompts[0], 12), ("other", prompts[1], 10), ("__base__", prompts[2], 9),
+            ("other", prompts[3], 7), ("default", prompts[1], 8)]
+    alone = []
+    for name, prompt, n in asks:
+        if name == "__base__":
+            with model.disable_adapter():
+                alone.append(complete(model, tiny_tokenizer, [prompt], SamplingParams(max_tokens=n, temperature=0))[0])
+        else:
+            model.set_adapter(name)
+            alone.append(complete(model, tiny_tokenizer, [prompt], SamplingParams(max_tokens=n, temperature=0))[0])
+    assert len({tuple(c.token_ids) for c in alone}) == len(asks)  # the adapters really differ
+    fresh = [Completion(list(p), SamplingParams(max_tokens=n, temperature=0), n) for _, p, n in asks]
+    adapter = {id(c): name for c, (name, _, _) in zip(fresh, asks)}
+    joining_rows(tiny_tokenizer, model, {1: fresh[2:4], 3: fresh[4:]}, fresh[:2], mixed=True,
+                 adapter_of=lambda c: adapter[id(c)])
+    assert [c.token_ids for c in fresh] == [c.token_ids for c in alone]

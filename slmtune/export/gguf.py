@@ -471,7 +471,8 @@ class LlamaCppDecoder:
         self.llm.eval(tokens)
         return np.asarray(self.llm.scores[self.llm.n_tokens - 1])
 
-    def decode(self, rows: list[Decoding]) -> None:
+    def decode(self, rows: list[Decoding], join=None) -> None:
+        # One llama.cpp context decodes one row at a time: rows never join (`join` is not called).
         for row in rows:
             c = row.completion
             rng = np.random.default_rng(c.params.seed)

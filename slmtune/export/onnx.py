@@ -24,6 +24,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from transformers import AutoTokenizer
@@ -115,21 +116,8 @@ class OnnxDecoder:
         self.model = model
         self.vocab_size = vocab_size
 
-    def decode(self, rows: list[Decoding]) -> None:
-        og = onnx_genai()
-        active = []
-        for row in rows:
-            c = row.completion
-            p = c.params
-            params = og.GeneratorParams(self.model)
-            options = dict(max_length=c.prompt_tokens + c.max_tokens, do_sample=p.temperature > 0)
-            if p.temperature > 0:
-                options |= dict(temperature=p.temperature, top_p=p.top_p, top_k=self.vocab_size,
-                                random_seed=p.seed % 2**31 if p.seed is not None else secrets.randbits(31))
-            params.set_search_options(**options)
-            generator = og.Generator(self.model, params)
-            generator.append_tokens(np.array([c.prompt_ids], dtype=np.int32))
-            active.append((row, generator))
+    def decode(self, rows: list[Decoding], join: Callable[[], list[Decoding]] | None = None) -> None:
+        active = [(row, self._generator(row)) for row in rows]
         while active:
             still = []
             for row, generator in active:
@@ -142,7 +130,27 @@ class OnnxDecoder:
                         row.finish("length")
                 if not row.finished:
                     still.append((row, generator))
+            # Rows joining between steps get generators of their own (each row has one anyway).
+            for row in join() if join is not None else []:
+                try:
+                    still.append((row, self._generator(row)))
+                except Exception as err:  # noqa: BLE001 - the rows already running go on
+                    row.fail(err)
             active = still
+
+    def _generator(self, row: Decoding):
+        og = onnx_genai()
+        c = row.completion
+        p = c.params
+        params = og.GeneratorParams(self.model)
+        options = dict(max_length=c.prompt_tokens + c.max_tokens, do_sample=p.temperature > 0)
+        if p.temperature > 0:
+            options |= dict(temperature=p.temperature, top_p=p.top_p, top_k=self.vocab_size,
+                            random_seed=p.seed % 2**31 if p.seed is not None else secrets.randbits(31))
+        params.set_search_options(**options)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(np.array([c.prompt_ids], dtype=np.int32))
+        return generator
 
 
 def genai_vocab_size(export_dir: str | Path, tokenizer) -> int:

@@ -65,11 +65,16 @@ def _model_identity(name: str) -> tuple[str, str] | None:
     return ("name", name)
 
 
-def resolve_adapter(name: str, path: str | Path, base_model: str | None = None) -> AdapterSource:
-    """Check a name and a run directory / PEFT adapter directory; raise AdapterError if unusable."""
+def check_adapter_name(name: str) -> None:
+    """Adapter names are ids in requests, never paths: AdapterError unless 1-64 safe characters."""
     if not NAME_PATTERN.fullmatch(name or ""):
         raise AdapterError(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_', ':' or '-', "
                            "starting with a letter or digit")
+
+
+def resolve_adapter(name: str, path: str | Path, base_model: str | None = None) -> AdapterSource:
+    """Check a name and a run directory / PEFT adapter directory; raise AdapterError if unusable."""
+    check_adapter_name(name)
     given = Path(path).expanduser()
     root = given.resolve()
     trained_on = None

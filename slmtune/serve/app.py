@@ -38,7 +38,7 @@ from slmtune.data.tools import MAX_TOOLS, CallStream, check_messages, check_tool
 from slmtune.http.errors import ApiError, error_body, install_error_handlers, server_error
 from slmtune.http.health import install_health
 from slmtune.serve.adapters import AdapterError, UnknownModel
-from slmtune.serve.engine import Engine, Request, RequestError, SamplingParams
+from slmtune.serve.engine import BudgetExceeded, Engine, Request, RequestError, SamplingParams
 
 
 # --- request bodies --------------------------------------------------------------------------
@@ -252,6 +252,8 @@ def engine_error(err: Exception) -> ApiError | None:
         return err
     if isinstance(err, UnknownModel):
         return ApiError(404, str(err), param="model", code="model_not_found")
+    if isinstance(err, BudgetExceeded):
+        return ApiError(429, str(err), type="rate_limit_error", code=err.code)
     if isinstance(err, RequestError):
         return ApiError(400, str(err), param=err.param, code=err.code)
     if isinstance(err, AdapterError):
@@ -292,8 +294,7 @@ class _Batch:
         return deliver
 
     def submit(self) -> None:
-        for r in self.requests:
-            self.engine.submit(r)
+        self.engine.submit_all(self.requests)
 
     def cancel(self) -> None:
         for r in self.requests:
@@ -401,9 +402,9 @@ def create_app(engine: Engine, *, admin_token: str | None = None) -> FastAPI:
               http_request: HttpRequest, constraints: list | None = None) -> _Batch:
         try:
             batch = _Batch(engine, body.model, prompts, body, max_tokens, owner_of(http_request), constraints)
+            batch.submit()
         except (UnknownModel, RequestError) as err:
             raise as_api_error(err) from None
-        batch.submit()
         return batch
 
     async def answer(batch: _Batch, shape, http_request: HttpRequest) -> dict:

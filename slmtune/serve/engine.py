@@ -4,11 +4,16 @@
     request = engine.chat_request("support", [{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=32))
     print(engine.generate(request).text)
 
-Requests wait in a queue. The engine thread takes the first one, waits `batch_wait_ms` for more
-(everything that queued up while the previous batch ran is taken at once) and runs them as one
-left-padded batch through a plain decode loop on a KV cache. Requests for different LoRA adapters
-(and the base) share that batch through PEFT's mixed-batch forward when they can all be loaded at
-once; otherwise (more adapters than the cap, DoRA) each adapter gets a batch of its own.
+Requests wait in a queue, one line per owner (tenant or client), served round-robin. The engine
+thread takes the first one, waits `batch_wait_ms` for more (everything that queued up while the
+previous batch ran is taken at once) and runs them as one left-padded batch through a plain decode
+loop on a KV cache. While it runs, requests that arrive join it between two decoding steps
+(continuous batching): up to `max_batch_size` rows from anyone, and beyond that, up to twice that,
+rows of owners holding less than their fair share of the batch, so one client's long replies never
+make another's short request wait for them. Requests for different LoRA adapters (and the base)
+share that batch through PEFT's mixed-batch forward when they can all be loaded at once; otherwise
+(more adapters than the cap, DoRA) each adapter gets a batch of its own, and a request for a model
+the running batch cannot take lets that batch drain (no new rows join it) before it runs.
 Per-request temperature, top_p and seed are applied row by row, and per-request stop conditions
 (end of turn, max_tokens, stop strings, a client that went away) end a row, which then leaves the
 batch, so requests with different sampling parameters still share the forward passes.
@@ -33,9 +38,10 @@ from slmtune.data.tools import call_grammar, tool_style
 from slmtune.generation import (Completion, Decoder, Decoding, GrammarConstraint, GrammarError, SamplingParams,
                                 TorchDecoder, chat_prompt_ids, detokenizer, notify, pad_id_of)
 from slmtune.models import end_of_turn_ids, has_native_bf16, load_model, load_tokenizer
+from slmtune.serve import DEFAULT_MAX_TOKENS_PER_OWNER
 from slmtune.serve.adapters import AdapterError, AdapterRegistry, UnknownModel
 
-__all__ = ["Engine", "FairQueue", "Request", "RequestError", "SamplingParams", "default_base_name"]
+__all__ = ["BudgetExceeded", "Engine", "FairQueue", "Request", "RequestError", "SamplingParams", "default_base_name"]
 
 log = logging.getLogger("slmtune.serve")
 
@@ -52,6 +58,10 @@ class RequestError(ValueError):
         self.code = code
 
 
+class BudgetExceeded(RequestError):
+    """An owner's unfinished requests would hold more tokens than it may (HTTP 429)."""
+
+
 @dataclass(eq=False)
 class Request(Completion):
     """A completion one HTTP request (or Python caller) waits for; the engine sets `done` at the end."""
@@ -60,6 +70,7 @@ class Request(Completion):
     owner: str = ""  # who asked (the service's tenant, else the client's address): the queue is fair by owner
     on_done: Callable[["Request"], None] | None = None  # called on the engine thread at the end
     done: threading.Event = field(default_factory=threading.Event)
+    charged: int = 0  # tokens counted against the owner's budget while it is unfinished
 
 
 class FairQueue:
@@ -98,6 +109,41 @@ class FairQueue:
     def get_nowait(self):
         return self.get(timeout=0)
 
+    def take_joiners(self, can_join: Callable[[Request], bool], running: Counter, size: int,
+                     hard_size: int) -> list[Request]:
+        """Requests to add to a batch already running (`running`: its rows per owner), taken in
+        round-robin order by owner: any owner's while the batch has fewer than `size` rows; beyond
+        that, up to `hard_size`, only an owner's that holds fewer rows than its fair share (`size`
+        split evenly among the owners running or waiting), so one owner's long replies filling the
+        batch never keep another owner waiting for them to end. Nothing is taken while a request
+        that cannot join (another model's) or a control item waits first in line: the batch then
+        drains and that request gets its turn."""
+        with self._ready:
+            if self._control or not self._lines:
+                return []
+            if any(not can_join(line[0]) for line in self._lines.values()):
+                return []
+            share = max(1, size // len(set(running) | set(self._lines)))
+            counts, rows, taken = Counter(running), sum(running.values()), []
+            progress = True
+            while progress and self._lines:
+                progress = False
+                for owner in list(self._lines):
+                    line = self._lines[owner]
+                    if not can_join(line[0]):
+                        continue
+                    if not (rows < size or (counts[owner] < share and rows < hard_size)):
+                        continue
+                    taken.append(line.popleft())
+                    counts[owner] += 1
+                    rows += 1
+                    progress = True
+                    if line:
+                        self._lines.move_to_end(owner)
+                    else:
+                        del self._lines[owner]
+            return taken
+
     def qsize(self) -> int:
         with self._ready:
             return len(self._control) + sum(len(line) for line in self._lines.values())
@@ -110,14 +156,15 @@ _STOP = object()
 class Engine:
     """Owns the model on one thread; `submit` requests from anywhere.
 
-    `new_decoder(model, adapter_names)` makes the backend's Decoder for one batch (slmtune/generation.py):
+    `new_decoder(model, mixed)` makes the backend's Decoder for one batch (slmtune/generation.py):
     TorchDecoder for PyTorch models (Engine.load), the ONNX backend's for exports (OnnxEngine.load).
     `constrained_decoding`: the decoders honour Completion.constraint (forced tool calls)."""
 
     def __init__(self, tokenizer, registry: AdapterRegistry, *, base_name: str, eos_ids: set[int],
-                 context_length: int, new_decoder: Callable[[object, list[str] | None], Decoder],
+                 context_length: int, new_decoder: Callable[[object, bool], Decoder],
                  max_batch_size: int = 8, batch_wait_ms: float = 10.0, default_max_tokens: int = 512,
-                 constrained_decoding: bool = False):
+                 constrained_decoding: bool = False, continuous_batching: bool = True,
+                 max_tokens_per_owner: int | None = DEFAULT_MAX_TOKENS_PER_OWNER):
         self.tokenizer = tokenizer
         self.tool_style = tool_style(tokenizer)
         self.constrained_decoding = constrained_decoding
@@ -127,6 +174,13 @@ class Engine:
         self.context_length = context_length
         self.new_decoder = new_decoder
         self.max_batch_size = max_batch_size
+        # Requests join running batches (up to twice max_batch_size rows: fair shares, see FairQueue).
+        self.continuous_batching = continuous_batching
+        # What one owner's unfinished requests may hold (prompt + max_tokens each): a bound on the
+        # queue's memory and on how far ahead one client can book the engine. None: no bound.
+        self.max_tokens_per_owner = max_tokens_per_owner
+        self._owner_tokens: Counter[str] = Counter()
+        self._budget_lock = threading.Lock()
         self.batch_wait = batch_wait_ms / 1000.0
         self.default_max_tokens = default_max_tokens
         self.created = int(time.time())
@@ -145,6 +199,7 @@ class Engine:
         self._active: list[Request] = []  # the rows being decoded now (stop() cancels them)
         self._batch_sizes: Counter[int] = Counter()
         self._requests = 0
+        self._joined = 0  # requests that joined a batch already running
         self._generated_tokens = 0
 
     @classmethod
@@ -172,7 +227,7 @@ class Engine:
         pad_id = pad_id_of(tokenizer, eos_ids)
         context_length = int(model.config.max_position_embeddings or 2048)
         return cls(tokenizer, registry, base_name=base_name, eos_ids=eos_ids, context_length=context_length,
-                   new_decoder=lambda m, names: TorchDecoder(m, pad_id, names), constrained_decoding=True,
+                   new_decoder=lambda m, mixed: TorchDecoder(m, pad_id, mixed), constrained_decoding=True,
                    **kwargs)
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -283,10 +338,33 @@ class Engine:
         return self.make_request(model, self.encode_chat(messages), params, **callbacks)
 
     def submit(self, request: Request) -> Request:
+        self.submit_all([request])
+        return request
+
+    def submit_all(self, requests: list[Request]) -> None:
+        """Queue the requests of one caller (e.g. the n choices of an HTTP request) all, or none:
+        BudgetExceeded when their owner's unfinished requests would then hold more than
+        max_tokens_per_owner tokens (prompt + max_tokens of each)."""
         if not self.running:
             raise RuntimeError("the engine is not running; call start()")
-        self._queue.put(request)
-        return request
+        with self._budget_lock:
+            for r in requests:
+                r.charged = r.prompt_tokens + r.max_tokens
+            if self.max_tokens_per_owner is not None:
+                for owner in {r.owner for r in requests}:
+                    asked = sum(r.charged for r in requests if r.owner == owner)
+                    held = self._owner_tokens[owner]
+                    if held + asked > self.max_tokens_per_owner:
+                        for r in requests:
+                            r.charged = 0
+                        raise BudgetExceeded(
+                            f"This request needs {asked} tokens (prompts + max_tokens) while your unfinished requests "
+                            f"hold {held}; at most {self.max_tokens_per_owner} may be in flight at once. Wait for "
+                            "them to finish, or lower max_tokens or n.", param=None, code="rate_limit_exceeded")
+            for r in requests:
+                self._owner_tokens[r.owner] += r.charged
+        for r in requests:
+            self._queue.put(r)
 
     def generate(self, request: Request, timeout: float | None = None) -> Request:
         """Submit and wait (for Python callers and tests; the HTTP app uses callbacks)."""
@@ -299,13 +377,17 @@ class Engine:
         return request
 
     def stats(self) -> dict:
+        with self._budget_lock:
+            in_flight = sum(self._owner_tokens.values())
         with self._stats_lock:
             return {
                 "requests": self._requests,
+                "joined_running_batch": self._joined,
                 "batches": sum(self._batch_sizes.values()),
                 "batch_sizes": {str(k): v for k, v in sorted(self._batch_sizes.items())},
                 "max_batch_size_seen": max(self._batch_sizes, default=0),
                 "generated_tokens": self._generated_tokens,
+                "tokens_in_flight": in_flight,  # prompt + max_tokens of unfinished requests
                 "queued": self._queue.qsize(),
                 "adapters_loaded": self.registry.loaded(),
                 "adapter_loads": self.registry.loads,
@@ -340,15 +422,41 @@ class Engine:
                 groups.setdefault(req.model, []).append(req)
             if len(groups) > 1 and self.run_mixed(batch):
                 continue
-            for name, requests in groups.items():
-                self.run_group(name, requests)
+            # Only the last of these batches takes joiners: an earlier one could keep running on
+            # new requests for its model while the others' requests, already taken, wait.
+            for i, (name, requests) in enumerate(groups.items()):
+                self.run_group(name, requests, joinable=i == len(groups) - 1)
 
-    def _rows(self, requests: list[Request]) -> list[Decoding]:
-        return [Decoding(r, self.decode, self.eos_ids) for r in requests]
+    def _rows(self, requests: list[Request], adapters: dict[str, str] | None = None) -> list[Decoding]:
+        """Decoding rows for requests; in a mixed batch, `adapters` maps model names to PEFT's."""
+        return [Decoding(r, self.decode, self.eos_ids, adapter=adapters.get(r.model) if adapters else None,
+                         on_end=self._answer) for r in requests]
+
+    def _joiner(self, live: list[Request], can_join: Callable[[Request], bool],
+                adapters: dict[str, str] | None = None) -> Callable[[], list[Decoding]]:
+        """The decoder's `join`: queued requests that may enter the batch running `live` now
+        (FairQueue.take_joiners); they are appended to `live`, so stop() and the accounting see them."""
+
+        def join() -> list[Decoding]:
+            if self._stopping or not self.continuous_batching:
+                return []
+            running = Counter(r.owner for r in live if r.finish_reason is None and r.error is None and not r.cancelled)
+            taken = self._queue.take_joiners(can_join, running, self.max_batch_size, self.max_batch_size * 2)
+            for r in taken:
+                if r.cancelled:  # its client left while it waited
+                    self._finish(r)
+            taken = [r for r in taken if not r.cancelled]
+            live.extend(taken)
+            with self._stats_lock:
+                self._joined += len(taken)
+            return self._rows(taken, adapters)
+
+        return join
 
     def run_mixed(self, requests: list[Request]) -> bool:
         """Run requests for several adapters (and the base) as one batch; False when they cannot be
-        mixed, and the caller then runs one batch per adapter."""
+        mixed, and the caller then runs one batch per adapter. Requests for the base or an adapter
+        of the batch may join it while it runs."""
         live = [r for r in requests if not r.cancelled]
         names = [None if r.model == self.base_name else r.model for r in live]
         try:
@@ -358,14 +466,19 @@ class Engine:
                 for r in requests:
                     if r.cancelled:
                         self._finish(r)
-                model, adapter_names = mixed
-                self._guarded(live, lambda rows: self.new_decoder(model, adapter_names).decode(self._rows(rows)))
+                model, peft_names = mixed
+                self._count_batch(len(live))
+                adapters = {r.model: p for r, p in zip(live, peft_names)} | {self.base_name: "__base__"}
+                ran = self._guarded(live, lambda rows: self.new_decoder(model, True).decode(
+                    self._rows(rows, adapters), join=self._joiner(rows, lambda r: r.model in adapters, adapters)))
         except (UnknownModel, AdapterError):
             return False  # one batch per adapter reports the error to the requests it concerns
-        self._account(live)
+        self._account(ran)
         return True
 
-    def run_group(self, name: str, requests: list[Request]) -> None:
+    def run_group(self, name: str, requests: list[Request], joinable: bool = True) -> None:
+        """Run requests for one model as one batch; more requests for it may join while it runs
+        (unless not `joinable`)."""
         live = [r for r in requests if not r.cancelled]
         for r in requests:
             if r.cancelled:
@@ -373,16 +486,19 @@ class Engine:
         if not live:
             return
 
+        self._count_batch(len(live))
+
         def run(rows: list[Request]) -> None:
             with self.registry.use(None if name == self.base_name else name) as model:
-                self.new_decoder(model, None).decode(self._rows(rows))
+                join = self._joiner(rows, lambda r: r.model == name) if joinable else None
+                self.new_decoder(model, False).decode(self._rows(rows), join=join)
 
-        self._guarded(live, run)
-        self._account(live)
+        self._account(self._guarded(live, run))
 
-    def _guarded(self, live: list[Request], run: Callable[[list[Request]], None]) -> None:
+    def _guarded(self, live: list[Request], run: Callable[[list[Request]], None]) -> list[Request]:
         """Run a batch; if it fails before any row produced a token, run each row alone, so that one
-        bad row (another tenant's, perhaps) fails only itself."""
+        bad row (another tenant's, perhaps) fails only itself. Returns every request that ran: `live`
+        and those that joined it (run appends them to `live`)."""
         self._active = live
         try:
             run(live)
@@ -391,27 +507,44 @@ class Engine:
                 r.error = err
         except Exception as err:  # noqa: BLE001 - one bad batch must not stop the server
             if len(live) > 1 and not any(r.token_ids for r in live):
-                for r in live:
-                    self._guarded([r], run)
-                return
+                return [ran for r in list(live) for ran in self._guarded([r], run)]
             log.exception("generation failed")
             for r in live:
                 r.error = err
         finally:
             self._active = []
+        return live
 
-    def _account(self, live: list[Request]) -> None:
+    def _count_batch(self, rows: int) -> None:
+        """A batch starts with `rows` rows (rows that join it later count as joined_running_batch)."""
         with self._stats_lock:
-            self._batch_sizes[len(live)] += 1
-            self._requests += len(live)
-            self._generated_tokens += sum(r.completion_tokens for r in live)
-        for r in live:
-            if r.error is None and r.finish_reason is None:
-                r.finish_reason = "length"
-            self._finish(r)
+            self._batch_sizes[rows] += 1
 
-    @staticmethod
-    def _finish(request: Request) -> None:
+    def _answer(self, request: Request) -> None:
+        """A request's row ended (Decoding.on_end) or its batch did: count it and answer it."""
+        if request.done.is_set():
+            return
+        if request.error is None and request.finish_reason is None:
+            request.finish_reason = "length"
+        with self._stats_lock:
+            self._requests += 1
+            self._generated_tokens += request.completion_tokens
+        self._finish(request)
+
+    def _account(self, ran: list[Request]) -> None:
+        """The batch ended: answer the requests whose row did not end by itself (errors)."""
+        for r in ran:
+            self._answer(r)
+
+    def _finish(self, request: Request) -> None:
+        """Answer a request (done, on_done) once, whether it ran or was cancelled before it could."""
+        if request.done.is_set():
+            return
+        with self._budget_lock:
+            self._owner_tokens[request.owner] -= request.charged
+            if self._owner_tokens[request.owner] <= 0:
+                del self._owner_tokens[request.owner]
+            request.charged = 0
         request.done.set()
         notify(request.on_done, request)
 

@@ -8,25 +8,32 @@ stats) with a LlamaCppDecoder (slmtune/export/gguf.py): llama.cpp's weights and 
 llama-cpp-python (`pip install -e ".[gguf]"`). The tokenizer and chat template are the ones the GGUF
 carries, read by transformers' GGUF loader, so prompts are the same ids as PyTorch's.
 
+Adapters by name: GGUF LoRA files (`slmtune export RUN --format gguf-lora`) registered with
+`--adapter NAME=DIR_OR_FILE` or the admin API load onto the one llama.cpp model on first use
+(GgufAdapters); a request naming one is decoded with it, the base model's name with none.
+
 Limits, said plainly: one llama.cpp context decodes the rows of a batch one after another (no
-multi-sequence batching yet), so this backend suits one or a few clients; and it serves the one
-model in the file (export with the adapter merged; registering adapters is refused).
+multi-sequence batching yet), so this backend suits one or a few clients.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
+import gguf
 from transformers import AutoTokenizer
 
-from slmtune.export.gguf import GGUF_FILE, GgufExportError, LlamaCppCandidate, context_length_of
-from slmtune.serve.adapters import AdapterError, NoAdapters
+from slmtune.export.gguf import (ADAPTER_FILE, GGUF_FILE, GgufExportError, LlamaCppCandidate, context_length_of,
+                                 llama_cpp)
+from slmtune.serve.adapters import AdapterError, AdapterSource, UnknownModel, check_adapter_name
 from slmtune.serve.engine import Engine
 
 MAX_CONTEXT = 8192
-NO_ADAPTERS = ("the llama.cpp backend serves one GGUF file with its adapter merged; it cannot load adapters "
-               "(serve them with the PyTorch backend, or export each run with --format gguf)")
 
 
 def gguf_file(target: str | os.PathLike) -> Path:
@@ -40,14 +47,142 @@ def gguf_file(target: str | os.PathLike) -> Path:
     return path
 
 
+class GgufAdapters:
+    """The llama.cpp backend's adapter registry (the interface of serve/adapters.AdapterRegistry):
+    names -> GGUF LoRA files, loaded onto the one llama.cpp model on first use, at most `max_loaded`
+    at once (the least recently used is freed). The engine decodes one row at a time, so `use(name)`
+    sets that adapter (or none, for the base) on the context before its batch."""
+
+    def __init__(self, llm, *, max_loaded: int = 4):
+        self.model = llm
+        self.max_loaded = max_loaded
+        self.loads = 0
+        self.evictions = 0
+        self.architecture = str(llm.metadata.get("general.architecture", ""))
+        self._sources: dict[str, AdapterSource] = {}
+        self._loaded: OrderedDict[str, tuple[Path, object]] = OrderedDict()  # name -> (file, llama.cpp adapter)
+        self._lock = threading.Lock()
+        self._low = llama_cpp().llama_cpp
+
+    def register(self, name: str, path: str | os.PathLike, *, reserved: set[str] = frozenset()) -> AdapterSource:
+        check_adapter_name(name)
+        if name in reserved:
+            raise AdapterError(f"{name!r} is the base model's name; pick another adapter name")
+        source = AdapterSource(name, lora_file(path, self.architecture), str(path))
+        with self._lock:
+            existing = self._sources.get(name)
+            if existing is not None and existing.path != source.path:
+                raise AdapterError(f"adapter {name!r} is already registered for {existing.given}; remove it first")
+            self._sources[name] = source
+        return source
+
+    def remove(self, name: str) -> AdapterSource:
+        """Forget a name; it is freed by the next sync() on the engine thread."""
+        with self._lock:
+            if name not in self._sources:
+                raise UnknownModel(name)
+            return self._sources.pop(name)
+
+    def __contains__(self, name: str) -> bool:
+        with self._lock:
+            return name in self._sources
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._sources)
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._loaded)
+
+    def describe(self) -> list[dict]:
+        with self._lock:
+            return [{"name": n, "path": s.given, "adapter_dir": str(s.path), "loaded": n in self._loaded}
+                    for n, s in self._sources.items()]
+
+    # --- engine thread only ------------------------------------------------------------------
+    def sync(self) -> None:
+        """Free adapters that were removed since they were loaded."""
+        with self._lock:
+            stale = [n for n, (f, _) in self._loaded.items() if n not in self._sources or self._sources[n].path != f]
+        for name in stale:
+            self._free(name)
+
+    @contextmanager
+    def use_mixed(self, names: list[str | None]):
+        yield None  # rows are decoded one at a time: each adapter gets its own batch
+
+    @contextmanager
+    def use(self, name: str | None):
+        adapter = None if name is None else self._ensure_loaded(name)
+        self._activate(adapter)
+        yield self.model
+
+    def _activate(self, adapter) -> None:
+        """Make `adapter` (None: no adapter) the only one applied on the context."""
+        n = 0 if adapter is None else 1
+        adapters = (self._low.llama_adapter_lora_p_ctypes * max(n, 1))(*([adapter] if n else []))
+        scales = (ctypes.c_float * max(n, 1))(*([1.0] if n else []))
+        if self._low.llama_set_adapters_lora(self.model.ctx, adapters, n, scales):
+            raise AdapterError("llama.cpp could not apply the adapter to its context")
+
+    def _ensure_loaded(self, name: str):
+        with self._lock:
+            source = self._sources.get(name)
+        if source is None:
+            raise UnknownModel(name)
+        file = source.path
+        if name in self._loaded and self._loaded[name][0] != file:
+            self._free(name)
+        if name not in self._loaded:
+            while len(self._loaded) >= self.max_loaded:
+                self._free(next(iter(self._loaded)))
+                self.evictions += 1
+            adapter = self._low.llama_adapter_lora_init(self.model.model, str(file).encode())
+            if not adapter:
+                raise AdapterError(f"adapter {name!r} ({file}) could not be loaded by llama.cpp")
+            with self._lock:
+                self._loaded[name] = (file, adapter)
+            self.loads += 1
+        with self._lock:
+            self._loaded.move_to_end(name)
+            return self._loaded[name][1]
+
+    def _free(self, name: str) -> None:
+        self._activate(None)  # never free an adapter the context still applies
+        with self._lock:
+            _, adapter = self._loaded.pop(name)
+        self._low.llama_adapter_lora_free(adapter)
+
+
+def lora_file(path: str | os.PathLike, architecture: str) -> Path:
+    """A GGUF LoRA (`--format gguf-lora`'s adapter.gguf, or its export folder) for a base of
+    `architecture`; AdapterError naming what is wrong otherwise."""
+    given = Path(path).expanduser()
+    file = given / ADAPTER_FILE if given.is_dir() else given
+    if not file.is_file():
+        raise AdapterError(f"{given}: no GGUF LoRA there (the llama.cpp backend serves adapters exported with "
+                           "`slmtune export RUN_DIR --format gguf-lora --output DIR`)")
+    try:
+        fields = gguf.GGUFReader(str(file)).fields
+        kind = fields["general.type"].contents() if "general.type" in fields else None
+        lora = fields["adapter.type"].contents() if "adapter.type" in fields else None
+        arch = fields["general.architecture"].contents() if "general.architecture" in fields else None
+    except (ValueError, OSError, KeyError) as err:
+        raise AdapterError(f"{file}: not a readable GGUF file ({err})") from None
+    if kind != "adapter" or lora != "lora":
+        raise AdapterError(f"{file}: a GGUF {kind or 'model'}, not a LoRA adapter (export one with --format gguf-lora)")
+    if architecture and arch != architecture:
+        raise AdapterError(f"{file}: a LoRA for {arch}, but the served model is {architecture}")
+    return file.resolve()
+
+
 class LlamaCppEngine(Engine):
-    """The serving Engine over one GGUF file, decoding with llama.cpp."""
+    """The serving Engine over one GGUF file, decoding with llama.cpp; adapters by name (GGUF LoRAs)."""
 
     @classmethod
     def load(cls, target: str, adapters: dict[str, str] | None = None, *, base_name: str | None = None,
-             max_loaded_adapters: int = 0, n_threads: int | None = None, **kwargs) -> "LlamaCppEngine":
-        if adapters:
-            raise AdapterError(NO_ADAPTERS)
+             max_loaded_adapters: int = 4, n_threads: int | None = None, **kwargs) -> "LlamaCppEngine":
         path = gguf_file(target)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         # The KV cache is allocated for the whole context up front: cap it (128k-context models would
@@ -58,5 +193,8 @@ class LlamaCppEngine(Engine):
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         name = base_name or (path.parent.name if path.name == GGUF_FILE else path.stem)
-        return cls(tokenizer, NoAdapters(candidate.llm, NO_ADAPTERS), base_name=name, eos_ids=eos_ids,
-                   context_length=context_length, new_decoder=lambda model, names: candidate.decoder, **kwargs)
+        registry = GgufAdapters(candidate.llm, max_loaded=max_loaded_adapters)
+        for adapter_name, adapter_path in (adapters or {}).items():
+            registry.register(adapter_name, adapter_path, reserved={name})
+        return cls(tokenizer, registry, base_name=name, eos_ids=eos_ids, context_length=context_length,
+                   new_decoder=lambda model, mixed: candidate.decoder, **kwargs)

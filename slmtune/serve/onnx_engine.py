@@ -42,4 +42,4 @@ class OnnxEngine(Engine):
         return cls(tokenizer, NoAdapters(model, "the ONNX backend serves one exported model with its adapter merged; it cannot "
                                                   "load adapters (serve them with the PyTorch backend)"), base_name=base_name or default_base_name(str(path)),
                    eos_ids=eos_ids, context_length=int(model_config.get("context_length") or 2048),
-                   new_decoder=lambda m, names: OnnxDecoder(m, vocab_size), **kwargs)
+                   new_decoder=lambda m, mixed: OnnxDecoder(m, vocab_size), **kwargs)

@@ -148,8 +148,10 @@ def create_service_app(settings: Settings, *, engine=None) -> FastAPI:
         started_engine = None
         if service.engine is None and settings.serve and settings.models:
             name, path = next(iter(settings.models.items()))
-            service.engine = started_engine = await asyncio.to_thread(Engine.load, path, {}, base_name=name,
-                                                                         dtype=settings.serve_dtype)
+            service.engine = started_engine = await asyncio.to_thread(
+                Engine.load, path, {}, base_name=name, dtype=settings.serve_dtype,
+                max_batch_size=settings.serve_max_batch_size, continuous_batching=settings.serve_continuous_batching,
+                max_tokens_per_owner=settings.serve_max_tokens_per_tenant)
         if service.engine is not None:
             # The serving app's admin routes are never reachable through the guard; its token is random.
             serve_app = create_app(service.engine, admin_token=new_id("admin", 24))

@@ -20,6 +20,12 @@
     SLMTUNE_MAX_ATTEMPTS       a job claimed this many times (its workers kept dying) fails (default 5)
     SLMTUNE_SERVE_DTYPE        weights of the served base model: auto (bfloat16 where the hardware
                                has native bf16, else float32; the default), float32 or bfloat16
+    SLMTUNE_SERVE_MAX_BATCH_SIZE  rows the serving engine decodes together (default 8; up to twice
+                               that while requests of tenants below their fair share join a full batch)
+    SLMTUNE_SERVE_CONTINUOUS_BATCHING  requests join running batches between decoding steps
+                               (default true; false: they wait for the running batch to end)
+    SLMTUNE_SERVE_MAX_TOKENS_PER_TENANT  tokens (prompt + max_tokens of each) a tenant's unfinished
+                               chat/completion requests may hold in the engine (default 262144; 429)
 
 Workers and the API server must see the same SLMTUNE_HOME (files and run directories live there).
 """
@@ -33,6 +39,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from slmtune.models import DEFAULT_MODEL, slmtune_home
+from slmtune.serve import DEFAULT_MAX_TOKENS_PER_OWNER
 
 
 def default_home() -> Path:
@@ -55,6 +62,9 @@ class Settings(BaseSettings):
     train_threads: int | None = Field(None, ge=1)
     serve: bool = True  # load the first base model and serve fine-tuned models on /v1/chat/completions
     serve_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    serve_max_batch_size: int = Field(8, ge=1, le=256)
+    serve_continuous_batching: bool = True
+    serve_max_tokens_per_tenant: int = Field(DEFAULT_MAX_TOKENS_PER_OWNER, ge=1)
     max_queued_jobs: int = Field(20, ge=1)
     max_files: int = Field(200, ge=1)
     max_tenant_bytes: int = Field(2 * 1024**3, ge=1)

@@ -185,3 +185,73 @@ def test_one_poisoned_row_fails_alone_and_its_batch_mates_answer(tiny_llama_dir)
     assert poisoned.error is not None and poisoned.done.is_set()
     assert good.error is None and other.error is None and good.text == alone.text
     assert good.finish_reason in ("stop", "length") and other.completion_tokens > 0
+
+
+def queued(owner, model="m"):
+    return Request(model=model, owner=owner, prompt_ids=[1], params=SamplingParams(), max_tokens=1)
+
+
+@pytest.mark.parametrize("running, waiting, taken", [
+    # Room in the batch: anyone's rows join, round-robin by owner.
+    ({"a": 2}, ["a", "a", "b", "a"], ["a", "b", "a", "a"]),
+    # Full with one owner's rows: another owner joins beyond the size, up to its share (8 // 2).
+    ({"a": 8}, ["a", "b", "b", "b", "b", "b"], ["b", "b", "b", "b"]),
+    # Three owners: shares of 8 // 3 = 2 rows; c already holds 2.
+    ({"a": 6, "c": 2}, ["b", "b", "b", "c", "a"], ["b", "b"]),
+    # The hard cap (16 rows) holds whatever the shares.
+    ({"a": 15}, ["b", "b"], ["b"]),
+])
+def test_rows_join_a_running_batch_fairly(running, waiting, taken):
+    from collections import Counter
+
+    from slmtune.serve.engine import FairQueue
+
+    queue = FairQueue()
+    for owner in waiting:
+        queue.put(queued(owner))
+    joined = queue.take_joiners(lambda r: True, Counter(running), 8, 16)
+    assert [r.owner for r in joined] == taken
+    assert queue.qsize() == len(waiting) - len(taken)
+
+
+def test_nothing_joins_while_another_models_request_waits_first_in_line():
+    from collections import Counter
+
+    from slmtune.serve.engine import FairQueue
+
+    queue = FairQueue()
+    queue.put(queued("a", model="m"))
+    queue.put(queued("b", model="other"))
+    assert queue.take_joiners(lambda r: r.model == "m", Counter({"a": 1}), 8, 16) == []
+    assert queue.qsize() == 2
+
+
+def test_a_short_request_joins_a_long_reply_and_finishes_first(tiny_llama_dir):
+    """Continuous batching in the engine: a request that arrives while a long reply is being
+    written joins that batch, gets the same answer as alone, and ends long before the long one."""
+    engine = Engine.load(str(tiny_llama_dir))
+    engine.eos_ids = set()  # the long reply runs to max_tokens whatever the random model writes
+    alone = engine.chat_request(engine.base_name, [{"role": "user", "content": "hi"}],
+                                SamplingParams(temperature=0, max_tokens=5))
+    engine.run_group(engine.base_name, [alone])
+    engine.start()
+    try:
+        short = engine.chat_request(engine.base_name, [{"role": "user", "content": "hi"}],
+                                    SamplingParams(temperature=0, max_tokens=5), owner="b")
+        submitted = []
+
+        def submit_short_once(text):  # runs on the engine thread, after the long reply's first token
+            if not submitted:
+                submitted.append(engine.submit(short))
+
+        long = engine.chat_request(engine.base_name, [{"role": "user", "content": "a long story please"}],
+                                   SamplingParams(temperature=0, max_tokens=400), owner="a",
+                                   on_text=submit_short_once)
+        engine.submit(long)
+        assert short.done.wait(60)
+        assert not long.done.is_set(), (long.error, long.finish_reason, long.completion_tokens, engine.stats())
+        assert short.error is None and short.text == alone.text
+        assert long.done.wait(120) and long.completion_tokens == 400
+        assert engine.stats()["joined_running_batch"] == 1
+    finally:
+        engine.stop()

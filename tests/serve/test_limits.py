@@ -12,7 +12,7 @@ import httpx2 as httpx
 from slmtune.serve.app import MAX_PROMPTS, create_app
 from slmtune.serve.engine import MAX_CHARS_PER_TOKEN, Engine, FairQueue, Request, SamplingParams
 from tests.conftest import build_model
-from tests.serve.conftest import ServerThread
+from tests.serve.conftest import ServerThread, http_json
 from tests.serve.test_serve import HELLO, http
 
 
@@ -128,3 +128,44 @@ def test_one_owners_flood_does_not_hold_back_anothers_request(endless):
         engine.submit(r)
     assert other.done.wait(60) and all(r.done.wait(120) for r in flood)
     assert finished.index("B") <= 3, finished  # FIFO would have made it the 17th
+
+
+def test_another_owners_request_joins_a_batch_full_of_long_replies(endless):
+    """Continuous batching with fair shares: A's two long replies fill a batch of size 2; B's short
+    request joins it beyond that size (B holds less than its share) and is answered while A's rows
+    are still far from their end."""
+    _, engine = endless
+    engine.max_batch_size = 2
+    long = [engine.chat_request(engine.base_name, HELLO, SamplingParams(temperature=0, max_tokens=LONG), owner="A")
+            for _ in range(2)]
+    for r in long:
+        engine.submit(r)
+    assert wait_until(lambda: all(r.completion_tokens > 0 for r in long), timeout=60)
+    short = engine.chat_request(engine.base_name, HELLO, SamplingParams(temperature=0, max_tokens=8), owner="B")
+    engine.submit(short)
+    assert short.done.wait(60) and short.error is None and short.completion_tokens == 8
+    assert not any(r.done.is_set() for r in long) and all(r.completion_tokens < LONG for r in long)
+    assert engine.stats()["joined_running_batch"] == 1
+    for r in long:
+        r.cancelled = True
+    assert all(r.done.wait(60) for r in long)
+
+
+def test_an_owners_tokens_in_flight_are_bounded(endless):
+    """One owner's unfinished requests may hold max_tokens_per_owner tokens (prompt + max_tokens):
+    beyond it a 429 (rate_limit_error) for that owner only; finished requests give the room back."""
+    server, engine = endless
+    engine.max_tokens_per_owner = LONG
+    body = {"model": engine.base_name, "messages": HELLO, "max_tokens": LONG - 100, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as first:
+        assert first.status_code == 200
+        next(first.iter_lines())  # it runs (and has thousands of tokens to go)
+        status, out = http_json(server.url + "/v1/chat/completions", body=body | {"stream": False, "max_tokens": 200})
+        assert status == 429 and out["error"]["type"] == "rate_limit_error", out
+        assert out["error"]["code"] == "rate_limit_exceeded" and str(LONG) in out["error"]["message"]
+        other = engine.chat_request(engine.base_name, HELLO, SamplingParams(temperature=0, max_tokens=200), owner="B")
+        assert engine.generate(other, timeout=60).completion_tokens == 200  # another owner is not affected
+    # The stream was closed: its request is cancelled and finished, and its tokens are free again.
+    assert wait_until(lambda: engine.stats()["tokens_in_flight"] == 0, timeout=60)
+    status, out = http_json(server.url + "/v1/chat/completions", body=body | {"stream": False, "max_tokens": 4})
+    assert status == 200, out
