@@ -440,7 +440,7 @@ def cmd_plan(args) -> int:
 
     try:
         rows, best, why, hw = plan.plan_table(args.model, args.hardware, args.seq_len, args.micro_batch,
-                                              args.lora_r, args.gradient_checkpointing)
+                                              args.lora_r, args.gradient_checkpointing, args.precision)
     except ValueError as err:
         from slmtune.config import RecipeError
 
@@ -454,7 +454,8 @@ def cmd_plan(args) -> int:
         print(f"\nMeasuring {args.steps} real steps per method on this machine (seq_len {args.seq_len}, "
               f"micro_batch {args.micro_batch})...", flush=True)
         measured = plan.measure(resolve(args.model), methods, args.seq_len, args.micro_batch, steps=args.steps,
-                                lora_r=args.lora_r, gradient_checkpointing=args.gradient_checkpointing)
+                                lora_r=args.lora_r, gradient_checkpointing=args.gradient_checkpointing,
+                                precision=args.precision)
         single = {e.method: e for e in rows if e.strategy == "none"}
         print(f"{'method':8} {'estimated GB':>12} {'measured GB':>12} {'error':>7}")
         for method in methods:
@@ -658,6 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="train.precision: auto = bf16 on GPUs and on CPUs with native bf16 (this machine's CPU "
+                   "is asked), else fp32")
     p.add_argument("--measure", action="store_true", help="train a few real steps per method and compare")
     p.add_argument("--steps", type=int, default=3, help="steps per method with --measure")
     p.set_defaults(func=cmd_plan)

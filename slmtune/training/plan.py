@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmtune.models import has_native_bf16
+
 GB = 1024**3
 
 
@@ -108,14 +110,20 @@ class Hardware:
         return f"cpu:{self.memory_gb:g}GB" if self.cpu else f"{self.devices}x{self.memory_gb:g}GB"
 
 
-# Bytes kept for backward per token, per layer, per (hidden + intermediate) unit, calibrated with
-# `slmtune plan --measure` on SmolLM2-135M, seq_len 512 x micro_batch 4, bf16 autocast, sdpa
-# (docs/plan.md). Adapter layers keep their own bf16 input copies, so the per-method factors
-# differ: full fine-tuning saves least (no adapter path), DoRA most (weight-norm path), and
-# bitsandbytes' CPU 4-bit matmuls keep dequantized tensors for backward.
+# Bytes kept for backward per token, per layer, per (hidden + intermediate) unit, by the precision
+# training computes in and by method, fitted with `slmtune plan --measure` on SmolLM2-135M at
+# seq_len 512 x micro_batch 4 (sdpa, rows of random tokens, half of them targets) and checked at
+# 1024 x 2 (docs/methods.md). Adapter layers keep their own input copies, so methods differ: full
+# fine-tuning keeps least (no adapter path), DoRA most (its weight-norm path), and bitsandbytes'
+# CPU 4-bit matmuls keep dequantized tensors for backward.
+# bf16: 2026-11-30 on a CPU with AVX512-BF16, then with an fp32 base; the base is now bf16 (counted
+# in `weights`), whose smaller residual stream those constants do not credit (~10% conservative).
+# fp32: 2026-12-04 on an AMD EPYC without AVX512 (train.precision auto computes in fp32 there).
 # With checkpointing only each layer's input survives (4 bytes per hidden unit) plus one layer.
-ACTIVATION_BYTES = 20.8
-ACTIVATION_FACTOR = {"full": 0.72, "lora": 1.0, "qlora": 1.31, "dora": 1.79}
+ACTIVATION_BYTES = {
+    "bf16": {"full": 14.98, "lora": 20.8, "qlora": 27.25, "dora": 37.23},
+    "fp32": {"full": 19.67, "lora": 30.51, "qlora": 34.52, "dora": 54.5},
+}
 RUNTIME_OVERHEAD_GB = {True: 0.6, False: 1.0}  # interpreter + torch (+ CUDA context on GPUs)
 
 
@@ -137,8 +145,10 @@ class Estimate:
 
 def estimate(arch: Architecture, method: str, *, seq_len: int, micro_batch: int, lora_r: int = 16,
              gradient_checkpointing: bool = False, strategy: str = "none", devices: int = 1,
-             cpu: bool = True, target_fraction: float = 0.5) -> Estimate:
-    """Peak bytes per device for one method and data-parallel strategy."""
+             cpu: bool = True, bf16: bool = True, target_fraction: float = 0.5) -> Estimate:
+    """Peak bytes per device for one method and data-parallel strategy. `bf16`: training computes
+    in bf16 (autocast; GPUs, and CPUs with native bf16), and adapter methods then keep their frozen
+    base in bf16 as `slmtune train` does by default (model.frozen_dtype auto)."""
     total = arch.total_params()
     embed = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
     linear = total - embed
@@ -154,18 +164,22 @@ def estimate(arch: Architecture, method: str, *, seq_len: int, micro_batch: int,
     if method == "qlora":
         # NF4 with double quantization: ~4.13 bits per linear weight; embeddings and head stay fp32.
         weights = linear * 4.13 / 8 + embed * 4 + trainable * 4
-    else:
+    elif method == "full" or bf16_base_impossible(strategy):
         weights = total * 4 + (trainable * 4 if method != "full" else 0)
+    else:
+        weights = total * (2 if bf16 else 4) + trainable * 4
     gradients = trainable * 4
     optimizer = trainable * 8
 
     tokens = seq_len * micro_batch
-    per_token_layer = ACTIVATION_BYTES * (arch.hidden_size + arch.intermediate_size)
+    # bitsandbytes' CUDA kernels dequantize 4-bit weights again in backward instead of keeping them:
+    # on GPUs QLoRA's activations are taken as LoRA's (not measured on a GPU here).
+    fitted = ACTIVATION_BYTES["bf16" if bf16 else "fp32"]["lora" if method == "qlora" and not cpu else method]
+    per_token_layer = fitted * (arch.hidden_size + arch.intermediate_size)
     if gradient_checkpointing:
         activations = tokens * (arch.num_hidden_layers * 4 * arch.hidden_size + per_token_layer)
     else:
         activations = tokens * arch.num_hidden_layers * per_token_layer
-    activations *= ACTIVATION_FACTOR[method]
     # bf16 logits, their fp32 copy and its gradient, at target positions only
     activations += tokens * target_fraction * arch.vocab_size * 10
 
@@ -177,6 +191,21 @@ def estimate(arch: Architecture, method: str, *, seq_len: int, micro_batch: int,
     weights /= shard
     return Estimate(method, strategy, trainable, weights, gradients, optimizer, activations,
                     RUNTIME_OVERHEAD_GB[cpu] * GB)
+
+
+def computes_in_bf16(hw: Hardware, precision: str = "auto") -> bool:
+    """Whether training on `hw` computes in bf16 with train.precision `precision`; for auto, GPUs
+    are assumed to have bf16 (Ampere or newer) and for a CPU this machine's is asked (AVX512-BF16 or AMX)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if not hw.cpu:
+        return True
+    return has_native_bf16("cpu")
+
+
+def bf16_base_impossible(strategy: str) -> bool:
+    """Sharded strategies flatten parameters of one dtype: the frozen base stays fp32 there."""
+    return strategy in ("zero1", "zero2", "zero3", "fsdp")
 
 
 REASONS = {
@@ -204,12 +233,14 @@ def recommend(estimates: list[Estimate], budget_bytes: float) -> tuple[Estimate 
 
 
 def plan_table(model: str, hardware: str, seq_len: int, micro_batch: int, lora_r: int = 16,
-               gradient_checkpointing: bool = False) -> tuple[list[Estimate], Estimate | None, str, Hardware]:
+               gradient_checkpointing: bool = False,
+               precision: str = "auto") -> tuple[list[Estimate], Estimate | None, str, Hardware]:
     arch = architecture(model)
     hw = Hardware.parse(hardware)
     strategies = ["none"] if hw.devices == 1 else ["none", "ddp", "zero2", "fsdp"]
     rows = [estimate(arch, m, seq_len=seq_len, micro_batch=micro_batch, lora_r=lora_r,
-                     gradient_checkpointing=gradient_checkpointing, strategy=s, devices=hw.devices, cpu=hw.cpu)
+                     gradient_checkpointing=gradient_checkpointing, strategy=s, devices=hw.devices, cpu=hw.cpu,
+                     bf16=computes_in_bf16(hw, precision))
             for s in strategies for m in ("full", "dora", "lora", "qlora")]
     best, why = recommend(rows, hw.memory_gb * GB)
     return rows, best, why, hw
@@ -235,8 +266,10 @@ def format_plan(model: str, rows: list[Estimate], best: Estimate | None, why: st
 
 
 def measure_one(model: str, method: str, seq_len: int, micro_batch: int, steps: int = 3, lora_r: int = 16,
-                gradient_checkpointing: bool = False) -> float:
-    """Train `steps` real steps on random tokens in this process; returns peak RSS in bytes."""
+                gradient_checkpointing: bool = False, precision: str = "auto") -> float:
+    """Train `steps` real steps on random tokens in this process; returns peak RSS in bytes.
+    `precision` as train.precision (bf16 autocast works on any CPU, emulated and slow without
+    native bf16, with the memory it has where it is native)."""
     import torch
 
     from slmtune.data.batching import collate
@@ -245,11 +278,16 @@ def measure_one(model: str, method: str, seq_len: int, micro_batch: int, steps: 
     from slmtune.models import load_model
     from slmtune.training.loop import accumulate_gradients, peak_rss_mb
     from slmtune.training.loss import autocast_dtype
+    from slmtune.training.run import frozen_base_dtype
 
     module = METHODS[method]
     cfg = module.Config(name=method, **({"lora_r": lora_r, "lora_alpha": 2 * lora_r} if method != "full" else {}))
     kwargs = module.load_kwargs(cfg)
-    net = load_model(model, **kwargs)
+    amp = autocast_dtype(precision, torch.device("cpu"))
+    # Loaded as `slmtune train` loads it by default (model.frozen_dtype auto: a bf16 frozen base
+    # for adapter methods when training computes in bf16).
+    net = load_model(model, attn_implementation="sdpa", dtype=frozen_base_dtype(module, cfg, quantized=bool(kwargs),
+                                                                               bf16=amp is not None), **kwargs)
     if gradient_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     net = module.prepare(net, cfg)
@@ -264,7 +302,6 @@ def measure_one(model: str, method: str, seq_len: int, micro_batch: int, steps: 
         targets = [-100] * (seq_len // 2) + ids[seq_len // 2 + 1:] + [-100]
         rows.append([Example(ids, targets)])
     batch = collate(rows, 0, packed=False)
-    amp = autocast_dtype("auto", torch.device("cpu"))
     for _ in range(steps):
         accumulate_gradients(net, [batch], amp)
         optimizer.step()

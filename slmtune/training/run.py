@@ -68,6 +68,19 @@ def resolve_frozen_dtype(recipe: Recipe, method: Method, device, *, quantized: b
     """The dtype the base model is loaded in (model.frozen_dtype)."""
     if recipe.model.frozen_dtype != "auto":
         return recipe.model.frozen_dtype
+    # GRPO spends most of a step sampling answers: decoding a few dozen rows through bf16 weights ran
+    # 3.4x slower than through fp32 ones on a CPU (SmolLM2-135M + LoRA, 32 rows x 30 tokens, Xeon
+    # with AMX: 31 s against 9 s; oneDNN's bf16 path pays off only for larger matrices), so its base stays fp32.
+    sampling = recipe.train.objective.name == "grpo" and device.type == "cpu"
+    return frozen_base_dtype(method, recipe.method, quantized=quantized, sampling=sampling,
+                             bf16=autocast_dtype(recipe.train.precision, device) is not None,
+                             sharded=recipe.train.distributed.strategy not in ("none", "ddp"))
+
+
+def frozen_base_dtype(method: Method, method_cfg, *, quantized: bool, bf16: bool, sharded: bool = False,
+                      sampling: bool = False) -> str:
+    """model.frozen_dtype "auto": bfloat16 for the frozen base of an adapter method computing in bf16.
+    Also what `slmtune plan --measure` loads, so the planner is fitted on what runs."""
     # A frozen base needs no fp32 master copy: under bf16 autocast its matmuls read bf16 weights
     # anyway, and a bf16 residual stream keeps smaller activations for backward (SmolLM2-135M: 0.90x
     # peak RSS, 1.04x tokens/s; docs/benchmarks.md). Adapters stay fp32 (PEFT upcasts them).
@@ -75,15 +88,9 @@ def resolve_frozen_dtype(recipe: Recipe, method: Method, device, *, quantized: b
     # quantized already.
     # PiSSA/OLoRA move the top singular directions into the adapter and keep the residual in the base:
     # that residual is trained against, so it keeps full precision.
-    # GRPO spends most of a step sampling answers: decoding a few dozen rows through bf16 weights ran
-    # 3.4x slower than through fp32 ones on a CPU (SmolLM2-135M + LoRA, 32 rows x 30 tokens, Xeon
-    # with AMX: 31 s against 9 s; oneDNN's bf16 path pays off only for larger matrices), so its base stays fp32.
-    sampling = recipe.train.objective.name == "grpo" and device.type == "cpu"
-    frozen_base = (method.artifact == "adapter" and not quantized and not method.rewrites_base(recipe.method)
+    frozen_base = (method.artifact == "adapter" and not quantized and not method.rewrites_base(method_cfg)
                    and not sampling)
-    one_dtype_sharding = recipe.train.distributed.strategy not in ("none", "ddp")
-    bf16 = autocast_dtype(recipe.train.precision, device) is not None
-    return "bfloat16" if frozen_base and bf16 and not one_dtype_sharding else "float32"
+    return "bfloat16" if frozen_base and bf16 and not sharded else "float32"
 
 
 def start_from_adapter(model, method: Method, adapter: str) -> None:

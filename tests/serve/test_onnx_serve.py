@@ -122,3 +122,25 @@ def test_cli_serve_backend_onnx(onnx_export, monkeypatch, capsys):
     assert "takes no --adapter" in capsys.readouterr().err
     assert main(["serve", "--backend", "onnx", "--model", str(onnx_export.run_dir)]) == 2
     assert "not an ONNX export" in capsys.readouterr().err
+
+
+def test_rows_joining_a_running_onnx_batch_answer_as_alone(onnx_served, onnx_export):
+    """OnnxDecoder takes rows between steps (each row has its own generator): a joiner gets the
+    ONNX model's own greedy answer and the running row is not disturbed."""
+    from slmtune.generation import Completion, Decoding, SamplingParams
+    from slmtune.export.onnx import OnnxDecoder
+
+    _, engine, _ = onnx_served
+    prompts = [engine.encode_chat([{"role": "user", "content": q}]) for q in (QUESTION, "What is fact number 7?")]
+    greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    expected = [_greedy_reference(onnx_export.export_dir, engine, p)[0] for p in prompts]
+    running, joiner = (Completion(p, greedy, MAX_TOKENS) for p in prompts)
+    calls = []
+
+    def join():
+        calls.append(1)
+        return [Decoding(joiner, engine.decode, engine.eos_ids)] if len(calls) == 2 else []
+
+    OnnxDecoder(engine.registry.model, len(engine.tokenizer)).decode(
+        [Decoding(running, engine.decode, engine.eos_ids)], join)
+    assert len(calls) >= 2 and [running.text, joiner.text] == expected

@@ -110,7 +110,8 @@ def plan(model: str, method: Literal[SERVICE_METHODS] = "lora",  # type: ignore[
     budget = hw.memory_gb * planner.GB
 
     def row(m: str) -> dict:
-        e = planner.estimate(arch, m, seq_len=seq_len, micro_batch=batch_size, cpu=hw.cpu)
+        e = planner.estimate(arch, m, seq_len=seq_len, micro_batch=batch_size, cpu=hw.cpu,
+                             bf16=planner.computes_in_bf16(hw))
         return {"method": m, "trainable_params": e.trainable, "weights": e.weights, "gradients": e.gradients,
                 "optimizer": e.optimizer, "activations": e.activations, "overhead": e.overhead,
                 "total": e.total, "fits": e.total <= budget}

@@ -361,7 +361,7 @@ async function viewNewJob() {
       planBox.replaceChildren(h("div", { class: p.fits ? "ok" : "error", id: "plan-verdict" },
         h("strong", {}, p.fits ? "Fits: " : "Does not fit: "),
         `${p.method} on ${p.model} needs about ${gb(e.total)} of this server's ${gb(p.budget_bytes)} (${p.hardware}), ` +
-        `at ${p.seq_len} tokens × batch ${p.micro_batch}.`),
+        `at most: ${p.micro_batch} example(s) of the full ${p.seq_len} tokens per pass (shorter examples take less).`),
         h("table", { class: "plan-table" }, h("caption", { class: "hint" }, "Memory estimate per method (slmtune plan)"),
           h("thead", {}, h("tr", {}, ["Method", "Weights", "Gradients", "Optimizer", "Activations", "Total", "Fits"]
             .map(t => h("th", { scope: "col", text: t })))),
