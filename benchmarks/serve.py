@@ -14,6 +14,7 @@ One run prints one table. Rows:
                         builder, 1 client
   llama.cpp f16/q8_0/q4_0  `slmtune serve --backend llamacpp` on the base written by `slmtune export
                         --format gguf --quant Q` (llama-cpp-python built from source), 1 and 16 clients
+  llama_cpp.server ...  llama-cpp-python's own OpenAI-compatible server on the same file, same clients
 The quick comparison of runtimes (what to deploy on a CPU):
     python benchmarks/serve.py --threads 2 --skip-naive --skip-adapters --skip-onnx
 Agreement against PyTorch fp32 (the 1-client row's prompts): "agree" is the share of served tokens
@@ -77,11 +78,15 @@ def make_adapters(model_dir: str, root: Path, n: int) -> dict[str, str]:
 
 
 class Server:
-    def __init__(self, args: list[str], threads: int):
+    """`slmtune serve ARGS` (or, with `command`, another OpenAI-compatible server given its port)."""
+
+    def __init__(self, args: list[str], threads: int, command=None):
         self.port = free_port()
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "slmtune.cli", "serve", *args, "--port", str(self.port),
-                                      "--log-level", "warning"], env=env)
+        argv = command(self.port) if command else [sys.executable, "-m", "slmtune.cli", "serve", *args, "--port",
+                                                  str(self.port), "--log-level", "warning"]
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL if command else None,
+                                     stderr=subprocess.DEVNULL if command else None)
         self.url = f"http://127.0.0.1:{self.port}/v1"
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -102,9 +107,9 @@ class Server:
         self.proc.wait(timeout=30)
 
 
-def chat(url: str, model: str, prompt: str, max_tokens: int) -> tuple[str, int, float]:
+def chat(url: str, model: str, prompt: str, max_tokens: int, extra: dict | None = None) -> tuple[str, int, float]:
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}],
-                       "max_tokens": max_tokens, "temperature": 0}).encode()
+                       "max_tokens": max_tokens, "temperature": 0} | (extra or {})).encode()
     request = urllib.request.Request(f"{url}/chat/completions", data=body, headers={"Content-Type": "application/json"})
     started = time.perf_counter()
     with urllib.request.urlopen(request, timeout=600) as response:
@@ -112,14 +117,15 @@ def chat(url: str, model: str, prompt: str, max_tokens: int) -> tuple[str, int, 
     return data["choices"][0]["message"]["content"], data["usage"]["completion_tokens"], time.perf_counter() - started
 
 
-def load(url: str, models: list[str], clients: int, requests: int, texts: list[str], max_tokens: int) -> dict:
+def load(url: str, models: list[str], clients: int, requests: int, texts: list[str], max_tokens: int,
+         extra: dict | None = None) -> dict:
     latencies, tokens, outputs = [], [], {}
     lock = threading.Lock()
 
     def client(c: int) -> None:
         for r in range(requests):
             prompt = texts[(c * requests + r) % len(texts)]
-            text, n, seconds = chat(url, models[c % len(models)], prompt, max_tokens)
+            text, n, seconds = chat(url, models[c % len(models)], prompt, max_tokens, extra)
             with lock:
                 latencies.append(seconds)
                 tokens.append(n)
@@ -186,6 +192,30 @@ def next_token_agreement(count, prompt_ids, answers) -> float:
     return sum(count(ids, ref) for ids, ref in zip(prompt_ids, answers)) / max(1, sum(map(len, answers)))
 
 
+def bf16_rows(args, flags, adapters, texts, single, tokenizer, rows, model_dir, prompt_ids, answers) -> None:
+    """`slmtune serve --dtype bfloat16`: 1 and 16 clients (and the adapters), and its agreement."""
+    from slmtune.export.parity import torch_next_token_matches
+    from slmtune.models import load_model
+
+    server = Server(flags + ["--dtype", "bfloat16"], args.threads)
+    try:
+        base_id = server.model_id
+        for clients in (1, 16):
+            result = load(server.url, [base_id], clients, args.requests, texts, args.max_tokens)
+            if clients == 1:
+                result["agreement"] = agreement(single["outputs"], result["outputs"], tokenizer)
+                bf16_single = result
+            rows.append(("torch bf16, base", clients, result))
+        if adapters:
+            rows.append(("torch bf16, 4 adapters", 16, load(server.url, list(adapters), 16, args.requests, texts,
+                                                             args.max_tokens)))
+    finally:
+        server.close()
+    bf16 = load_model(model_dir, dtype="bfloat16").eval()
+    bf16_single["next"] = next_token_agreement(lambda ids, ref: torch_next_token_matches(bf16, ids, ref),
+                                               prompt_ids, answers)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -194,7 +224,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--skip-onnx", action="store_true")
     parser.add_argument("--skip-llamacpp", action="store_true")
+    parser.add_argument("--skip-llamacpp-server", action="store_true",
+                        help="no rows for llama-cpp-python's own server (pip install 'llama-cpp-python[server]')")
     parser.add_argument("--skip-naive", action="store_true", help="no naive generate loop rows")
+    parser.add_argument("--skip-bf16", action="store_true",
+                        help="no torch bf16 rows (on a CPU without native bf16 they only measure its emulation)")
     parser.add_argument("--skip-adapters", action="store_true", help="no adapter rows and no 4-client row")
     args = parser.parse_args()
 
@@ -233,27 +267,8 @@ def main() -> None:
                                                         args.max_tokens)))
     finally:
         server.close()
-    server = Server(flags + ["--dtype", "bfloat16"], args.threads)
-    try:
-        base_id = server.model_id
-        for clients in (1, 16):
-            result = load(server.url, [base_id], clients, args.requests, texts, args.max_tokens)
-            if clients == 1:
-                result["agreement"] = agreement(single["outputs"], result["outputs"], tokenizer)
-                bf16_single = result
-            rows.append(("torch bf16, base", clients, result))
-        if adapters:
-            rows.append(("torch bf16, 4 adapters", 16, load(server.url, list(adapters), 16, args.requests, texts,
-                                                             args.max_tokens)))
-    finally:
-        server.close()
-    from slmtune.models import load_model
-    from slmtune.export.parity import torch_next_token_matches
-
-    bf16 = load_model(model_dir, dtype="bfloat16").eval()
-    bf16_single["next"] = next_token_agreement(lambda ids, ref: torch_next_token_matches(bf16, ids, ref),
-                                               prompt_ids, answers)
-    del bf16
+    if not args.skip_bf16:
+        bf16_rows(args, flags, adapters, texts, single, tokenizer, rows, model_dir, prompt_ids, answers)
 
     report(args, rows, single)  # the PyTorch rows now, in case an export fails below
     if not args.skip_onnx:
@@ -282,6 +297,7 @@ def main() -> None:
         report(args, rows, single)
     if not args.skip_llamacpp:
         from slmtune.export.gguf import LlamaCppCandidate, write_gguf
+        from slmtune.models import load_model
 
         model = load_model(model_dir).eval()
         for quant in ("f16", "q8_0", "q4_0"):
@@ -299,6 +315,24 @@ def main() -> None:
                         result["next"] = next_token_agreement(candidate.next_token_matches, prompt_ids, answers)
                         candidate.close()
                     rows.append((f"llama.cpp {quant}", clients, result))
+            finally:
+                server.close()
+            if args.skip_llamacpp_server:
+                continue
+            # llama-cpp-python's own OpenAI-compatible server on the same file (the chat template
+            # embedded in the GGUF), same clients: what slmtune's llama.cpp backend costs or saves.
+            server = Server([], args.threads, command=lambda port, path=path: [
+                sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--port", str(port),
+                "--n_threads", str(args.threads), "--n_ctx", "2048"])
+            try:
+                for clients in (1, 16):
+                    # Its defaults sample with repeat_penalty 1.1, top_k 40 and min_p 0.05 even at
+                    # temperature 0: switched off, so it decodes greedily like every other row.
+                    result = load(server.url, [server.model_id], clients, args.requests, texts, args.max_tokens,
+                                  extra={"repeat_penalty": 1.0, "top_k": 0, "min_p": 0.0})
+                    if clients == 1:
+                        result["agreement"] = agreement(single["outputs"], result["outputs"], tokenizer)
+                    rows.append((f"llama_cpp.server {quant}", clients, result))
             finally:
                 server.close()
         report(args, rows, single)
