@@ -53,6 +53,14 @@ class SamplingParams:
 
 
 GREEDY = SamplingParams(temperature=0.0)
+# Below this temperature a row decodes greedily: the distribution is a point mass to float precision,
+# and dividing logits by, say, 1e-300 would overflow them to inf (NaN probabilities).
+GREEDY_BELOW = 1e-4
+
+
+def samples(params: SamplingParams) -> bool:
+    """Whether a row with these parameters samples (else it takes the most likely token)."""
+    return params.temperature >= GREEDY_BELOW
 
 
 class TokenConstraint(Protocol):
@@ -163,7 +171,8 @@ class Decoding:
         self.eos_ids = eos_ids
         self.tokens: list[int] = []  # generated ids without the end-of-turn token
         self.sent = 0  # characters of the text already handed to on_text
-        self.finished = completion.cancelled
+        # A row cancelled before it starts still ends through add() (on_end then answers it).
+        self.finished = False
 
     def add(self, token: int) -> None:
         """The next generated token (any value for a cancelled row, which only finishes it)."""
@@ -290,7 +299,6 @@ class TorchDecoder:
     def _start_joiners(self, rows: list[Decoding]) -> "_Batch | None":
         """Prefill rows joining a running batch; rows that cannot start (a bad seed, say) fail alone
         and the batch they were joining goes on."""
-        rows = [row for row in rows if not row.finished]
         if not rows:
             return None
         try:
@@ -327,7 +335,7 @@ class TorchDecoder:
             input_ids[i, width - c.prompt_tokens :] = torch.tensor(c.prompt_ids)
             attention_mask[i, width - c.prompt_tokens :] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        samplers = [RowSampler(c.params, device) if c.params.temperature > 0 else None for c in completions]
+        samplers = [RowSampler(c.params, device) if samples(c.params) else None for c in completions]
         # A mixed batch names each row's adapter (PEFT's mixed-batch LoRA forward).
         mixed = {"adapter_names": [names[source.index(k)] or "__base__" for k in range(len(unique))]} if self.mixed else {}
         # Without padding (one request, or prompts of one length) no mask is needed, and attention
@@ -399,13 +407,13 @@ class _Batch:
         logits, rows = self.logits, self.rows
         for b, row in enumerate(rows):
             if row.completion.constraint is not None:
-                row.completion.constraint.mask(logits[b])
+                self._guard(row, row.completion.constraint.mask, logits[b])
         tokens = logits.argmax(-1)
         for b, sampler in enumerate(self.samplers):
-            if sampler is not None:
-                tokens[b] = sampler(logits[b])
+            if sampler is not None and not rows[b].finished:
+                tokens[b] = self._guard(rows[b], sampler, logits[b], default=0)
         for b, token in enumerate(tokens.tolist()):
-            rows[b].add(token)
+            self._guard(rows[b], rows[b].add, token)
         keep = [b for b, row in enumerate(rows) if not row.finished]
         if len(keep) < len(rows):
             self._select(keep)
@@ -419,6 +427,19 @@ class _Batch:
                                    **self.mixed).logits[:, -1, :]
         self.next_position = self.next_position + 1
 
+    @staticmethod
+    def _guard(row: Decoding, step: Callable, value, default=None):
+        """One row's part of a step; if it fails (a constraint in error, a sampler fed NaN), that
+        row fails alone and the others, perhaps other clients' rows, go on."""
+        if row.finished:
+            return default
+        try:
+            return step(value)
+        except Exception as err:  # noqa: BLE001
+            log.warning("a row failed while decoding: %s", err)
+            row.fail(err)
+            return default
+
     def _select(self, keep: list[int]) -> None:
         index = torch.tensor(keep, dtype=torch.long, device=self.logits.device)
         if keep:
@@ -429,6 +450,22 @@ class _Batch:
         self.samplers = [self.samplers[b] for b in keep]
         if self.mixed:
             self.mixed["adapter_names"] = [self.mixed["adapter_names"][b] for b in keep]
+        if keep:
+            self._trim()
+
+    def _trim(self) -> None:
+        """Drop leading cache columns no remaining row attends to (padding of rows that left, or
+        that joined later): a batch that rows keep joining would otherwise grow by one column per
+        step for as long as it lives."""
+        if not self.padded or not self.cache_is_plain():
+            return
+        used = self.attention_mask.any(0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first == 0:
+            return
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        self.attention_mask = self.attention_mask[:, first:]
 
     def full_mask(self) -> torch.Tensor:
         """The attention mask over the whole cache (an unpadded batch does not keep one)."""
@@ -453,6 +490,7 @@ class _Batch:
         self.samplers = self.samplers + other.samplers
         if self.mixed:
             self.mixed["adapter_names"] = self.mixed["adapter_names"] + other.mixed["adapter_names"]
+        self._trim()
         return self
 
 

@@ -180,3 +180,49 @@ def test_a_mixed_adapter_batch_takes_rows_of_its_adapters_and_the_base(tiny_llam
     joining_rows(tiny_tokenizer, model, {1: fresh[2:4], 3: fresh[4:]}, fresh[:2], mixed=True,
                  adapter_of=lambda c: adapter[id(c)])
     assert [c.token_ids for c in fresh] == [c.token_ids for c in alone]
+
+
+def test_a_batch_that_rows_keep_joining_does_not_grow_its_cache(tiny_llama_dir, tiny_tokenizer):
+    """Rows of 5 tokens join at every step for 40 steps: the batch never empties, yet the cache
+    (the attention mask's width) stays about one row's prompt + answer wide, since columns no
+    remaining row attends to are dropped."""
+    model = load_model(str(tiny_llama_dir)).eval()
+    widths = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["attention_mask"].shape[1])
+        if kwargs.get("attention_mask") is not None else None, with_kwargs=True)
+    prompts = [chat_prompt_ids(tiny_tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    decode = detokenizer(tiny_tokenizer)
+    greedy = SamplingParams(max_tokens=5, temperature=0)
+    made = []
+
+    def row():
+        made.append(Completion(list(prompts[len(made) % len(prompts)]), greedy, 5))
+        return Decoding(made[-1], decode, eos_ids=set())
+
+    TorchDecoder(model, pad_id_of(tiny_tokenizer, {0})).decode([row()], lambda: [row()] if len(made) < 40 else [])
+    assert len(made) == 40 and all(c.completion_tokens == 5 for c in made)
+    assert max(widths) <= max(map(len, prompts)) + 6, max(widths)
+
+
+class FailingConstraint:
+    def mask(self, logits):
+        raise RuntimeError("constraint broke")
+
+    def accept(self, token):
+        pass
+
+
+def test_a_row_failing_mid_batch_fails_alone(tiny_llama_dir, tiny_tokenizer):
+    """A joiner whose constraint raises at its first token (after the batch's rows produced
+    theirs) fails by itself; a tiny temperature decodes greedily instead of overflowing."""
+    model = load_model(str(tiny_llama_dir)).eval()
+    prompt = chat_prompt_ids(tiny_tokenizer, [{"role": "user", "content": "hello"}])
+    greedy = SamplingParams(max_tokens=10, temperature=0)
+    [alone] = complete(model, tiny_tokenizer, [prompt], greedy)
+    running = Completion(list(prompt), greedy, 10)
+    broken = Completion(list(prompt), greedy, 10, constraint=FailingConstraint())
+    tiny = Completion(list(prompt), SamplingParams(max_tokens=10, temperature=1e-300, seed=1), 10)
+    joining_rows(tiny_tokenizer, model, {2: [broken, tiny]}, [running])
+    assert "constraint broke" in str(broken.error) and not broken.token_ids
+    assert running.token_ids == tiny.token_ids == alone.token_ids and running.error is None

@@ -38,7 +38,7 @@ import torch
 from slmtune import atomic
 from slmtune.config import RecipeError
 from slmtune.export.parity import PARITY_MAX_NEW_TOKENS, TorchCandidate, parity
-from slmtune.generation import Decoding
+from slmtune.generation import Decoding, samples
 from slmtune.methods import METHODS
 from slmtune.models import load_tokenizer
 from slmtune.training.rundir import RunDir, load_base, load_merged
@@ -483,7 +483,7 @@ class LlamaCppDecoder:
                     row.add(-1)
                     break
                 logits = np.asarray(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float64)
-                if c.params.temperature > 0:
+                if samples(c.params):
                     probs = np.exp((logits - logits.max()) / c.params.temperature)
                     token = int(rng.choice(len(probs), p=probs / probs.sum()))
                 else:

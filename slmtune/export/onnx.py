@@ -32,7 +32,7 @@ from transformers import AutoTokenizer
 from slmtune.config import RecipeError
 from slmtune.export.merged import merge
 from slmtune.export.parity import PARITY_MAX_NEW_TOKENS, parity
-from slmtune.generation import Decoding
+from slmtune.generation import Decoding, samples
 
 PRECISIONS = ("fp32", "int8", "int4")
 
@@ -124,8 +124,11 @@ class OnnxDecoder:
                 if row.completion.cancelled:
                     row.add(-1)  # finishes the row as stopped
                 else:
-                    generator.generate_next_token()
-                    row.add(int(generator.get_next_tokens()[0]))
+                    try:
+                        generator.generate_next_token()
+                        row.add(int(generator.get_next_tokens()[0]))
+                    except Exception as err:  # noqa: BLE001 - this row fails alone, the others go on
+                        row.fail(err)
                     if generator.is_done() and not row.finished:
                         row.finish("length")
                 if not row.finished:
@@ -143,8 +146,8 @@ class OnnxDecoder:
         c = row.completion
         p = c.params
         params = og.GeneratorParams(self.model)
-        options = dict(max_length=c.prompt_tokens + c.max_tokens, do_sample=p.temperature > 0)
-        if p.temperature > 0:
+        options = dict(max_length=c.prompt_tokens + c.max_tokens, do_sample=samples(p))
+        if samples(p):
             options |= dict(temperature=p.temperature, top_p=p.top_p, top_k=self.vocab_size,
                             random_seed=p.seed % 2**31 if p.seed is not None else secrets.randbits(31))
         params.set_search_options(**options)

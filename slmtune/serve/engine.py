@@ -121,7 +121,7 @@ class FairQueue:
         with self._ready:
             if self._control or not self._lines:
                 return []
-            if any(not can_join(line[0]) for line in self._lines.values()):
+            if any(not can_join(line[0]) and not line[0].cancelled for line in self._lines.values()):
                 return []
             share = max(1, size // len(set(running) | set(self._lines)))
             counts, rows, taken = Counter(running), sum(running.values()), []
@@ -130,13 +130,16 @@ class FairQueue:
                 progress = False
                 for owner in list(self._lines):
                     line = self._lines[owner]
-                    if not can_join(line[0]):
+                    if line[0].cancelled:  # its client left: taken (to be answered) but holds no row
+                        taken.append(line.popleft())
+                    elif not can_join(line[0]):
                         continue
-                    if not (rows < size or (counts[owner] < share and rows < hard_size)):
+                    elif rows < size or (counts[owner] < share and rows < hard_size):
+                        taken.append(line.popleft())
+                        counts[owner] += 1
+                        rows += 1
+                    else:
                         continue
-                    taken.append(line.popleft())
-                    counts[owner] += 1
-                    rows += 1
                     progress = True
                     if line:
                         self._lines.move_to_end(owner)
@@ -354,6 +357,13 @@ class Engine:
                 for owner in {r.owner for r in requests}:
                     asked = sum(r.charged for r in requests if r.owner == owner)
                     held = self._owner_tokens[owner]
+                    if asked > self.max_tokens_per_owner:  # it could never run: not worth a retry
+                        for r in requests:
+                            r.charged = 0
+                        raise RequestError(
+                            f"This request needs {asked} tokens (prompts + max_tokens), more than the "
+                            f"{self.max_tokens_per_owner} one client may have in flight; lower max_tokens or n.",
+                            param="max_tokens", code="request_too_large")
                     if held + asked > self.max_tokens_per_owner:
                         for r in requests:
                             r.charged = 0
@@ -440,13 +450,18 @@ class Engine:
         def join() -> list[Decoding]:
             if self._stopping or not self.continuous_batching:
                 return []
-            running = Counter(r.owner for r in live if r.finish_reason is None and r.error is None and not r.cancelled)
+            # Answered requests leave `live`: a batch that lives for hours must not hold them all.
+            live[:] = [r for r in live if not r.done.is_set()]
+            running = Counter(r.owner for r in live if not r.cancelled)
             taken = self._queue.take_joiners(can_join, running, self.max_batch_size, self.max_batch_size * 2)
             for r in taken:
                 if r.cancelled:  # its client left while it waited
                     self._finish(r)
             taken = [r for r in taken if not r.cancelled]
             live.extend(taken)
+            if self._stopping:  # stop() may have cancelled `live` before these joined it
+                for r in taken:
+                    r.cancelled = True
             with self._stats_lock:
                 self._joined += len(taken)
             return self._rows(taken, adapters)
@@ -504,13 +519,15 @@ class Engine:
             run(live)
         except (UnknownModel, AdapterError) as err:
             for r in live:
-                r.error = err
+                if not r.done.is_set():  # an answered request keeps its answer
+                    r.error = err
         except Exception as err:  # noqa: BLE001 - one bad batch must not stop the server
             if len(live) > 1 and not any(r.token_ids for r in live):
                 return [ran for r in list(live) for ran in self._guarded([r], run)]
             log.exception("generation failed")
             for r in live:
-                r.error = err
+                if not r.done.is_set():
+                    r.error = err
         finally:
             self._active = []
         return live

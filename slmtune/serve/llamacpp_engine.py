@@ -54,6 +54,8 @@ class GgufAdapters:
     sets that adapter (or none, for the base) on the context before its batch."""
 
     def __init__(self, llm, *, max_loaded: int = 4):
+        if max_loaded < 1:
+            raise AdapterError("max_loaded_adapters must be at least 1")
         self.model = llm
         self.max_loaded = max_loaded
         self.loads = 0

@@ -154,18 +154,40 @@ def test_another_owners_request_joins_a_batch_full_of_long_replies(endless):
 def test_an_owners_tokens_in_flight_are_bounded(endless):
     """One owner's unfinished requests may hold max_tokens_per_owner tokens (prompt + max_tokens):
     beyond it a 429 (rate_limit_error) for that owner only; finished requests give the room back."""
+    import threading
+
     server, engine = endless
     engine.max_tokens_per_owner = LONG
-    body = {"model": engine.base_name, "messages": HELLO, "max_tokens": LONG - 100, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as first:
-        assert first.status_code == 200
-        next(first.iter_lines())  # it runs (and has thousands of tokens to go)
-        status, out = http_json(server.url + "/v1/chat/completions", body=body | {"stream": False, "max_tokens": 200})
-        assert status == 429 and out["error"]["type"] == "rate_limit_error", out
-        assert out["error"]["code"] == "rate_limit_exceeded" and str(LONG) in out["error"]["message"]
-        other = engine.chat_request(engine.base_name, HELLO, SamplingParams(temperature=0, max_tokens=200), owner="B")
-        assert engine.generate(other, timeout=60).completion_tokens == 200  # another owner is not affected
-    # The stream was closed: its request is cancelled and finished, and its tokens are free again.
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold(text):  # runs on the engine thread: the first request stays in flight until released
+        held.set()
+        release.wait(60)
+
+    first = engine.chat_request(engine.base_name, HELLO, SamplingParams(temperature=0, max_tokens=LONG - 100),
+                                owner="127.0.0.1", on_text=hold)  # the HTTP client's owner: its address
+    engine.submit(first)
+    assert held.wait(60)
+    body = {"model": engine.base_name, "messages": HELLO, "max_tokens": 200}
+    status, out = http_json(server.url + "/v1/chat/completions", body=body)
+    assert status == 429 and out["error"]["type"] == "rate_limit_error", out
+    assert out["error"]["code"] == "rate_limit_exceeded" and str(LONG) in out["error"]["message"]
+    other = engine.chat_request(engine.base_name, HELLO, SamplingParams(temperature=0, max_tokens=200), owner="B")
+    engine.submit(other)  # another owner is not affected
+    first.cancelled = True
+    release.set()
+    assert first.done.wait(60) and other.done.wait(60) and other.completion_tokens == 200
     assert wait_until(lambda: engine.stats()["tokens_in_flight"] == 0, timeout=60)
-    status, out = http_json(server.url + "/v1/chat/completions", body=body | {"stream": False, "max_tokens": 4})
+    status, out = http_json(server.url + "/v1/chat/completions", body=body | {"max_tokens": 4})
     assert status == 200, out
+
+
+def test_a_request_larger_than_the_whole_budget_is_a_400(endless):
+    """It could never run, so it is not a 429 that clients would retry."""
+    server, engine = endless
+    engine.max_tokens_per_owner = 100
+    status, out = http_json(server.url + "/v1/chat/completions",
+                            body={"model": engine.base_name, "messages": HELLO, "max_tokens": 200})
+    assert status == 400 and out["error"]["code"] == "request_too_large", out
+    assert engine.stats()["tokens_in_flight"] == 0
