@@ -123,31 +123,34 @@ def resolve_adapter(name: str, path: str | Path, base_model: str | None = None) 
     return AdapterSource(name=name, path=adapter_dir, given=str(given))
 
 
-class AdapterRegistry:
-    """Allow-list name -> adapter directory, plus the least-recently-used set loaded on the model.
+class AdapterNames:
+    """The bookkeeping every adapter registry shares: the allow-list name -> AdapterSource and the
+    least-recently-used set loaded on the model (name -> (source, the backend's handle)).
 
-    register/remove/list are safe from any thread; use()/sync() touch the model and must only be
-    called from the thread that owns it (the engine thread).
-    """
+    register/remove/list are safe from any thread; sync() and the subclass's use()/_unload() touch
+    the model and must only be called from the thread that owns it (the engine thread). A subclass
+    says how a path becomes a source (`_resolve`) and how a loaded adapter goes (`_unload`)."""
 
-    def __init__(self, model, *, base_model: str | None = None, max_loaded: int = 4):
+    def __init__(self, model, *, max_loaded: int = 4):
         if max_loaded < 1:
-            raise ValueError("max_loaded must be at least 1")
-        self.model = model  # the plain base model, or the PeftModel once an adapter was loaded
-        self.base_model = base_model
+            raise AdapterError("max_loaded must be at least 1")
+        self.model = model
         self.max_loaded = max_loaded
         self._lock = threading.Lock()
         self._sources: dict[str, AdapterSource] = {}
-        # name -> (source, PEFT adapter name), least recently used first. PEFT gets names of its own:
-        # it cannot take "." in a name, and mishandles names that occur in its "lora_" prefix.
-        self._loaded: OrderedDict[str, tuple[AdapterSource, str]] = OrderedDict()
-        self._peft_names = (f"slot{i}" for i in itertools.count())
+        self._loaded: OrderedDict[str, tuple[AdapterSource, object]] = OrderedDict()
         self.loads = 0
         self.evictions = 0
 
+    def _resolve(self, name: str, path: str | Path) -> AdapterSource:
+        raise NotImplementedError
+
+    def _unload(self, name: str) -> None:
+        raise NotImplementedError
+
     # --- any thread -------------------------------------------------------------------------
     def register(self, name: str, path: str | Path, *, reserved: set[str] = frozenset()) -> AdapterSource:
-        source = resolve_adapter(name, path, self.base_model)
+        source = self._resolve(name, path)
         if name in reserved:
             raise AdapterError(f"{name!r} is the base model's name; pick another adapter name")
         with self._lock:
@@ -189,6 +192,21 @@ class AdapterRegistry:
             stale = [n for n, (s, _) in self._loaded.items() if self._sources.get(n) != s]
         for name in stale:
             self._unload(name)
+
+
+class AdapterRegistry(AdapterNames):
+    """PEFT adapters (run directories or adapter directories) on one PeftModel (AdapterNames has the
+    allow-list and the least-recently-used set)."""
+
+    def __init__(self, model, *, base_model: str | None = None, max_loaded: int = 4):
+        super().__init__(model, max_loaded=max_loaded)  # the plain base, or the PeftModel once one is loaded
+        self.base_model = base_model
+        # PEFT gets adapter names of its own: it cannot take "." in a name, and mishandles names
+        # that occur in its "lora_" prefix.
+        self._peft_names = (f"slot{i}" for i in itertools.count())
+
+    def _resolve(self, name: str, path: str | Path) -> AdapterSource:
+        return resolve_adapter(name, path, self.base_model)
 
     @contextmanager
     def use(self, name: str | None) -> Iterator[object]:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
-from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from transformers import AutoTokenizer
 
 from slmtune.export.gguf import (ADAPTER_FILE, GGUF_FILE, GgufExportError, LlamaCppCandidate, context_length_of,
                                  llama_cpp)
-from slmtune.serve.adapters import AdapterError, AdapterSource, UnknownModel, check_adapter_name
+from slmtune.serve.adapters import AdapterError, AdapterNames, AdapterSource, UnknownModel, check_adapter_name
 from slmtune.serve.engine import Engine
 
 MAX_CONTEXT = 8192
@@ -47,68 +45,20 @@ def gguf_file(target: str | os.PathLike) -> Path:
     return path
 
 
-class GgufAdapters:
-    """The llama.cpp backend's adapter registry (the interface of serve/adapters.AdapterRegistry):
+class GgufAdapters(AdapterNames):
+    """The llama.cpp backend's adapter registry (AdapterNames' allow-list and LRU set):
     names -> GGUF LoRA files, loaded onto the one llama.cpp model on first use, at most `max_loaded`
     at once (the least recently used is freed). The engine decodes one row at a time, so `use(name)`
     sets that adapter (or none, for the base) on the context before its batch."""
 
     def __init__(self, llm, *, max_loaded: int = 4):
-        if max_loaded < 1:
-            raise AdapterError("max_loaded_adapters must be at least 1")
-        self.model = llm
-        self.max_loaded = max_loaded
-        self.loads = 0
-        self.evictions = 0
+        super().__init__(llm, max_loaded=max_loaded)
         self.architecture = str(llm.metadata.get("general.architecture", ""))
-        self._sources: dict[str, AdapterSource] = {}
-        self._loaded: OrderedDict[str, tuple[Path, object]] = OrderedDict()  # name -> (file, llama.cpp adapter)
-        self._lock = threading.Lock()
         self._low = llama_cpp().llama_cpp
 
-    def register(self, name: str, path: str | os.PathLike, *, reserved: set[str] = frozenset()) -> AdapterSource:
+    def _resolve(self, name: str, path: str | os.PathLike) -> AdapterSource:
         check_adapter_name(name)
-        if name in reserved:
-            raise AdapterError(f"{name!r} is the base model's name; pick another adapter name")
-        source = AdapterSource(name, lora_file(path, self.architecture), str(path))
-        with self._lock:
-            existing = self._sources.get(name)
-            if existing is not None and existing.path != source.path:
-                raise AdapterError(f"adapter {name!r} is already registered for {existing.given}; remove it first")
-            self._sources[name] = source
-        return source
-
-    def remove(self, name: str) -> AdapterSource:
-        """Forget a name; it is freed by the next sync() on the engine thread."""
-        with self._lock:
-            if name not in self._sources:
-                raise UnknownModel(name)
-            return self._sources.pop(name)
-
-    def __contains__(self, name: str) -> bool:
-        with self._lock:
-            return name in self._sources
-
-    def names(self) -> list[str]:
-        with self._lock:
-            return list(self._sources)
-
-    def loaded(self) -> list[str]:
-        with self._lock:
-            return list(self._loaded)
-
-    def describe(self) -> list[dict]:
-        with self._lock:
-            return [{"name": n, "path": s.given, "adapter_dir": str(s.path), "loaded": n in self._loaded}
-                    for n, s in self._sources.items()]
-
-    # --- engine thread only ------------------------------------------------------------------
-    def sync(self) -> None:
-        """Free adapters that were removed since they were loaded."""
-        with self._lock:
-            stale = [n for n, (f, _) in self._loaded.items() if n not in self._sources or self._sources[n].path != f]
-        for name in stale:
-            self._free(name)
+        return AdapterSource(name, lora_file(path, self.architecture), str(path))
 
     @contextmanager
     def use_mixed(self, names: list[str | None]):
@@ -133,24 +83,23 @@ class GgufAdapters:
             source = self._sources.get(name)
         if source is None:
             raise UnknownModel(name)
-        file = source.path
-        if name in self._loaded and self._loaded[name][0] != file:
-            self._free(name)
+        if name in self._loaded and self._loaded[name][0] != source:
+            self._unload(name)  # re-registered elsewhere since it was loaded
         if name not in self._loaded:
             while len(self._loaded) >= self.max_loaded:
-                self._free(next(iter(self._loaded)))
+                self._unload(next(iter(self._loaded)))
                 self.evictions += 1
-            adapter = self._low.llama_adapter_lora_init(self.model.model, str(file).encode())
+            adapter = self._low.llama_adapter_lora_init(self.model.model, str(source.path).encode())
             if not adapter:
-                raise AdapterError(f"adapter {name!r} ({file}) could not be loaded by llama.cpp")
+                raise AdapterError(f"adapter {name!r} ({source.path}) could not be loaded by llama.cpp")
             with self._lock:
-                self._loaded[name] = (file, adapter)
+                self._loaded[name] = (source, adapter)
             self.loads += 1
         with self._lock:
             self._loaded.move_to_end(name)
             return self._loaded[name][1]
 
-    def _free(self, name: str) -> None:
+    def _unload(self, name: str) -> None:
         self._activate(None)  # never free an adapter the context still applies
         with self._lock:
             _, adapter = self._loaded.pop(name)
