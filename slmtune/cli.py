@@ -16,6 +16,7 @@
     slmtune export runs/mine --format onnx [--precision fp32|int8|int4] --output exports/mine-onnx
     slmtune export runs/mine --format gguf [--quant f16|q8_0|q4_0|...] --output exports/mine-gguf
     slmtune export runs/mine --format gguf-lora [--base-gguf base.gguf] --output exports/mine-lora
+    slmtune export runs/mine --format kaito [--kaito-image REF] --output exports/mine-kaito
     slmtune serve --backend onnx --model exports/mine-onnx
     slmtune serve --backend llamacpp --model exports/mine-gguf/model.gguf
     slmtune plot runs/a [runs/b ...] [--output curves.png]
@@ -107,10 +108,17 @@ def cmd_train(args) -> int:
     from slmtune.training import events
     from slmtune.training.run import run
 
-    on_event = None
+    sinks = []
     if args.json_events:
+        sinks.append(lambda line: print(line, flush=True))
+    if args.events_file:  # a Kubernetes Job's trainer: the worker reads this file on the shared volume
+        sinks.append(lambda line: events.append_line(args.events_file, line))
+    on_event = None
+    if sinks:
         def on_event(event):
-            print(events.to_json(event), flush=True)
+            line = events.to_json(event)
+            for sink in sinks:
+                sink(line)
 
     result = run(recipe, resume=bool(args.resume), on_event=on_event, progress=not args.no_progress)
     s = result.summary
@@ -372,6 +380,10 @@ def cmd_export(args) -> int:
         raise RecipeError("--base-gguf applies to --format gguf-lora")
     if fmt.startswith("gguf") and (args.precision != "fp32" or args.builder_option):
         raise RecipeError("--precision/--builder-option apply to --format onnx; GGUF takes --quant")
+    if fmt != "kaito" and (args.kaito_preset or args.kaito_image or args.kaito_instance_type is not None):
+        raise RecipeError("--kaito-preset/--kaito-image/--kaito-instance-type apply to --format kaito")
+    if fmt == "kaito" and (args.precision != "fp32" or args.builder_option):
+        raise RecipeError("--precision/--builder-option apply to --format onnx; --format kaito copies the adapter")
     llamacpp_report = None  # GGUF: the same prompts answered by llama.cpp itself
     if fmt == "gguf":
         from slmtune.export.gguf import export_gguf
@@ -385,6 +397,16 @@ def cmd_export(args) -> int:
         result = export_gguf_lora(args.run_dir, out, base_gguf=args.base_gguf, check_parity=not args.no_parity)
         path, report = result.path, None
         llamacpp_report = result.llamacpp_parity
+    elif fmt == "kaito":
+        from slmtune.export.kaito import DEFAULT_INSTANCE_TYPE, export_kaito
+
+        instance = DEFAULT_INSTANCE_TYPE if args.kaito_instance_type is None else args.kaito_instance_type
+        result = export_kaito(args.run_dir, out, preset=args.kaito_preset, image=args.kaito_image,
+                              instance_type=instance)
+        if result.image_is_placeholder:
+            print(f"note: the Workspace names the placeholder image {result.image}; pass --kaito-image "
+                  "REGISTRY/NAME:TAG (see README.md in the export)", file=sys.stderr)
+        path, report = result.path, None
     elif fmt == "onnx":
         from slmtune.export.onnx import export_onnx
 
@@ -469,7 +491,8 @@ def _service_settings(args):
 
     overrides = {k: v for k, v in {"db": getattr(args, "db", None), "workers": getattr(args, "workers", None),
                                    "max_upload_bytes": getattr(args, "max_upload_bytes", None),
-                                   "allow_python_graders": getattr(args, "allow_python_graders", None) or None}.items()
+                                   "allow_python_graders": getattr(args, "allow_python_graders", None) or None,
+                                   "executor": getattr(args, "executor", None)}.items()
                  if v is not None}
     models = {}
     from slmtune.models import CATALOG  # here, not at the top: `slmtune --help` stays fast
@@ -508,6 +531,17 @@ def cmd_worker(args) -> int:
     from slmtune.service.worker import main as worker_main
 
     return worker_main(_service_settings(args))
+
+
+def cmd_migrate(args) -> int:
+    """Bring the service's database schema up to date (the Kubernetes migration Job runs this before
+    the API and workers start; they also migrate on start, which is a no-op once this has run)."""
+    from slmtune.service.store import Store
+
+    store = Store(_service_settings(args).db_url)
+    store.migrate()
+    print(f"database schema up to date ({store.engine.url.render_as_string(hide_password=True)})", file=sys.stderr)
+    return 0
 
 
 def cmd_keys(args) -> int:
@@ -562,6 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "subprocess; = train.objective.allow_python_grader=true)")
     p.add_argument("--output", help="run directory (quick mode; default runs/<model>-<method>-<time>)")
     p.add_argument("--json-events", action="store_true", help="print every training event as a JSON line on stdout")
+    p.add_argument("--events-file", metavar="PATH",
+                   help="also append every training event as a JSON line to PATH (flushed per line)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     launch = p.add_argument_group("data parallelism (train.distributed.strategy; re-launched through torchrun)")
     launch.add_argument("--nproc", type=int, default=1, help="processes on this node (GPUs, or CPU workers)")
@@ -625,10 +661,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("export", help="write a run as a standalone model")
     p.add_argument("run_dir")
-    p.add_argument("--format", choices=["merged", "onnx", "gguf", "gguf-lora"],
+    p.add_argument("--format", choices=["merged", "onnx", "gguf", "gguf-lora", "kaito"],
                    help="merged: HF safetensors with the adapter merged (default); onnx: for ONNX Runtime GenAI; "
                    "gguf: one file for llama.cpp / Ollama / LM Studio, with an Ollama Modelfile; gguf-lora: the "
-                   "LoRA adapter alone, applied by llama.cpp (--lora) or Ollama (ADAPTER) on the base's GGUF")
+                   "LoRA adapter alone, applied by llama.cpp (--lora) or Ollama (ADAPTER) on the base's GGUF; "
+                   "kaito: the LoRA adapter as a Kaito adapter image build context + Workspace YAML (Kubernetes)")
+    p.add_argument("--kaito-preset", metavar="NAME", help="kaito: the Workspace's inference.preset.name (default: "
+                   "from the run's base model; needed when the base is a local folder)")
+    p.add_argument("--kaito-image", metavar="REF", help="kaito: where you will push the adapter image, e.g. "
+                   "myacr.azurecr.io/mine:v1 (default: a placeholder to edit)")
+    p.add_argument("--kaito-instance-type", metavar="SKU", help="kaito: the GPU node SKU (default "
+                   "Standard_NV36ads_A10_v5; '' for your own GPU nodes, node auto-provisioning off)")
     p.add_argument("--base-gguf", metavar="FILE", help="gguf-lora: the base model's GGUF (for the Modelfile's FROM "
                    "and the parity check; default: a temporary f32 one)")
     p.add_argument("--quant", help="GGUF weight type: f32, f16 (default), bf16, q8_0, q5_0, q4_1, q4_0; for "
@@ -729,7 +772,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("worker", help="a fine-tuning worker: runs queued jobs of the service's database")
     p.add_argument("--db", help="SQLAlchemy URL, the same as the API server's")
+    p.add_argument("--executor", choices=["local", "kubernetes"],
+                   help="run trainers as subprocesses (local, the default) or as Kubernetes Jobs "
+                        "(docs/kubernetes.md; default $SLMTUNE_EXECUTOR)")
     p.set_defaults(func=cmd_worker)
+
+    p = verbs.add_parser("migrate", help="create or upgrade the fine-tuning service's database schema")
+    p.add_argument("--db", help="SQLAlchemy URL (default: as `slmtune api`)")
+    p.set_defaults(func=cmd_migrate)
 
     p = verbs.add_parser("keys", help="API keys of the fine-tuning service")
     kv = p.add_subparsers(dest="keys_verb", required=True)
@@ -755,10 +805,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
-        if getattr(args, "json_events", False):  # the service's worker reads the error from the events
-            from slmtune.training import events
+        if getattr(args, "json_events", False) or getattr(args, "events_file", None):
+            from slmtune.training import events  # the service's worker reads the error from the events
 
-            print(events.to_json(events.Error(str(err))), flush=True)
+            line = events.to_json(events.Error(str(err)))
+            if getattr(args, "json_events", False):
+                print(line, flush=True)
+            if getattr(args, "events_file", None):
+                events.append_line(args.events_file, line)
         return 2
     except Exception as err:
         from slmtune.training.loop import TrainingStopped

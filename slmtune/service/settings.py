@@ -27,6 +27,25 @@
     SLMTUNE_SERVE_MAX_TOKENS_PER_TENANT  tokens (prompt + max_tokens of each) a tenant's unfinished
                                chat/completion requests may hold in the engine (default 262144; 429)
 
+    SLMTUNE_EXECUTOR           how a worker runs a job's trainer: local (a subprocess; the default) or
+                               kubernetes (a batch/v1 Job per job; slmtune/service/kubernetes.py):
+    SLMTUNE_KUBERNETES_IMAGE   the trainer's image (default slmtune:cpu)
+    SLMTUNE_KUBERNETES_NAMESPACE  where Jobs are created (default: the worker pod's own namespace,
+                               else "default")
+    SLMTUNE_KUBERNETES_HOME_CLAIM  the ReadWriteMany PVC holding SLMTUNE_HOME (default slmtune-home),
+                               mounted in the trainer's pod at the worker's SLMTUNE_HOME path
+    SLMTUNE_KUBERNETES_GPUS    GPUs a job's trainer asks for (default 0: CPU); more when `slmtune plan`
+                               says one GPU of SLMTUNE_KUBERNETES_GPU_MEMORY_GB (default 24) is too small
+                               and the recipe shards (zero3/fsdp), over nodes of
+                               SLMTUNE_KUBERNETES_GPUS_PER_NODE (default 8) GPUs
+    SLMTUNE_KUBERNETES_GPU_RESOURCE  the GPU resource name (default nvidia.com/gpu)
+    SLMTUNE_KUBERNETES_NODE_SELECTOR / SLMTUNE_KUBERNETES_TOLERATIONS  JSON, for the trainer's pods
+    SLMTUNE_KUBERNETES_SERVICE_ACCOUNT  the trainer pods' service account (default: the namespace's)
+    SLMTUNE_KUBERNETES_SCHEDULE_TIMEOUT  seconds a trainer pod may stay unschedulable or unable to
+                               start (image pull) before the job fails with Kubernetes' reason (600)
+    SLMTUNE_KUBERNETES_MAX_RETRIES  an evicted or OOM-killed trainer restarts from its checkpoint up
+                               to this many times (default 3), after 10 s, 20 s, 40 s ... (at most 5 min)
+
 Workers and the API server must see the same SLMTUNE_HOME (files and run directories live there).
 """
 
@@ -73,6 +92,21 @@ class Settings(BaseSettings):
     # Where jobs' `integrations: [{"type": "mlflow"}]` report: the operator's server, never a URI a
     # tenant sends (the server would connect wherever it is told). None: SQLite in the job's run folder.
     mlflow_tracking_uri: str | None = None
+    executor: Literal["local", "kubernetes"] = "local"
+    kubernetes_image: str = "slmtune:cpu"
+    kubernetes_namespace: str | None = None
+    kubernetes_home_claim: str = "slmtune-home"
+    kubernetes_gpus: int = Field(0, ge=0)
+    kubernetes_gpu_memory_gb: float = Field(24.0, gt=0)
+    kubernetes_gpus_per_node: int = Field(8, ge=1)
+    kubernetes_gpu_resource: str = "nvidia.com/gpu"
+    kubernetes_node_selector: dict[str, str] = Field(default_factory=dict)
+    kubernetes_tolerations: list[dict] = Field(default_factory=list)
+    kubernetes_service_account: str | None = None
+    kubernetes_schedule_timeout: float = Field(600.0, gt=0)
+    kubernetes_max_retries: int = Field(3, ge=0)
+    kubernetes_retry_backoff: float = Field(10.0, ge=0)
+    kubernetes_ttl_seconds: int = Field(3600, ge=0)  # finished Jobs are garbage-collected after this
 
     @property
     def service_dir(self) -> Path:

@@ -1,55 +1,50 @@
-"""A worker: claims queued jobs, runs each in a `slmtune train ... --json-events --no-progress`
-subprocess, sends heartbeats and streams the training events into the store.
+"""A worker: claims queued jobs, runs each one's `slmtune train ... --json-events --no-progress`
+through an executor (service/executors.py: a local subprocess, or a Kubernetes Job), sends
+heartbeats and streams the training events into the store.
 
-    slmtune worker [--db URL]      # or started by `slmtune api --workers N`
+    slmtune worker [--db URL] [--executor local|kubernetes]   # or started by `slmtune api --workers N`
 
-- The subprocess dies with its worker (PR_SET_PDEATHSIG on Linux), so a SIGKILLed worker leaves no
-  orphan training behind; its job goes back to the queue once its heartbeat is older than
-  heartbeat_timeout, and the next worker resumes it with `slmtune train --resume RUN_DIR`.
-- Every heartbeat returns the job's status: cancelled or paused -> SIGTERM (the trainer writes a
-  checkpoint and exits); a job taken over by someone else -> SIGKILL.
+- A local trainer dies with its worker, so a SIGKILLed worker leaves no orphan training behind; its
+  job goes back to the queue once its heartbeat is older than heartbeat_timeout, and the next worker
+  resumes it with `slmtune train --resume RUN_DIR`. A Kubernetes trainer outlives its worker: the
+  next worker to claim the job follows the same Kubernetes Job.
+- Every heartbeat returns the job's status: cancelled or paused -> stop (SIGTERM: the trainer writes a
+  checkpoint and exits); a job taken over by someone else -> abandon it.
+- A trainer the platform took away (Kubernetes: evicted, OOM-killed) restarts from its checkpoint up
+  to kubernetes_max_retries times, after a growing pause; then the job fails with the platform's reason.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import yaml
 from sqlalchemy.exc import DBAPIError
 
 from slmtune import atomic
+from slmtune.service.executors import Executor, make_executor, trainer_args
 from slmtune.service.models import File
 from slmtune.service.settings import Settings
 from slmtune.service.store import Store, new_id
 from slmtune.training import events
 from slmtune.training.rundir import RunDir
 
-
-def _die_with_parent() -> None:  # runs in the child before exec
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - not Linux: heartbeats still protect the job
-        pass
-
-
 MAX_DB_BACKOFF = 30.0  # seconds between retries while the database is unreachable
+MAX_RETRY_PAUSE = 300.0  # seconds, the longest pause before restarting a trainer the platform took away
 
 
 class Worker:
-    def __init__(self, settings: Settings, store: Store | None = None, worker_id: str | None = None):
+    def __init__(self, settings: Settings, store: Store | None = None, worker_id: str | None = None,
+                 executor: Executor | None = None):
         self.settings = settings
         self.store = store or Store(settings.db_url)
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{new_id('w', 3)}"
+        self.executor = executor or make_executor(settings)
         self.stopping = threading.Event()
 
     def run_forever(self) -> None:
@@ -96,35 +91,63 @@ class Worker:
             self.store.finish(job.id, self.id, "failed", error={"code": "worker_lost", "message": message,
                                                                  "param": None}, message=f"Job failed: {message}")
             return
-        checkpoint = run_dir.latest_checkpoint()
-        base = [sys.executable, "-m", "slmtune.cli", "train"]
-        if checkpoint is not None:
-            cmd = base + ["--resume", str(run_dir.path)]
-            self.store.append_event(job.id, f"Resuming from checkpoint {checkpoint.name} (attempt {job.attempts})")
-        else:
-            recipe = job_dir / "recipe.yaml"
-            recipe.write_text(yaml.safe_dump(job.resolved["recipe"], sort_keys=False))
-            cmd = base + [str(recipe)]
-            self.store.append_event(job.id, "Fine-tuning job started")
-        cmd += ["--json-events", "--no-progress"]
-        log_path = job_dir / f"train-{job.attempts}.log"
-        env = os.environ | {"SLMTUNE_HOME": str(self.settings.home), "PYTHONUNBUFFERED": "1"}
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env,
-                                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-            outcome, error = self._follow(job, proc)
-        if outcome == "lost":
+        retries = 0
+        while True:
+            checkpoint = run_dir.latest_checkpoint()
+            if checkpoint is not None:
+                args = trainer_args(run_dir, None)
+                self.store.append_event(job.id, f"Resuming from checkpoint {checkpoint.name} (attempt {job.attempts})")
+            else:
+                recipe = job_dir / "recipe.yaml"
+                atomic.write_text(recipe, yaml.safe_dump(job.resolved["recipe"], sort_keys=False))
+                args = trainer_args(run_dir, recipe)
+                self.store.append_event(job.id, "Fine-tuning job started")
+            execution = self.executor.start(job, run_dir, args)
+            outcome, error = self._follow(job, execution)
+            if outcome in ("lost", "left"):
+                return
+            if outcome in ("cancelled", "paused"):
+                self.store.release(job.id, self.id)
+                return
+            if outcome == "interrupted":
+                self.store.requeue(job.id, self.id)
+                return
+            ended = execution.exit()
+            if run_dir.is_finished() and (ended.ok or ended.retry):  # (retry: gone after writing its result)
+                self._succeed(job, run_dir)
+                return
+            if ended.retry and error is None and retries < self.settings.kubernetes_max_retries:
+                retries += 1
+                pause = min(MAX_RETRY_PAUSE, self.settings.kubernetes_retry_backoff * 2 ** (retries - 1))
+                self.store.append_event(job.id, f"{ended.error}; the trainer restarts from its last checkpoint in "
+                                                f"{pause:.0f} s (retry {retries} of {self.settings.kubernetes_max_retries})",
+                                        level="warn")
+                status = self._pause(job, pause)
+                if status == "running":
+                    continue
+                if status is not None:  # cancelled or paused meanwhile
+                    self.store.release(job.id, self.id)
+                return
+            self._fail(job, error or ended.error or "training failed")
             return
-        if outcome in ("cancelled", "paused"):
-            self.store.release(job.id, self.id)
-            return
-        if outcome == "interrupted":
-            self.store.requeue(job.id, self.id)
-            return
-        if proc.returncode == 0 and run_dir.is_finished():
-            self._succeed(job, run_dir)
-            return
-        message = error or self._error_message(log_path, proc.returncode)
+
+    def _pause(self, job, seconds: float) -> str | None:
+        """Wait `seconds` while keeping the job's heartbeat; the job's status at the end (None: lost).
+        A cancel, a pause or this worker shutting down ends the wait early."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                status = self.store.heartbeat(job.id, self.id)
+            except DBAPIError:
+                status = "running"
+            if status != "running" or time.monotonic() >= deadline:
+                return status
+            if self.stopping.is_set():
+                self.store.requeue(job.id, self.id)
+                return "queued"
+            self.stopping.wait(min(self.settings.heartbeat_interval, max(0.0, deadline - time.monotonic())))
+
+    def _fail(self, job, message: str) -> None:
         data = job.resolved["recipe"]["data"]
         for path, file_id in ((data.get("train"), job.training_file), (data.get("validation"), job.validation_file)):
             if path and file_id:
@@ -134,27 +157,15 @@ class Worker:
                                  message=f"Job failed: {message}"):
             self.store.release(job.id, self.id)
 
-    def _follow(self, job, proc) -> tuple[str, str | None]:
-        """Relay events until the process exits; returns the outcome ("done", "cancelled", "paused",
-        "interrupted" or "lost") and the trainer's error message, if it reported one."""
-        lines: queue.Queue = queue.Queue()
-
-        def read():
-            for raw in proc.stdout:
-                lines.put(raw)
-            lines.put(None)
-
-        threading.Thread(target=read, daemon=True).start()
+    def _follow(self, job, execution) -> tuple[str, str | None]:
+        """Relay events until the trainer exits; returns the outcome ("done", "cancelled", "paused",
+        "interrupted", "left" or "lost") and the trainer's error message, if it reported one."""
         state = {"total": None, "last": {}, "error": None}
         next_beat = time.monotonic() + self.settings.heartbeat_interval
         outcome, stop_sent = "done", None
         while True:
-            try:
-                raw = lines.get(timeout=max(0.05, next_beat - time.monotonic()))
-            except queue.Empty:
-                raw = ""
+            raw = execution.read(timeout=max(0.05, next_beat - time.monotonic()))
             if raw is None:
-                proc.wait()
                 return outcome, state["error"]
             if raw:
                 self.relay(job, raw, state)
@@ -165,18 +176,20 @@ class Worker:
                 except DBAPIError:  # the database is away: training goes on, the next beat retries
                     continue
                 if status is None:  # another worker owns the job now: stop at once, write nothing
-                    proc.kill()
-                    proc.wait()
+                    execution.abandon()
                     return "lost", None
                 if status != "running" and stop_sent is None:
                     # cancelled, paused, or paused and already resumed (queued): checkpoint, stop, let go
                     outcome, stop_sent = ("cancelled" if status == "cancelled" else "paused"), time.monotonic()
-                    proc.send_signal(signal.SIGTERM)  # the trainer checkpoints and exits
+                    execution.stop()
                 if self.stopping.is_set() and stop_sent is None:  # this worker is shutting down
+                    if execution.leave():  # the trainer runs on; the next worker follows it
+                        self.store.requeue(job.id, self.id)
+                        return "left", None
                     outcome, stop_sent = "interrupted", time.monotonic()
-                    proc.send_signal(signal.SIGTERM)
-                if stop_sent is not None and time.monotonic() - stop_sent > 60:
-                    proc.kill()
+                if stop_sent is not None and time.monotonic() - stop_sent > execution.stop_timeout:
+                    execution.kill()
+                    stop_sent = float("inf")  # once
 
     def relay(self, job, raw: bytes, state: dict) -> None:
         """Store one line of the trainer's --json-events output (other output is ignored)."""
@@ -232,18 +245,6 @@ class Worker:
                                  trained_tokens=int(summary.get("train_tokens") or 0), result_files=[result],
                                  message=f"The job has successfully completed; new model: {name}{chosen}"):
             self.store.release(job.id, self.id)  # cancelled meanwhile: the user's word stands
-
-    @staticmethod
-    def _error_message(log_path: Path, returncode: int) -> str:
-        try:
-            text = log_path.read_text(errors="replace")
-        except OSError:
-            text = ""
-        errors = [line[len("error: "):] for line in text.splitlines() if line.startswith("error: ")]
-        if errors:
-            return errors[-1][:2000]
-        tail = [line for line in text.splitlines() if line.strip()][-3:]
-        return (f"training exited with code {returncode}" + (": " + " | ".join(tail) if tail else ""))[:2000]
 
 
 def main(settings: Settings) -> int:

@@ -2,6 +2,7 @@
 
     run(recipe, on_event=print)                      # Event objects, as the run emits them
     slmtune train recipe.yaml --json-events          # one `to_json(event)` line each on stdout
+    slmtune train recipe.yaml --events-file PATH     # the same lines appended to PATH (Kubernetes Jobs)
     metrics.jsonl                                    # step, eval, best and warning events, the same lines
 
 Every event serializes to a flat JSON object whose `"event"` key names its kind (`start`, `step`,
@@ -18,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 
@@ -150,6 +153,17 @@ def to_dict(event: Event) -> dict[str, Any]:
 
 def to_json(event: Event) -> str:
     return json.dumps(to_dict(event))
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one `to_json` line to an events file (`slmtune train --events-file`). One write of the
+    whole line in append mode, so a reader tailing the file over a shared volume sees whole lines,
+    and several writers (a torchrun launcher's error, rank 0's events) do not interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 def parse(obj: Any) -> Event:

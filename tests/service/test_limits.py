@@ -129,7 +129,12 @@ def test_a_fresh_service_offers_the_catalog_default_model(monkeypatch):
 
 
 def chunked(total: int, piece: int = 64 * 1024):
-    """A request body without Content-Length (chunked transfer encoding)."""
+    """A request body without Content-Length (chunked transfer encoding): the opening of a well-formed
+    multipart upload with boundary `b`, then a file of `total` bytes that never ends. Well-formed, so
+    that only the size limit can refuse it (a malformed body could be refused sooner as a 400, by
+    whichever comes first: the multipart parser or the byte count)."""
+    yield (b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n'
+           b"Content-Type: application/octet-stream\r\n\r\n")
     sent = 0
     while sent < total:
         yield b"x" * min(piece, total - sent)
