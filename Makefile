@@ -2,11 +2,13 @@
 #                    support data (~5 min on 2 CPU cores), then compare answers before and after
 # make test        - install and run the test suite
 # make test-acceptance - the long real-model checks of issues' promises (~15 min; docs/benchmarks.md)
+# make image       - the container image localhost/slmtune:cpu (deploy/Containerfile) with podman, else
+#                    docker; VARIANT=cuda for localhost/slmtune:cuda (docs/kubernetes.md, "Images")
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test test-fast test-acceptance clean
+.PHONY: install quickstart test test-fast test-acceptance image clean
 
 $(BIN)/slmtune: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +35,11 @@ test-acceptance: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+# deploy/setup-podman.sh installs and configures podman on Debian; build-image.sh makes the offline
+# Debian base image with debootstrap when it is missing and passes the host's pip configuration.
+image:
+	deploy/build-image.sh
 
 clean:
 	rm -rf runs .pytest_cache

@@ -22,7 +22,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from slmtune.service.settings import Settings
 from slmtune.training.rundir import RunDir
@@ -68,6 +68,9 @@ class Execution(Protocol):
 class Executor(Protocol):
     def start(self, job, run_dir: RunDir, args: list[str]) -> Execution:
         """Run `slmtune <args>` for `job` (or take over its trainer if one still runs)."""
+
+    def tidy(self, job_status: Callable[[str], str | None]) -> None:
+        """Between jobs: end trainers that outlived their worker and are no longer wanted."""
 
 
 def trainer_args(run_dir: RunDir, recipe_file: Path | None) -> list[str]:
@@ -130,8 +133,8 @@ class LocalExecution:
         self.proc.wait()
 
     def exit(self) -> Exit:
-        code = self.proc.returncode
-        return Exit(ok=True) if code == 0 else Exit(ok=False, error=log_error(self.log_path, code))
+        code = self.proc.returncode  # the log also explains an exit 0 that left no result
+        return Exit(ok=code == 0, error=log_error(self.log_path, code))
 
 
 def log_error(log_path: Path, returncode: int) -> str:
@@ -155,6 +158,9 @@ class LocalExecutor:
         env = os.environ | {"SLMTUNE_HOME": str(self.settings.home), "PYTHONUNBUFFERED": "1"}
         log_path = run_dir.path.parent / f"train-{job.attempts}.log"
         return LocalExecution([sys.executable, "-m", "slmtune.cli", *args], env, log_path)
+
+    def tidy(self, job_status: Callable[[str], str | None]) -> None:
+        pass  # a local trainer dies with its worker
 
 
 def make_executor(settings: Settings) -> Executor:

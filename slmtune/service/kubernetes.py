@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from pathlib import Path
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from slmtune import atomic
 from slmtune.config import RecipeError, recipe_from_dict
@@ -51,6 +53,8 @@ LABEL_TENANT = "slmtune.dev/tenant"
 LABEL_RUN = "slmtune.dev/trainer"  # this one Kubernetes Job's pods (a job may have several over retries)
 ANNOTATION_EVENTS = "slmtune.dev/events-file"
 ANNOTATION_TENANT = "slmtune.dev/tenant"
+ANNOTATION_JOB = "slmtune.dev/job-id"
+TIDY_SECONDS = 30.0  # between sweeps for trainers nobody wants any more
 RENDEZVOUS_PORT = 29500
 STOP_GRACE_SECONDS = 120  # the trainer's SIGTERM checkpoint must be written within this
 POLL_SECONDS = 2.0  # between reads of the Job's status
@@ -60,6 +64,14 @@ STUCK_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "Create
                  "CreateContainerError")
 NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 MAX_GPUS = 64
+SHM_BYTES = planner.GB  # /dev/shm (memory-backed) counts against the container's memory limit
+REQUEST_TIMEOUT = (5, 30)  # seconds to connect, to read: a half-open connection must not hang the worker
+# What the API server or the network may answer for a moment (restart, failover): asked again.
+TRANSIENT = (HTTPError, OSError)
+
+
+def transient(err: Exception) -> bool:
+    return isinstance(err, TRANSIENT) or (isinstance(err, ApiException) and (err.status in (429, 0) or err.status >= 500))
 
 
 class SizingError(ValueError):
@@ -128,14 +140,15 @@ def size_job(recipe, settings: Settings) -> Sizing:
     per_node = settings.kubernetes_gpus_per_node
     nodes = math.ceil(devices / per_node)
     gpus_per_node = math.ceil(devices / nodes)
-    host = arch.total_params() * 4 * 1.2 + 4 * planner.GB  # fp32 weights while loading, and the runtime
+    # Every process on the node loads the fp32 weights before moving (or sharding) them to its GPU.
+    host = gpus_per_node * (arch.total_params() * 4 * 1.2 + 2 * planner.GB) + 2 * planner.GB
     return Sizing(nodes, gpus_per_node, _gib(host), cpus * gpus_per_node, per_device(nodes * gpus_per_node, False))
 
 
 def trainer_name(job_id: str, n: int) -> str:
     """The Kubernetes Job's name: DNS-1123, short enough for `name-<index>` hostnames."""
     slug = re.sub(r"[^a-z0-9-]+", "-", job_id.lower()).strip("-")[:40]
-    return f"slmtune-{slug}-{n}"
+    return f"slmtune-{slug}-{n}-{secrets.token_hex(2)}"  # never reused: an old Job's pods may linger
 
 
 def _label_value(text: str) -> str:
@@ -148,7 +161,8 @@ def job_manifest(job, args: list[str], settings: Settings, sizing: Sizing, name:
     """The batch/v1 Job that runs `slmtune <args>` for `job` (one pod per node), as a dict."""
     labels = {LABEL_APP: "slmtune", LABEL_COMPONENT: "trainer", LABEL_JOB: _label_value(job.id),
               LABEL_TENANT: _label_value(str(job.tenant_id)), LABEL_RUN: name}
-    annotations = {ANNOTATION_EVENTS: str(events_file), ANNOTATION_TENANT: str(job.tenant_id)}
+    annotations = {ANNOTATION_EVENTS: str(events_file), ANNOTATION_TENANT: str(job.tenant_id),
+                   ANNOTATION_JOB: job.id}
     args = [*args, "--events-file", str(events_file)]
     env = [{"name": "SLMTUNE_HOME", "value": str(settings.home)}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
     if sizing.processes > 1:
@@ -159,19 +173,20 @@ def job_manifest(job, args: list[str], settings: Settings, sizing: Sizing, name:
             "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}})
         args += ["--nnodes", str(sizing.nodes), "--node-rank", "$(NODE_RANK)",
                  "--master-addr", f"{name}-0.{name}", "--master-port", str(RENDEZVOUS_PORT)]
-    resources = {"requests": {"cpu": str(sizing.cpus), "memory": str(sizing.memory_bytes)},
-                 "limits": {"memory": str(sizing.memory_bytes)}}
+    memory = str(sizing.memory_bytes + SHM_BYTES)
+    resources = {"requests": {"cpu": str(sizing.cpus), "memory": memory}, "limits": {"memory": memory}}
     if sizing.gpus_per_node:
         resources["requests"][settings.kubernetes_gpu_resource] = str(sizing.gpus_per_node)
         resources["limits"][settings.kubernetes_gpu_resource] = str(sizing.gpus_per_node)
     volumes = [{"name": "home", "persistentVolumeClaim": {"claimName": settings.kubernetes_home_claim}},
                {"name": "tmp", "emptyDir": {}},
                # torch's shared memory (DataLoader workers, NCCL) outgrows the container runtime's 64 MB /dev/shm
-               {"name": "shm", "emptyDir": {"medium": "Memory"}}]
+               {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": str(SHM_BYTES)}}]
     pod_spec = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": STOP_GRACE_SECONDS,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001},
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                            "seccompProfile": {"type": "RuntimeDefault"}},  # Pod Security "restricted"
         "containers": [{
             "name": "trainer",
             "image": settings.kubernetes_image,
@@ -226,6 +241,10 @@ def pod_failure(pod) -> Exit | None:
         return None
     if status.reason == "Evicted":
         return Exit(False, f"Evicted: {status.message or 'the node ran short of resources'}", retry=True)
+    if status.phase == "Failed" and status.reason and not any(
+            cs.state and cs.state.terminated for cs in status.container_statuses or []):
+        # refused by the node before the trainer started (UnexpectedAdmissionError, OutOf<resource>)
+        return Exit(False, f"{status.reason}: {status.message or 'the node refused the pod'}", retry=True)
     conditions = _true_conditions(pod)
     if "DisruptionTarget" in conditions:
         c = conditions["DisruptionTarget"]
@@ -244,6 +263,12 @@ def pod_failure(pod) -> Exit | None:
             return Exit(False, f"the trainer exited with code {terminated.exit_code}"
                                + (f" ({terminated.reason})" if terminated.reason and terminated.reason != "Error" else ""))
     return None
+
+
+def _finished_at(pod) -> float:
+    ends = [cs.state.terminated.finished_at for cs in (pod.status and pod.status.container_statuses) or []
+            if cs.state and cs.state.terminated and cs.state.terminated.finished_at]
+    return min(ends).timestamp() if ends else float("inf")
 
 
 def stuck_reason(pod) -> str | None:
@@ -279,6 +304,7 @@ class KubernetesExecution:
         self.stopping = False
         self.stuck_since: float | None = None
         self.next_check = 0.0
+        self.api_errors_since: float | None = None
 
     # --- the events file ------------------------------------------------------------------------
     def _next_line(self) -> bytes | None:
@@ -323,28 +349,50 @@ class KubernetesExecution:
 
     # --- the Job's status -----------------------------------------------------------------------
     def _check(self) -> None:
+        try:
+            self._check_once()
+            self.api_errors_since = None
+        except Exception as err:  # noqa: BLE001 - classified: transient errors are asked again
+            if not transient(err) and not isinstance(err, ApiException):
+                raise
+            # The API server is away (or refuses us: RBAC changed): keep asking for a while, then
+            # give up on this Job, so the job neither hangs nor fails on a moment's hiccup.
+            now = time.monotonic()
+            self.api_errors_since = self.api_errors_since or now
+            print(f"kubernetes: Job {self.name}: {type(err).__name__}: {str(err).splitlines()[0][:200]}",
+                  file=sys.stderr, flush=True)
+            if now - self.api_errors_since >= self.executor.settings.kubernetes_schedule_timeout:
+                self.executor.delete_job(self.name, quiet=True)
+                self.result = Exit(False, f"the Kubernetes API did not answer for {now - self.api_errors_since:.0f} s "
+                                          f"({type(err).__name__})", retry=True)
+
+    def _check_once(self) -> None:
         ex = self.executor
         try:
-            kjob = ex.batch.read_namespaced_job(self.name, ex.namespace)
+            kjob = ex.batch.read_namespaced_job(self.name, ex.namespace, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as err:
             if err.status != 404:
-                print(f"kubernetes: reading Job {self.name}: {err.status} {err.reason}", file=sys.stderr, flush=True)
-                return  # the API server is away for a moment: the next check asks again
+                raise
             kjob = None
         gone = kjob is None or kjob.metadata.deletion_timestamp is not None
-        if self.stopping:
-            if gone and not ex.pods(self.name):  # the trainer has written its checkpoint and exited
-                self.result = Exit(False, "stopped")
+        if self.stopping and not gone:
+            ex.delete_job(self.name, quiet=True)
             return
         if gone:
-            self.result = Exit(False, f"the Kubernetes Job {self.name} was deleted by someone else", retry=True)
+            if ex.pods(self.name):  # its trainer is still writing its SIGTERM checkpoint: wait for it
+                return
+            self.result = (Exit(False, "stopped") if self.stopping else
+                           Exit(False, f"the Kubernetes Job {self.name} was deleted by someone else", retry=True))
             return
         conditions = _true_conditions(kjob)
         if "Complete" in conditions or "SuccessCriteriaMet" in conditions:
             self.result = Exit(True)
-        elif "Failed" in conditions or "FailureTarget" in conditions:
-            self.result = self._failure(conditions.get("Failed") or conditions["FailureTarget"])
-        else:
+        elif "Failed" in conditions:  # (FailureTarget alone: its pods may still be terminating)
+            if any(p.status and p.status.phase in ("Pending", "Running") and p.metadata.deletion_timestamp
+                   for p in ex.pods(self.name)):
+                return
+            self.result = self._failure(conditions["Failed"])
+        elif not self.stopping:
             self._check_stuck()
 
     def _failure(self, condition) -> Exit:
@@ -354,7 +402,10 @@ class KubernetesExecution:
             found = pod_failure(pod)
             if found is not None and found.retry:
                 return found
-        for pod in pods:
+        if not pods:  # gone before anyone looked (a lost node's pods are force-deleted): taken away
+            return Exit(False, f"{condition.reason or 'Failed'}: {condition.message or 'the trainer pod was lost'}",
+                        retry=True)
+        for pod in sorted(pods, key=_finished_at):  # the first to end is the cause; siblings are killed after
             found = pod_failure(pod)
             if found is not None:
                 tail = ex.log_tail(pod.metadata.name)
@@ -364,7 +415,11 @@ class KubernetesExecution:
         return Exit(False, f"{condition.reason or 'Failed'}: {condition.message or 'the Kubernetes Job failed'}")
 
     def _check_stuck(self) -> None:
-        reasons = [r for r in (stuck_reason(pod) for pod in self.executor.pods(self.name)) if r]
+        pods = self.executor.pods(self.name)
+        reasons = [r for r in (stuck_reason(pod) for pod in pods) if r]
+        if not pods:  # the API server refused every pod (ResourceQuota, LimitRange, Pod Security)
+            reasons = [f"FailedCreate: no pod was created for the Kubernetes Job {self.name} (see "
+                       f"`kubectl describe job {self.name}`: a quota, limit range or Pod Security admission)"]
         if not reasons:
             self.stuck_since = None
             return
@@ -378,17 +433,21 @@ class KubernetesExecution:
     # --- the worker's requests ------------------------------------------------------------------
     def stop(self) -> None:
         self.stopping = True
-        self.executor.delete_job(self.name)  # the pod gets SIGTERM: the trainer checkpoints and exits
+        self.executor.delete_job(self.name, quiet=True)  # SIGTERM: the trainer checkpoints and exits (re-asked
+        # at each check until the Job is gone)
 
     def kill(self) -> None:
-        self.executor.delete_pods(self.name, grace_seconds=0)
+        try:
+            self.executor.delete_pods(self.name, grace_seconds=0)
+        except (ApiException, *TRANSIENT):
+            pass  # the next check asks again
 
     def leave(self) -> bool:
         self._save_offset()
         return True  # the Job runs on; the next worker to claim the job follows it
 
     def abandon(self) -> None:
-        self._save_offset()  # the Job is the new owner's now: it follows the same one
+        pass  # the Job and its offset file are the new owner's now
 
     def exit(self) -> Exit:
         assert self.result is not None, "exit() before read() returned None"
@@ -411,6 +470,7 @@ class KubernetesExecutor:
         self.batch = k8s.BatchV1Api(api_client)
         self.core = k8s.CoreV1Api(api_client)
         self.poll_seconds = poll_seconds
+        self.next_tidy = 0.0
         self.namespace = settings.kubernetes_namespace or (
             NAMESPACE_FILE.read_text().strip() if NAMESPACE_FILE.exists() else "default")
 
@@ -438,41 +498,77 @@ class KubernetesExecutor:
             execution.result = Exit(False, str(err))
             return execution
         manifest = job_manifest(job, args, self.settings, sizing, name, events_file, self.namespace)
-        created = self.batch.create_namespaced_job(self.namespace, manifest)
+        created = self.batch.create_namespaced_job(self.namespace, manifest, _request_timeout=REQUEST_TIMEOUT)
         if sizing.nodes > 1:
-            self.core.create_namespaced_service(self.namespace,
-                                                rendezvous_service(name, self.namespace, created.metadata.uid))
+            try:
+                self.core.create_namespaced_service(self.namespace,
+                                                    rendezvous_service(name, self.namespace, created.metadata.uid),
+                                                    _request_timeout=REQUEST_TIMEOUT)
+            except Exception:
+                self.delete_job(name, quiet=True)  # no orphan: the Job would wait for its rendezvous forever
+                raise
         return execution
+
+    def tidy(self, job_status) -> None:
+        """Delete running trainer Jobs whose fine-tuning job no longer wants them: a worker that shut
+        down left its trainer running for the next one, and the job was cancelled or paused (or
+        ended) while queued. `job_status(job_id)` is the store's status (None: no such job)."""
+        now = time.monotonic()
+        if now < self.next_tidy:
+            return
+        self.next_tidy = now + TIDY_SECONDS
+        try:
+            listed = self.batch.list_namespaced_job(
+                self.namespace, label_selector=f"{LABEL_APP}=slmtune,{LABEL_COMPONENT}=trainer",
+                _request_timeout=REQUEST_TIMEOUT)
+        except (ApiException, *TRANSIENT):
+            return  # the next sweep
+        for kjob in listed.items:
+            meta = kjob.metadata
+            job_id = (meta.annotations or {}).get(ANNOTATION_JOB)
+            if (not job_id or meta.deletion_timestamp or (meta.labels or {}).get(LABEL_COMPONENT) != "trainer"
+                    or {"Complete", "Failed", "SuccessCriteriaMet"} & set(_true_conditions(kjob))):
+                continue
+            if job_status(job_id) in (None, "cancelled", "paused", "failed", "succeeded"):
+                self.delete_job(meta.name, quiet=True)  # SIGTERM: a paused job's trainer checkpoints first
 
     # --- Kubernetes -----------------------------------------------------------------------------
     def _trainers(self, job_id: str) -> list:
         """The Kubernetes Jobs of one fine-tuning job (finished ones too, until their TTL)."""
         label = _label_value(job_id)
-        listed = self.batch.list_namespaced_job(self.namespace, label_selector=f"{LABEL_JOB}={label}")
+        listed = self.batch.list_namespaced_job(self.namespace, label_selector=f"{LABEL_JOB}={label}",
+                                                _request_timeout=REQUEST_TIMEOUT)
         return [j for j in listed.items if (j.metadata.labels or {}).get(LABEL_JOB) == label]
 
     def pods(self, name: str) -> list:
-        listed = self.core.list_namespaced_pod(self.namespace, label_selector=f"{LABEL_RUN}={name}")
+        listed = self.core.list_namespaced_pod(self.namespace, label_selector=f"{LABEL_RUN}={name}",
+                                               _request_timeout=REQUEST_TIMEOUT)
         return [p for p in listed.items if (p.metadata.labels or {}).get(LABEL_RUN) == name]
 
     def log_tail(self, pod_name: str, lines: int = 20) -> list[str]:
         try:
-            text = self.core.read_namespaced_pod_log(pod_name, self.namespace, container="trainer", tail_lines=lines)
-        except ApiException:
+            text = self.core.read_namespaced_pod_log(pod_name, self.namespace, container="trainer", tail_lines=lines,
+                                                     _request_timeout=REQUEST_TIMEOUT)
+        except (ApiException, *TRANSIENT):
             return []
         return str(text).splitlines()
 
-    def delete_job(self, name: str) -> None:
+    def delete_job(self, name: str, quiet: bool = False) -> None:
+        """Delete a trainer's Job (its pods get SIGTERM). quiet: on a failure path, where an error
+        deleting must not hide the first one."""
         try:
-            self.batch.delete_namespaced_job(name, self.namespace, propagation_policy="Background")
-        except ApiException as err:
-            if err.status != 404:
-                raise
+            self.batch.delete_namespaced_job(name, self.namespace, propagation_policy="Background",
+                                             _request_timeout=REQUEST_TIMEOUT)
+        except (ApiException, *TRANSIENT) as err:
+            if quiet or (isinstance(err, ApiException) and err.status == 404):
+                return
+            raise
 
     def delete_pods(self, name: str, grace_seconds: int) -> None:
         for pod in self.pods(name):
             try:
-                self.core.delete_namespaced_pod(pod.metadata.name, self.namespace, grace_period_seconds=grace_seconds)
+                self.core.delete_namespaced_pod(pod.metadata.name, self.namespace, grace_period_seconds=grace_seconds,
+                                                _request_timeout=REQUEST_TIMEOUT)
             except ApiException as err:
                 if err.status != 404:
                     raise

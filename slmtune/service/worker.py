@@ -66,6 +66,7 @@ class Worker:
 
     def run_once(self) -> bool:
         self.store.requeue_stale(self.settings.heartbeat_timeout)
+        self.executor.tidy(self._job_status)
         job = self.store.claim(self.id, self.settings.heartbeat_timeout)
         if job is None:
             return False
@@ -76,6 +77,10 @@ class Worker:
                                                                  "param": None},
                               message=f"Job failed: internal error {type(err).__name__}")
         return True
+
+    def _job_status(self, job_id: str) -> str | None:
+        job = self.store.get_job(job_id)
+        return job.status if job is not None else None
 
     # --- one job --------------------------------------------------------------------------------
     def run_job(self, job) -> None:

@@ -25,8 +25,8 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from slmtune.config import recipe_from_dict
-from slmtune.service.kubernetes import (LABEL_JOB, LABEL_RUN, KubernetesExecutor, SizingError, job_manifest,
-                                        size_job)
+from slmtune.service.kubernetes import (LABEL_JOB, LABEL_RUN, SHM_BYTES, STOP_GRACE_SECONDS, KubernetesExecution,
+                                        KubernetesExecutor, SizingError, job_manifest, size_job)
 from slmtune.service.models import Job
 from slmtune.service.settings import Settings
 from slmtune.service.store import Store, new_id
@@ -92,7 +92,7 @@ class Kubelet:
                         raw = self.cluster["api"].sanitize_for_serialization(kjob)
                         self.seen.append(raw)
                         behaviour = self.behaviours.pop(0) if self.behaviours else "run"
-                        threading.Thread(target=self._run_pod, args=(raw, behaviour), daemon=True).start()
+                        threading.Thread(target=self._guarded, args=(raw, behaviour), daemon=True).start()
                 self.stop.wait(0.05)
         except BaseException as err:  # noqa: BLE001 - reported by the test
             self.errors.append(err)
@@ -120,12 +120,20 @@ class Kubelet:
                 return False
             raise
 
+    def _guarded(self, job: dict, behaviour: str):
+        try:
+            self._run_pod(job, behaviour)
+        except BaseException as err:  # noqa: BLE001 - reported by the test (close)
+            self.errors.append(err)
+
     def _run_pod(self, job: dict, behaviour: str):
         failed = {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
                   "message": "Job has reached the specified backoff limit"}
         terminated = lambda code, reason: {"phase": "Failed" if code else "Succeeded", "containerStatuses": [  # noqa: E731
             {"name": "trainer", "image": "x", "imageID": "", "ready": False, "restartCount": 0,
              "state": {"terminated": {"exitCode": code, "reason": reason}}}]}
+        if behaviour == "nopod":  # the API server refused the pod (quota, Pod Security): nothing happens
+            return
         if behaviour == "unschedulable":
             self._pod(job, {"phase": "Pending", "conditions": [{
                 "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
@@ -199,6 +207,16 @@ def run_in_thread(worker: Worker) -> threading.Thread:
     return thread
 
 
+def run_job(worker: Worker, kubelet: Kubelet) -> None:
+    """One run_once of the worker, bounded: a broken kubelet or trainer fails the test, never hangs it."""
+    thread = run_in_thread(worker)
+    deadline = time.monotonic() + DEADLINE
+    while thread.is_alive() and time.monotonic() < deadline and not kubelet.errors:
+        thread.join(0.1)
+    assert not kubelet.errors, kubelet.errors
+    assert not thread.is_alive(), "the worker did not finish the job"
+
+
 def messages(store: Store, job_id: str) -> list[str]:
     return [e.message for e in store.list_events(job_id, None, 1000)[0]]
 
@@ -224,7 +242,9 @@ def test_a_cpu_jobs_spec_runs_the_trainer_on_the_shared_home_sized_by_the_planne
     assert spec["backoffLimit"] == 0 and spec["ttlSecondsAfterFinished"] == 3600 and "completionMode" not in spec
     pod = spec["template"]["spec"]
     assert pod["restartPolicy"] == "Never" and pod["nodeSelector"] == {"pool": "cpu"}
-    assert pod["terminationGracePeriodSeconds"] >= 60  # time for the SIGTERM checkpoint
+    assert pod["terminationGracePeriodSeconds"] == STOP_GRACE_SECONDS  # time for the SIGTERM checkpoint
+    assert KubernetesExecution.stop_timeout > STOP_GRACE_SECONDS  # the worker waits for it before killing
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     [container] = pod["containers"]
     assert container["image"] == "reg/slmtune:cpu"
     assert container["args"] == ["train", "recipe.yaml", "--json-events", "--no-progress", "--events-file",
@@ -233,7 +253,9 @@ def test_a_cpu_jobs_spec_runs_the_trainer_on_the_shared_home_sized_by_the_planne
     mounts = {v["name"]: v["mountPath"] for v in container["volumeMounts"]}
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {"home": "home-rwx"} and mounts["home"] == str(settings.home)
-    assert container["resources"]["limits"] == {"memory": str(sizing.memory_bytes)}
+    assert container["resources"]["limits"] == {"memory": str(sizing.memory_bytes + SHM_BYTES)}  # + /dev/shm
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": str(SHM_BYTES)}
     assert not any("gpu" in k for k in container["resources"]["requests"])
 
 
@@ -266,6 +288,8 @@ def test_gpu_counts_and_nodes_come_from_the_plan(tmp_path):
     assert pod["subdomain"] == "slmtune-ftjob-big-1" and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     container = pod["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == str(sizing.gpus_per_node)
+    # each of the node's processes loads the fp32 weights before sharding them
+    assert sizing.memory_bytes >= sizing.gpus_per_node * arch.total_params() * 4
     args = container["args"]
     assert args[args.index("--nproc") + 1] == str(sizing.gpus_per_node)
     assert args[args.index("--nnodes") + 1] == str(sizing.nodes) and "$(NODE_RANK)" in args
@@ -290,7 +314,7 @@ def test_a_job_runs_as_a_kubernetes_job_after_an_eviction_and_succeeds(service, 
     job = add_job()
     kubelet = Kubelet(cluster, ["evict", "run"])
     try:
-        make_worker().run_once()
+        run_job(make_worker(), kubelet)
     finally:
         kubelet.close()
     done = store.get_job(job.id)
@@ -309,7 +333,7 @@ def test_oom_killed_trainers_are_retried_then_the_job_fails_with_kubernetes_reas
     job = add_job()
     kubelet = Kubelet(cluster, ["oom", "oom", "oom"])
     try:
-        make_worker().run_once()
+        run_job(make_worker(), kubelet)
     finally:
         kubelet.close()
     done = store.get_job(job.id)
@@ -324,7 +348,7 @@ def test_a_trainers_own_error_fails_the_job_without_retries(service, cluster):
     job = add_job()
     kubelet = Kubelet(cluster, ["fail"])
     try:
-        make_worker().run_once()
+        run_job(make_worker(), kubelet)
     finally:
         kubelet.close()
     done = store.get_job(job.id)
@@ -337,7 +361,7 @@ def test_an_unschedulable_trainer_fails_the_job_with_what_kubernetes_said(servic
     job = add_job()
     kubelet = Kubelet(cluster, ["unschedulable"])
     try:
-        make_worker().run_once()
+        run_job(make_worker(), kubelet)
     finally:
         kubelet.close()
     done = store.get_job(job.id)
@@ -388,3 +412,39 @@ def test_a_worker_that_shuts_down_leaves_the_job_running_for_the_next(service, c
     assert len(steps) <= 12 + 3  # the second worker read on from where the first stopped (give or take a beat)
     pods = cluster["core"].list_namespaced_pod(NS).items
     assert [p.metadata.labels[LABEL_RUN] for p in pods] == [kubelet.seen[0]["metadata"]["name"]]
+
+
+def test_a_trainer_whose_pod_is_never_created_fails_the_job(service, cluster):
+    settings, store, add_job, make_worker = service
+    job = add_job()
+    kubelet = Kubelet(cluster, ["nopod"])
+    try:
+        run_job(make_worker(), kubelet)
+    finally:
+        kubelet.close()
+    done = store.get_job(job.id)
+    assert done.status == "failed" and done.error["message"].startswith("FailedCreate: no pod was created")
+    assert cluster["batch"].list_namespaced_job(NS).items == []
+
+
+def test_a_trainer_left_running_for_a_job_paused_meanwhile_is_deleted(service, cluster):
+    """A worker shut down and left the trainer to the next; the job was paused while queued: the
+    next worker's sweep deletes the trainer (SIGTERM: it checkpoints) instead of letting it train on."""
+    settings, store, add_job, make_worker = service
+    job = add_job(max_steps=400, save_every=0)
+    kubelet = Kubelet(cluster, ["hang"])
+    try:
+        first = make_worker("w1")
+        thread = run_in_thread(first)
+        wait_for(lambda: any(m.startswith("Step 1/") for m in messages(store, job.id)), "the first step")
+        first.stopping.set()
+        thread.join(DEADLINE)
+        assert store.get_job(job.id).status == "queued" and len(cluster["batch"].list_namespaced_job(NS).items) == 1
+        assert store.set_status(job.id, "paused", allowed_from=("queued",), message="paused by the user")
+        assert make_worker("w2").run_once() is False  # nothing to claim, but the sweep ran
+        wait_for(lambda: not cluster["core"].list_namespaced_pod(NS).items, "the trainer to stop")
+    finally:
+        kubelet.close()
+    assert cluster["batch"].list_namespaced_job(NS).items == []
+    run_dir = Path(job.run_dir)
+    assert any((run_dir / "checkpoints").iterdir())  # the SIGTERM checkpoint, for the resume
