@@ -111,7 +111,9 @@ def test_grpo_loss_and_gradients_equal_the_formula(normalization, beta, tiny_lla
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     assert grads(model).keys() == ours.keys()
     for name, grad in grads(model).items():
-        torch.testing.assert_close(ours[name], grad, rtol=1e-3, atol=1e-6)
+        # Packed and unpacked rows sum in different orders: an entry near zero may differ by fp32
+        # rounding of the larger ones (seen: 1.6e-6 on a tensor whose largest entry was ~1e-3).
+        torch.testing.assert_close(ours[name], grad, rtol=1e-3, atol=1e-6 + 1e-3 * grad.abs().max().item())
 
 
 def test_a_group_with_equal_rewards_contributes_no_gradient(tiny_llama_dir, tiny_tokenizer):

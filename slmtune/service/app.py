@@ -36,9 +36,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Summa
 from slmtune.http.errors import ApiError, install_error_handlers
 from slmtune.http.health import install_health
 from slmtune.serve.app import create_app, engine_metrics
-from slmtune.serve.engine import Engine
 from slmtune.service.core import Service
 from slmtune.service.deps import tenant_of
+from slmtune.service.engines import load_engine
 from slmtune.service.files import too_large
 from slmtune.service.routes import console, files, graders, jobs, models
 from slmtune.service.serving import ServingGuard
@@ -148,10 +148,7 @@ def create_service_app(settings: Settings, *, engine=None) -> FastAPI:
         started_engine = None
         if service.engine is None and settings.serve and settings.models:
             name, path = next(iter(settings.models.items()))
-            service.engine = started_engine = await asyncio.to_thread(
-                Engine.load, path, {}, base_name=name, dtype=settings.serve_dtype,
-                max_batch_size=settings.serve_max_batch_size, continuous_batching=settings.serve_continuous_batching,
-                max_tokens_per_owner=settings.serve_max_tokens_per_tenant)
+            service.engine = started_engine = await asyncio.to_thread(load_engine, settings, name, path)
         if service.engine is not None:
             # The serving app's admin routes are never reachable through the guard; its token is random.
             serve_app = create_app(service.engine, admin_token=new_id("admin", 24))

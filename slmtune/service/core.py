@@ -16,6 +16,7 @@ import threading
 import time
 
 from slmtune.http.errors import ApiError
+from slmtune.service.engines import served_adapter
 from slmtune.service.models import Tenant
 from slmtune.service.settings import Settings
 from slmtune.service.store import Store
@@ -79,8 +80,9 @@ class Service:
                                 "(lora, dora, qlora) on its base model. Serve it with `slmtune serve --model`.",
                            param="model", code="model_not_servable")
         if name not in engine.registry:
+            source = served_adapter(self.settings, job)  # (llama.cpp: a 400 for adapters it cannot apply)
             try:
-                engine.add_adapter(name, job.run_dir)
+                engine.add_adapter(name, source)
             except Exception as err:  # noqa: BLE001 - e.g. registered concurrently
                 if name not in engine.registry:
                     raise ApiError(500, f"Cannot load `{name}`: {err}", type="server_error",

@@ -67,7 +67,11 @@ class Execution(Protocol):
 
 class Executor(Protocol):
     def start(self, job, run_dir: RunDir, args: list[str]) -> Execution:
-        """Run `slmtune <args>` for `job` (or take over its trainer if one still runs)."""
+        """Run `slmtune <args>` for `job`."""
+
+    def left_behind(self, job) -> Execution | None:
+        """The trainer a previous worker of `job` left (running, or ended before that worker recorded
+        its end), to follow instead of starting one; None when there is none."""
 
     def tidy(self, job_status: Callable[[str], str | None]) -> None:
         """Between jobs: end trainers that outlived their worker and are no longer wanted."""
@@ -159,8 +163,11 @@ class LocalExecutor:
         log_path = run_dir.path.parent / f"train-{job.attempts}.log"
         return LocalExecution([sys.executable, "-m", "slmtune.cli", *args], env, log_path)
 
+    def left_behind(self, job) -> None:
+        return None  # a local trainer dies with its worker
+
     def tidy(self, job_status: Callable[[str], str | None]) -> None:
-        pass  # a local trainer dies with its worker
+        pass
 
 
 def make_executor(settings: Settings) -> Executor:

@@ -54,6 +54,7 @@ LABEL_RUN = "slmtune.dev/trainer"  # this one Kubernetes Job's pods (a job may h
 ANNOTATION_EVENTS = "slmtune.dev/events-file"
 ANNOTATION_TENANT = "slmtune.dev/tenant"
 ANNOTATION_JOB = "slmtune.dev/job-id"
+ANNOTATION_NUMBER = "slmtune.dev/trainer-number"  # 1, 2, ...: the job's trainers in the order started
 TIDY_SECONDS = 30.0  # between sweeps for trainers nobody wants any more
 RENDEZVOUS_PORT = 29500
 STOP_GRACE_SECONDS = 120  # the trainer's SIGTERM checkpoint must be written within this
@@ -161,8 +162,9 @@ def job_manifest(job, args: list[str], settings: Settings, sizing: Sizing, name:
     """The batch/v1 Job that runs `slmtune <args>` for `job` (one pod per node), as a dict."""
     labels = {LABEL_APP: "slmtune", LABEL_COMPONENT: "trainer", LABEL_JOB: _label_value(job.id),
               LABEL_TENANT: _label_value(str(job.tenant_id)), LABEL_RUN: name}
+    number = re.search(r"events-(\d+)\.jsonl$", str(events_file))
     annotations = {ANNOTATION_EVENTS: str(events_file), ANNOTATION_TENANT: str(job.tenant_id),
-                   ANNOTATION_JOB: job.id}
+                   ANNOTATION_JOB: job.id, ANNOTATION_NUMBER: number.group(1) if number else "0"}
     args = [*args, "--events-file", str(events_file)]
     env = [{"name": "SLMTUNE_HOME", "value": str(settings.home)}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
     if sizing.processes > 1:
@@ -263,6 +265,13 @@ def pod_failure(pod) -> Exit | None:
             return Exit(False, f"the trainer exited with code {terminated.exit_code}"
                                + (f" ({terminated.reason})" if terminated.reason and terminated.reason != "Error" else ""))
     return None
+
+
+def _number(kjob) -> int:
+    try:
+        return int((kjob.metadata.annotations or {}).get(ANNOTATION_NUMBER, "0"))
+    except ValueError:
+        return 0
 
 
 def _finished_at(pod) -> float:
@@ -476,17 +485,9 @@ class KubernetesExecutor:
 
     # --- the protocol ---------------------------------------------------------------------------
     def start(self, job, run_dir: RunDir, args: list[str]) -> KubernetesExecution:
-        trainers = self._trainers(job.id)
-        for kjob in trainers:
-            events_file = (kjob.metadata.annotations or {}).get(ANNOTATION_EVENTS)
-            if events_file and not kjob.metadata.deletion_timestamp and not (
-                    {"Complete", "Failed", "SuccessCriteriaMet", "FailureTarget"} & set(_true_conditions(kjob))):
-                # a worker that went away left it running: follow it
-                return KubernetesExecution(self, kjob.metadata.name, Path(events_file))
         job_dir = run_dir.path.parent
-        taken = {kjob.metadata.name for kjob in trainers}
-        n = 1  # the first name whose Job and events file are both new (failed Jobs stay until their TTL)
-        while trainer_name(job.id, n) in taken or (job_dir / f"events-{n}.jsonl").exists():
+        n = 1 + max([_number(kjob) for kjob in self._trainers(job.id)], default=0)
+        while (job_dir / f"events-{n}.jsonl").exists():  # (Jobs deleted meanwhile leave their events files)
             n += 1
         name = trainer_name(job.id, n)
         events_file = job_dir / f"events-{n}.jsonl"
@@ -508,6 +509,17 @@ class KubernetesExecutor:
                 self.delete_job(name, quiet=True)  # no orphan: the Job would wait for its rendezvous forever
                 raise
         return execution
+
+    def left_behind(self, job) -> KubernetesExecution | None:
+        """The job's newest trainer Job, unless it is being deleted: running (its worker shut down or
+        died) or ended before its worker recorded the end (the worker died meanwhile). Older Jobs
+        were recorded: a newer one exists only after the worker dealt with them."""
+        trainers = sorted(self._trainers(job.id), key=_number)
+        if not trainers or trainers[-1].metadata.deletion_timestamp:
+            return None
+        newest = trainers[-1]
+        events_file = (newest.metadata.annotations or {}).get(ANNOTATION_EVENTS)
+        return KubernetesExecution(self, newest.metadata.name, Path(events_file)) if events_file else None
 
     def tidy(self, job_status) -> None:
         """Delete running trainer Jobs whose fine-tuning job no longer wants them: a worker that shut

@@ -59,3 +59,4 @@ class ServingGuard:
 
         # The engine's queue is fair by owner: each tenant gets its turn, however many rows another sends.
         await self.inner(scope | {OWNER_SCOPE_KEY: tenant.name}, replay, send)
+

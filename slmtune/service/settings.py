@@ -20,6 +20,10 @@
     SLMTUNE_MAX_ATTEMPTS       a job claimed this many times (its workers kept dying) fails (default 5)
     SLMTUNE_SERVE_DTYPE        weights of the served base model: auto (bfloat16 where the hardware
                                has native bf16, else float32; the default), float32 or bfloat16
+    SLMTUNE_SERVE_BACKEND      torch (the default) or llamacpp: the base model converted once to a GGUF
+                               file of SLMTUNE_SERVE_GGUF_QUANT (q8_0; f16, bf16, f32) under
+                               service/gguf/, decoded by llama.cpp, fine-tuned LoRA models as GGUF LoRAs
+                               on it (`pip install -e ".[gguf]"`; docs/serving.md)
     SLMTUNE_SERVE_MAX_BATCH_SIZE  rows the serving engine decodes together (default 8; up to twice
                                that while requests of tenants below their fair share join a full batch)
     SLMTUNE_SERVE_CONTINUOUS_BATCHING  requests join running batches between decoding steps
@@ -81,6 +85,8 @@ class Settings(BaseSettings):
     train_threads: int | None = Field(None, ge=1)
     serve: bool = True  # load the first base model and serve fine-tuned models on /v1/chat/completions
     serve_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    serve_backend: Literal["torch", "llamacpp"] = "torch"
+    serve_gguf_quant: Literal["f32", "f16", "bf16", "q8_0"] = "q8_0"
     serve_max_batch_size: int = Field(8, ge=1, le=256)
     serve_continuous_batching: bool = True
     serve_max_tokens_per_tenant: int = Field(DEFAULT_MAX_TOKENS_PER_OWNER, ge=1)

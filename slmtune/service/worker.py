@@ -87,10 +87,13 @@ class Worker:
         run_dir = RunDir(job.run_dir)
         job_dir = run_dir.path.parent
         job_dir.mkdir(parents=True, exist_ok=True)
-        if run_dir.is_finished():  # trained, but the previous worker died before recording it
+        # A trainer a previous worker left (Kubernetes: its Job outlives the worker), running or ended
+        # unrecorded: followed from where that worker stopped reading, not counted as a new attempt.
+        execution = self.executor.left_behind(job)
+        if execution is None and run_dir.is_finished():  # trained, but the previous worker died before recording it
             self._succeed(job, run_dir)
             return
-        if job.attempts > self.settings.max_attempts:
+        if execution is None and job.attempts > self.settings.max_attempts:
             message = (f"the job was started {job.attempts - 1} times and its worker stopped each time "
                        "(killed, or out of memory?)")
             self.store.finish(job.id, self.id, "failed", error={"code": "worker_lost", "message": message,
@@ -98,16 +101,16 @@ class Worker:
             return
         retries = 0
         while True:
-            checkpoint = run_dir.latest_checkpoint()
-            if checkpoint is not None:
-                args = trainer_args(run_dir, None)
+            if execution is not None:
+                self.store.append_event(job.id, "Following the trainer another worker started")
+            elif (checkpoint := run_dir.latest_checkpoint()) is not None:
                 self.store.append_event(job.id, f"Resuming from checkpoint {checkpoint.name} (attempt {job.attempts})")
+                execution = self.executor.start(job, run_dir, trainer_args(run_dir, None))
             else:
                 recipe = job_dir / "recipe.yaml"
                 atomic.write_text(recipe, yaml.safe_dump(job.resolved["recipe"], sort_keys=False))
-                args = trainer_args(run_dir, recipe)
                 self.store.append_event(job.id, "Fine-tuning job started")
-            execution = self.executor.start(job, run_dir, args)
+                execution = self.executor.start(job, run_dir, trainer_args(run_dir, recipe))
             outcome, error = self._follow(job, execution)
             if outcome in ("lost", "left"):
                 return
@@ -117,7 +120,7 @@ class Worker:
             if outcome == "interrupted":
                 self.store.requeue(job.id, self.id)
                 return
-            ended = execution.exit()
+            ended, execution = execution.exit(), None
             if run_dir.is_finished() and (ended.ok or ended.retry):  # (retry: gone after writing its result)
                 self._succeed(job, run_dir)
                 return

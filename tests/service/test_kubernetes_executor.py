@@ -401,12 +401,17 @@ def test_a_worker_that_shuts_down_leaves_the_job_running_for_the_next(service, c
         thread.join(DEADLINE)
         assert store.get_job(job.id).status == "queued"  # requeued; its Kubernetes Job runs on
         assert len(cluster["batch"].list_namespaced_job(NS).items) == 1
-        make_worker("w2").run_once()
+        # No worker follows it until it has ended: the next one still relays what it missed.
+        wait_for(lambda: any(c.type == "Complete" for j in cluster["batch"].list_namespaced_job(NS).items
+                             for c in ((j.status and j.status.conditions) or [])), "the trainer to finish")
+        run_job(make_worker("w2"), kubelet)
     finally:
         kubelet.close()
     done = store.get_job(job.id)
     assert done.status == "succeeded", (done.error, messages(store, job.id))
     assert len(kubelet.seen) == 1  # the second worker followed the same Kubernetes Job
+    assert "Following the trainer another worker started" in messages(store, job.id)
+    assert store.get_job(job.id).attempts == 2  # claimed twice, one trainer
     steps = [int(m.split()[1].split("/")[0]) for m in messages(store, job.id) if m.startswith("Step ") and "/" in m]
     assert set(steps) == set(range(1, 13))  # every step reached the store
     assert len(steps) <= 12 + 3  # the second worker read on from where the first stopped (give or take a beat)
