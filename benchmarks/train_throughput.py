@@ -124,7 +124,7 @@ def worker_eval(model: str, adapters: list[str], validation_file: str) -> dict:
     from slmtune.data.dataset import build_datasets
     from slmtune.data.batching import collate
     from slmtune.models import load_model, load_tokenizer
-    from slmtune.training.loop import evaluate_loss
+    from slmtune.training.loss import TargetLoss
 
     tokenizer = load_tokenizer(model)
     data = build_datasets(DataSection(train=validation_file, max_length=MAX_LENGTH), tokenizer, 0)
@@ -134,8 +134,10 @@ def worker_eval(model: str, adapters: list[str], validation_file: str) -> dict:
 
     losses = {}
     for adapter in adapters:
-        net = PeftModel.from_pretrained(load_model(model), adapter)
-        losses[adapter] = evaluate_loss(net, batches, torch.bfloat16)
+        loss = TargetLoss(PeftModel.from_pretrained(load_model(model), adapter).eval())
+        with torch.no_grad():  # mean over target tokens, as the loop's evaluation
+            total = sum(loss(batch, torch.bfloat16).item() for batch in batches)
+        losses[adapter] = total / max(1, sum(batch["n_targets"] for batch in batches))
     return losses
 
 

@@ -14,10 +14,12 @@
     slmtune adapters add|remove|list [NAME [RUN_DIR]] --url http://127.0.0.1:8000
     slmtune export runs/mine --merge exports/mine
     slmtune export runs/mine --format onnx [--precision fp32|int8|int4] --output exports/mine-onnx
+    slmtune export runs/mine --format onnx-base|onnx-adapter [--base-onnx BASE] --output OUT   # shared base
     slmtune export runs/mine --format gguf [--quant f16|q8_0|q4_0|...] --output exports/mine-gguf
     slmtune export runs/mine --format gguf-lora [--base-gguf base.gguf] --output exports/mine-lora
     slmtune export runs/mine --format kaito [--kaito-image REF] --output exports/mine-kaito
     slmtune serve --backend onnx --model exports/mine-onnx
+    slmtune serve --backend onnx --model exports/base-onnx --adapter mine=exports/mine-onnx-adapter
     slmtune serve --backend llamacpp --model exports/mine-gguf/model.gguf
     slmtune plot runs/a [runs/b ...] [--output curves.png]
     slmtune plan --model qwen2.5-1.5b --hardware 1x24GB --seq-len 2048 [--measure]
@@ -297,10 +299,6 @@ def cmd_serve(args) -> int:
         print("error: --max-loaded-adapters, --max-batch-size, --default-max-tokens and --max-tokens-per-client "
               "must be at least 1", file=sys.stderr)
         return 2
-    if args.backend == "onnx" and adapters:
-        print("error: --backend onnx serves one exported model (adapter merged); it takes no --adapter",
-              file=sys.stderr)
-        return 2
     batching = dict(max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                     default_max_tokens=args.default_max_tokens, continuous_batching=args.continuous_batching,
                     max_tokens_per_owner=args.max_tokens_per_client)
@@ -313,7 +311,8 @@ def cmd_serve(args) -> int:
         elif args.backend == "onnx":
             from slmtune.serve.onnx_engine import OnnxEngine
 
-            engine = OnnxEngine.load(args.model, base_name=args.served_model_name, **batching)
+            engine = OnnxEngine.load(args.model, adapters, base_name=args.served_model_name,
+                                     max_loaded_adapters=args.max_loaded_adapters, **batching)
         else:
             engine = Engine.load(args.model, adapters, base_name=args.served_model_name, dtype=args.dtype,
                                  max_loaded_adapters=args.max_loaded_adapters, **batching)
@@ -384,6 +383,13 @@ def cmd_export(args) -> int:
         raise RecipeError("--kaito-preset/--kaito-image/--kaito-instance-type apply to --format kaito")
     if fmt == "kaito" and (args.precision != "fp32" or args.builder_option):
         raise RecipeError("--precision/--builder-option apply to --format onnx; --format kaito copies the adapter")
+    if fmt != "onnx-adapter" and args.base_onnx:
+        raise RecipeError("--base-onnx applies to --format onnx-adapter")
+    if fmt == "onnx-adapter" and not args.base_onnx:
+        raise RecipeError("--format onnx-adapter needs --base-onnx BASE, a `--format onnx-base` export")
+    if fmt == "onnx-adapter" and (args.precision != "fp32" or args.builder_option):
+        raise RecipeError("--precision/--builder-option apply to --format onnx and onnx-base; an ONNX adapter "
+                          "runs at the base's precision")
     llamacpp_report = None  # GGUF: the same prompts answered by llama.cpp itself
     if fmt == "gguf":
         from slmtune.export.gguf import export_gguf
@@ -407,8 +413,14 @@ def cmd_export(args) -> int:
             print(f"note: the Workspace names the placeholder image {result.image}; pass --kaito-image "
                   "REGISTRY/NAME:TAG (see README.md in the export)", file=sys.stderr)
         path, report = result.path, None
-    elif fmt == "onnx":
+    elif fmt == "onnx-adapter":
+        from slmtune.export.onnx_adapters import export_onnx_adapter
+
+        result = export_onnx_adapter(args.run_dir, out, args.base_onnx, check_parity=not args.no_parity)
+        path, report = result.path, result.parity
+    elif fmt in ("onnx", "onnx-base"):
         from slmtune.export.onnx import export_onnx
+        from slmtune.export.onnx_adapters import export_onnx_base
 
         options = {}
         for item in args.builder_option:
@@ -416,8 +428,8 @@ def cmd_export(args) -> int:
             if not sep or not key:
                 raise RecipeError(f"--builder-option {item!r}: expected KEY=VALUE, e.g. block_size=16")
             options[key] = value
-        result = export_onnx(args.run_dir, out, args.precision, check_parity=not args.no_parity,
-                             builder_options=options)
+        result = (export_onnx if fmt == "onnx" else export_onnx_base)(
+            args.run_dir, out, args.precision, check_parity=not args.no_parity, builder_options=options)
         path, report = result.path, result.parity
     else:
         from slmtune.export.parity import TorchCandidate, parity
@@ -661,8 +673,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("export", help="write a run as a standalone model")
     p.add_argument("run_dir")
-    p.add_argument("--format", choices=["merged", "onnx", "gguf", "gguf-lora", "kaito"],
+    p.add_argument("--format", choices=["merged", "onnx", "onnx-base", "onnx-adapter", "gguf", "gguf-lora", "kaito"],
                    help="merged: HF safetensors with the adapter merged (default); onnx: for ONNX Runtime GenAI; "
+                   "onnx-base: the run's base model for ONNX Runtime GenAI with LoRA inputs, shared by adapters; "
+                   "onnx-adapter: the LoRA adapter alone as an .onnx_adapter over such a base (--base-onnx); "
                    "gguf: one file for llama.cpp / Ollama / LM Studio, with an Ollama Modelfile; gguf-lora: the "
                    "LoRA adapter alone, applied by llama.cpp (--lora) or Ollama (ADAPTER) on the base's GGUF; "
                    "kaito: the LoRA adapter as a Kaito adapter image build context + Workspace YAML (Kubernetes)")
@@ -672,6 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "myacr.azurecr.io/mine:v1 (default: a placeholder to edit)")
     p.add_argument("--kaito-instance-type", metavar="SKU", help="kaito: the GPU node SKU (default "
                    "Standard_NV36ads_A10_v5; '' for your own GPU nodes, node auto-provisioning off)")
+    p.add_argument("--base-onnx", metavar="DIR", help="onnx-adapter: the `--format onnx-base` export the adapter "
+                   "is for (its LoRA inputs name the adapter's tensors; parity runs on it)")
     p.add_argument("--base-gguf", metavar="FILE", help="gguf-lora: the base model's GGUF (for the Modelfile's FROM "
                    "and the parity check; default: a temporary f32 one)")
     p.add_argument("--quant", help="GGUF weight type: f32, f16 (default), bf16, q8_0, q5_0, q4_1, q4_0; for "
@@ -719,13 +735,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("serve", help="serve a model and its adapters over an OpenAI-compatible API")
     p.add_argument("--model", required=True, help="base model: catalog name, directory, .gguf file or hub id; "
-                   "with --backend onnx, a `slmtune export --format onnx` folder")
+                   "with --backend onnx, a `slmtune export --format onnx` or `--format onnx-base` folder")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx", "llamacpp"],
                    help="torch (default; adapters), onnx (an exported model through onnxruntime-genai) or "
                    "llamacpp (a `slmtune export --format gguf` file through llama.cpp; one row at a time)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_DIR",
                    help="register an adapter (run directory or PEFT adapter directory; with --backend llamacpp a "
-                   "GGUF LoRA from `slmtune export RUN --format gguf-lora`); repeatable")
+                   "GGUF LoRA from `slmtune export RUN --format gguf-lora`; with --backend onnx an .onnx_adapter "
+                   "from `--format onnx-adapter` over an `--format onnx-base` model); repeatable")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],

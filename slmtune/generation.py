@@ -12,8 +12,9 @@ Pieces, each used by every caller:
 - `Decoder`: the backend protocol: `decode(rows, join)` advances every row to its end, taking in
   rows that `join` hands it between steps. `TorchDecoder` is the PyTorch one (left-padded prefill,
   one forward pass per token over the rows still running, per-row sampling, finished rows leave the
-  batch and the cache, joining rows enter it, mixed LoRA adapters per row); the ONNX and llama.cpp
-  backends (slmtune/serve/) implement the same protocol without joining.
+  batch and the cache, joining rows enter it, mixed LoRA adapters per row); the ONNX backend
+  (slmtune/serve/onnx_engine.py: a generator per row, so rows join and each may name its adapter)
+  and the llama.cpp one (one row at a time, never joining) implement the same protocol.
 - `TokenConstraint`: what a row may generate next (a Completion's `constraint`); `GrammarConstraint`
   is the llguidance one (a Lark grammar with embedded JSON schemas: forced tool calls). TorchDecoder
   masks each constrained row's logits before choosing, Decoding tells the constraint what was chosen.

@@ -7,6 +7,9 @@ onnxruntime-genai's model builder turns the merged Hugging Face directory into `
 its weights, `genai_config.json` and the tokenizer files. It runs as a subprocess
 (`python -m onnxruntime_genai.models.builder`) with HF_HUB_OFFLINE=1, so it never reaches the hub.
 
+Adapters as files of their own over one shared base (`--format onnx-base` / `onnx-adapter`, onnxruntime-
+genai's `.onnx_adapter`): slmtune/export/onnx_adapters.py.
+
 Parity (slmtune/export/parity.py): the export answers the fixed prompts greedily through
 `OnnxDecoder`, the same Decoder the ONNX serving backend uses, against the run in PyTorch.
 Measured on SmolLM2-135M (12 chat prompts, 64 new tokens; docs/benchmarks.md), token / next-token
@@ -91,12 +94,16 @@ def build_onnx(model_dir: str | Path, out: str | Path, precision: str = "fp32", 
     return Path(out)
 
 
-def onnx_next_token_matches(model, prompt_ids: list[int], reference: list[int]) -> int:
-    """Positions where the export's greedy choice, fed the reference answer so far, is the reference token."""
+def onnx_next_token_matches(model, prompt_ids: list[int], reference: list[int], adapters=None,
+                            adapter: str | None = None) -> int:
+    """Positions where the export's greedy choice, fed the reference answer so far, is the reference token
+    (with `adapter`, loaded in onnxruntime-genai's `adapters` under that name, active)."""
     og = onnx_genai()
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt_ids) + len(reference) + 1, do_sample=False)
     generator = og.Generator(model, params)
+    if adapter is not None:
+        generator.set_active_adapter(adapters, adapter)
     generator.append_tokens(np.array([prompt_ids], dtype=np.int32))
     matches = 0
     for i, token in enumerate(reference):
@@ -107,14 +114,25 @@ def onnx_next_token_matches(model, prompt_ids: list[int], reference: list[int]) 
     return matches
 
 
+# The serving engine's name for the base model's rows in a batch mixing adapters (slmtune/serve/engine.py).
+BASE_ROW = "__base__"
+
+
 class OnnxDecoder:
     """The Decoder protocol (slmtune/generation.py) on onnxruntime-genai, for serving and parity: each
     row gets its own Generator with its own search options (greedy, or sampled with its temperature,
-    top_p and seed); the generators advance one token each in turn, so a batch's rows stream together."""
+    top_p and seed); the generators advance one token each in turn, so a batch's rows stream together.
 
-    def __init__(self, model, vocab_size: int):
+    LoRA adapters (a base from `--format onnx-base`): `adapters` is the model's og.Adapters; a row runs
+    with the adapter its Decoding names (`row.adapter`, a name loaded in `adapters`; BASE_ROW: none),
+    else with `adapter` (None: the base model). The adapter is set on the row's own Generator, so rows
+    of different adapters share a batch."""
+
+    def __init__(self, model, vocab_size: int, adapters=None, adapter: str | None = None):
         self.model = model
         self.vocab_size = vocab_size
+        self.adapters = adapters
+        self.adapter = adapter
 
     def decode(self, rows: list[Decoding], join: Callable[[], list[Decoding]] | None = None) -> None:
         active = [(row, self._generator(row)) for row in rows]
@@ -152,6 +170,9 @@ class OnnxDecoder:
                             random_seed=p.seed % 2**31 if p.seed is not None else secrets.randbits(31))
         params.set_search_options(**options)
         generator = og.Generator(self.model, params)
+        adapter = row.adapter if row.adapter is not None else self.adapter
+        if adapter is not None and adapter != BASE_ROW:
+            generator.set_active_adapter(self.adapters, adapter)  # before the prompt runs
         generator.append_tokens(np.array([c.prompt_ids], dtype=np.int32))
         return generator
 
@@ -171,16 +192,22 @@ def export_tokenizer(export_dir: str | Path):
 
 
 class OnnxCandidate:
-    """An ONNX export as a parity candidate (slmtune/export/parity.py)."""
+    """An ONNX export as a parity candidate (slmtune/export/parity.py); with `adapter_file`, a base
+    export (`--format onnx-base`) with that `.onnx_adapter` active."""
 
-    def __init__(self, export_dir: str | Path, tokenizer=None):
-        self.model = onnx_genai().Model(str(export_dir))
+    def __init__(self, export_dir: str | Path, tokenizer=None, adapter_file: str | Path | None = None):
+        og = onnx_genai()
+        self.model = og.Model(str(export_dir))
         vocab = genai_vocab_size(export_dir, tokenizer or export_tokenizer(export_dir))
-        self.decoder = OnnxDecoder(self.model, vocab)
+        self.adapters, self.adapter = None, None
+        if adapter_file is not None:
+            self.adapters, self.adapter = og.Adapters(self.model), "candidate"
+            self.adapters.load(str(adapter_file), self.adapter)
+        self.decoder = OnnxDecoder(self.model, vocab, self.adapters, self.adapter)
         self.extra_eos_ids = genai_eos_ids(export_dir)
 
     def next_token_matches(self, prompt_ids: list[int], reference: list[int]) -> int:
-        return onnx_next_token_matches(self.model, prompt_ids, reference)
+        return onnx_next_token_matches(self.model, prompt_ids, reference, self.adapters, self.adapter)
 
 
 # --- the export ------------------------------------------------------------------------------
