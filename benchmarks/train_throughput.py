@@ -78,7 +78,8 @@ def worker_slmtune(model: str, train_file: str, out: Path, variant: str = "slmtu
         "model": {"name": model, **overrides.get("model", {})},
         "method": {"name": "lora", "lora_r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0,
                    **overrides.get("method", {})},
-        "data": {"train": train_file, "max_length": MAX_LENGTH},
+        # validation_split 0: train on every row, as TRL does (the "auto" default holds 10% out).
+        "data": {"train": train_file, "max_length": MAX_LENGTH, "validation_split": 0},
         # TRL's default batch is 8 examples per optimizer step; slmtune packs those 8 into rows.
         "train": {"epochs": 1, "examples_per_step": 8, "learning_rate": LR,
                   "schedule": "linear", "warmup_ratio": 0.0, "seed": 42, **overrides.get("train", {})},
