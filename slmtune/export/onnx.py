@@ -231,10 +231,15 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", *
         if check_parity:
             candidate = OnnxCandidate(built)
             report = parity(run_dir, built, candidate, "onnx", prompts=prompts, max_new_tokens=max_new_tokens)
-        if out.exists():
-            out.rmdir()
-        os.chmod(built, 0o755)
-        os.replace(built, out)
+        publish(built, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ExportResult(out, report)
+
+
+def publish(built: Path, out: Path) -> None:
+    """Move a finished build folder to `out` (an empty `out` is replaced), readable by others."""
+    if out.exists():
+        out.rmdir()
+    os.chmod(built, 0o755)
+    os.replace(built, out)

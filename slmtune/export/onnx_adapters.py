@@ -46,7 +46,7 @@ import numpy as np
 
 from slmtune import atomic
 from slmtune.config import RecipeError
-from slmtune.export.onnx import PRECISIONS, ExportError, ExportResult, OnnxCandidate, build_onnx
+from slmtune.export.onnx import PRECISIONS, ExportError, ExportResult, OnnxCandidate, build_onnx, publish
 from slmtune.export.parity import PARITY_MAX_NEW_TOKENS, parity
 from slmtune.training.rundir import RunDir
 
@@ -373,10 +373,7 @@ def export_onnx_base(run_dir: str | os.PathLike, out: str | os.PathLike, precisi
             with model.disable_adapter():  # the plain base model, from the weights already loaded
                 report = parity(recipe.model.name, built, OnnxCandidate(built), "onnx-base", prompts=prompts,
                                 max_new_tokens=max_new_tokens, reference=(model, tokenizer))
-        if out.exists():
-            out.rmdir()
-        os.chmod(built, 0o755)
-        os.replace(built, out)
+        publish(built, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ExportResult(out, report)

@@ -127,9 +127,10 @@ class AdapterNames:
     """The bookkeeping every adapter registry shares: the allow-list name -> AdapterSource and the
     least-recently-used set loaded on the model (name -> (source, the backend's handle)).
 
-    register/remove/list are safe from any thread; sync() and the subclass's use()/_unload() touch
-    the model and must only be called from the thread that owns it (the engine thread). A subclass
-    says how a path becomes a source (`_resolve`) and how a loaded adapter goes (`_unload`)."""
+    register/remove/list are safe from any thread; sync(), _ensure_loaded() and the subclass's use()
+    touch the model and must only be called from the thread that owns it (the engine thread). A
+    subclass says how a path becomes a source (`_resolve`), how a source is loaded into the backend
+    (`_open`, returning the backend's handle, AdapterError on failure) and how a handle goes (`_close`)."""
 
     def __init__(self, model, *, max_loaded: int = 4):
         if max_loaded < 1:
@@ -145,7 +146,10 @@ class AdapterNames:
     def _resolve(self, name: str, path: str | Path) -> AdapterSource:
         raise NotImplementedError
 
-    def _unload(self, name: str) -> None:
+    def _open(self, source: AdapterSource) -> object:
+        raise NotImplementedError
+
+    def _close(self, name: str, handle: object) -> None:
         raise NotImplementedError
 
     # --- any thread -------------------------------------------------------------------------
@@ -193,6 +197,40 @@ class AdapterNames:
         for name in stale:
             self._unload(name)
 
+    def _ensure_loaded(self, name: str) -> object:
+        """Load adapter `name` if needed (evicting the least recently used past the cap), mark it
+        most recently used, and return the backend's handle for it."""
+        with self._lock:
+            source = self._sources.get(name)
+        if source is None:
+            raise UnknownModel(name)
+        if name in self._loaded and self._loaded[name][0] != source:
+            self._unload(name)  # re-registered elsewhere since it was loaded
+        if name not in self._loaded:
+            while len(self._loaded) >= self.max_loaded:
+                self._unload(next(iter(self._loaded)))
+                self.evictions += 1
+            handle = self._open(source)
+            with self._lock:
+                self._loaded[name] = (source, handle)
+            self.loads += 1
+        with self._lock:
+            self._loaded.move_to_end(name)
+            return self._loaded[name][1]
+
+    def _touch(self, names: list[str]) -> None:
+        """Mark the loaded ones among `names` most recently used, so loading the others for the same
+        batch never evicts them."""
+        with self._lock:
+            for name in names:
+                if name in self._loaded:
+                    self._loaded.move_to_end(name)
+
+    def _unload(self, name: str) -> None:
+        with self._lock:
+            _, handle = self._loaded.pop(name)
+        self._close(name, handle)
+
 
 class AdapterRegistry(AdapterNames):
     """PEFT adapters (run directories or adapter directories) on one PeftModel (AdapterNames has the
@@ -234,38 +272,17 @@ class AdapterRegistry(AdapterNames):
         if not wanted or len(wanted) > self.max_loaded:
             yield None
             return
-        with self._lock:
-            # Touch the ones already loaded first, so loading the others never evicts them.
-            for name in wanted:
-                if name in self._loaded:
-                    self._loaded.move_to_end(name)
+        self._touch(wanted)
         peft_names = {name: self._ensure_loaded(name) for name in wanted}
         if any(getattr(self.model.peft_config[p], "use_dora", False) for p in peft_names.values()):
             yield None
             return
         yield self.model, ["__base__" if n is None else peft_names[n] for n in names]
 
-    def _ensure_loaded(self, name: str) -> str:
-        """Load adapter `name` if needed (evicting the least recently used past the cap), mark it
-        most recently used, and return its PEFT adapter name."""
-        with self._lock:
-            source = self._sources.get(name)
-        if source is None:
-            raise UnknownModel(name)
-        if name in self._loaded and self._loaded[name][0] != source:
-            self._unload(name)  # re-registered elsewhere since it was loaded
-        if name not in self._loaded:
-            self._load(source)
-        with self._lock:
-            self._loaded.move_to_end(name)
-            return self._loaded[name][1]
-
-    def _load(self, source: AdapterSource) -> None:
+    def _open(self, source: AdapterSource) -> str:
+        """Load the adapter into the PeftModel (making one on the first); its PEFT adapter name."""
         from peft import PeftModel  # ~9 s to import; a server with no adapter loaded never needs it
 
-        while len(self._loaded) >= self.max_loaded:
-            self._unload(next(iter(self._loaded)))
-            self.evictions += 1
         peft_name = next(self._peft_names)
         try:
             if isinstance(self.model, PeftModel):
@@ -278,13 +295,9 @@ class AdapterRegistry(AdapterNames):
                 self.model.delete_adapter(peft_name)  # a half-loaded adapter must not linger
             raise AdapterError(f"adapter {source.name!r} ({source.given}) could not be loaded: {err}") from err
         self.model.eval()
-        with self._lock:
-            self._loaded[source.name] = (source, peft_name)
-        self.loads += 1
+        return peft_name
 
-    def _unload(self, name: str) -> None:
-        with self._lock:
-            _, peft_name = self._loaded.pop(name)
+    def _close(self, name: str, peft_name: str) -> None:
         if len(self._loaded) == 0:
             # PEFT cannot disable or run a PeftModel that has no adapter left, so go back to the
             # plain base model (unload() removes the LoRA layers and returns the original modules).

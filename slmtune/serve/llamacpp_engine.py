@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 
 from slmtune.export.gguf import (ADAPTER_FILE, GGUF_FILE, GgufExportError, LlamaCppCandidate, context_length_of,
                                  llama_cpp)
-from slmtune.serve.adapters import AdapterError, AdapterNames, AdapterSource, UnknownModel, check_adapter_name
+from slmtune.serve.adapters import AdapterError, AdapterNames, AdapterSource, check_adapter_name
 from slmtune.serve.engine import Engine
 
 MAX_CONTEXT = 8192
@@ -78,31 +78,14 @@ class GgufAdapters(AdapterNames):
         if self._low.llama_set_adapters_lora(self.model.ctx, adapters, n, scales):
             raise AdapterError("llama.cpp could not apply the adapter to its context")
 
-    def _ensure_loaded(self, name: str):
-        with self._lock:
-            source = self._sources.get(name)
-        if source is None:
-            raise UnknownModel(name)
-        if name in self._loaded and self._loaded[name][0] != source:
-            self._unload(name)  # re-registered elsewhere since it was loaded
-        if name not in self._loaded:
-            while len(self._loaded) >= self.max_loaded:
-                self._unload(next(iter(self._loaded)))
-                self.evictions += 1
-            adapter = self._low.llama_adapter_lora_init(self.model.model, str(source.path).encode())
-            if not adapter:
-                raise AdapterError(f"adapter {name!r} ({source.path}) could not be loaded by llama.cpp")
-            with self._lock:
-                self._loaded[name] = (source, adapter)
-            self.loads += 1
-        with self._lock:
-            self._loaded.move_to_end(name)
-            return self._loaded[name][1]
+    def _open(self, source: AdapterSource):
+        adapter = self._low.llama_adapter_lora_init(self.model.model, str(source.path).encode())
+        if not adapter:
+            raise AdapterError(f"adapter {source.name!r} ({source.path}) could not be loaded by llama.cpp")
+        return adapter
 
-    def _unload(self, name: str) -> None:
+    def _close(self, name: str, adapter) -> None:
         self._activate(None)  # never free an adapter the context still applies
-        with self._lock:
-            _, adapter = self._loaded.pop(name)
         self._low.llama_adapter_lora_free(adapter)
 
 

@@ -29,8 +29,7 @@ from typing import NamedTuple
 
 from slmtune.export.onnx import ExportError, OnnxDecoder, export_tokenizer, genai_eos_ids, genai_vocab_size, onnx_genai
 from slmtune.export.onnx_adapters import onnx_adapter_file, read_base_info
-from slmtune.serve.adapters import (AdapterError, AdapterNames, AdapterSource, NoAdapters, UnknownModel,
-                                    check_adapter_name)
+from slmtune.serve.adapters import AdapterError, AdapterNames, AdapterSource, NoAdapters, check_adapter_name
 from slmtune.serve.engine import Engine, default_base_name
 
 log = logging.getLogger("slmtune.serve")
@@ -76,39 +75,19 @@ class OnnxAdapters(AdapterNames):
         if not wanted or len(wanted) > self.max_loaded:
             yield None
             return
-        with self._lock:  # touch the loaded ones first, so loading the others never evicts them
-            for name in wanted:
-                if name in self._loaded:
-                    self._loaded.move_to_end(name)
+        self._touch(wanted)
         slots = {name: self._ensure_loaded(name) for name in wanted}
         yield self.model, ["__base__" if n is None else slots[n] for n in names]
 
-    def _ensure_loaded(self, name: str) -> str:
-        with self._lock:
-            source = self._sources.get(name)
-        if source is None:
-            raise UnknownModel(name)
-        if name in self._loaded and self._loaded[name][0] != source:
-            self._unload(name)  # re-registered elsewhere since it was loaded
-        if name not in self._loaded:
-            while len(self._loaded) >= self.max_loaded:
-                self._unload(next(iter(self._loaded)))
-                self.evictions += 1
-            slot = next(self._slots)
-            try:
-                self.genai.load(str(source.path), slot)
-            except Exception as err:  # noqa: BLE001 - onnxruntime-genai raises RuntimeError with its reason
-                raise AdapterError(f"adapter {name!r} ({source.given}) could not be loaded: {err}") from err
-            with self._lock:
-                self._loaded[name] = (source, slot)
-            self.loads += 1
-        with self._lock:
-            self._loaded.move_to_end(name)
-            return self._loaded[name][1]
+    def _open(self, source: AdapterSource) -> str:
+        slot = next(self._slots)
+        try:
+            self.genai.load(str(source.path), slot)
+        except Exception as err:  # noqa: BLE001 - onnxruntime-genai raises RuntimeError with its reason
+            raise AdapterError(f"adapter {source.name!r} ({source.given}) could not be loaded: {err}") from err
+        return slot
 
-    def _unload(self, name: str) -> None:
-        with self._lock:
-            _, slot = self._loaded.pop(name)
+    def _close(self, name: str, slot: str) -> None:
         try:
             self.genai.unload(slot)
         except Exception:  # noqa: BLE001 - still held by a Generator: it stays in memory, unnamed

@@ -17,7 +17,6 @@ or PostgreSQL is unreachable. A failing image build fails the test.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_jsonl
+from tests.kube import kmock_cluster
 from tests.service.conftest import PG_URL, training_rows
 
 pytestmark = pytest.mark.slow
@@ -256,28 +256,10 @@ def test_the_service_in_containers(stack, tmp_path):
 # --- a trainer as a Kubernetes Job ------------------------------------------------------------------
 @pytest.fixture
 def cluster():
-    """kmock's Kubernetes API emulator on 127.0.0.1 (the worker container reaches it on the host's
-    network), served from its own event loop thread."""
-    kmock = pytest.importorskip("kmock", reason="kmock (the test extra) emulates the Kubernetes API")
-    k8s = pytest.importorskip("kubernetes.client")
-    ready, box = threading.Event(), {}
-
-    async def serve():
-        async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
-            for resource in ("batch/v1/jobs", "v1/pods", "v1/services"):
-                emulator.resources[resource] = {}
-            box.update(url=str(server.url).rstrip("/"), loop=asyncio.get_running_loop(), done=asyncio.Event())
-            ready.set()
-            await box["done"].wait()
-
-    thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
-    thread.start()
-    assert ready.wait(30), "kmock did not start"
-    api = k8s.ApiClient(k8s.Configuration(host=box["url"]))
-    box.update(api=api, batch=k8s.BatchV1Api(api), core=k8s.CoreV1Api(api))
-    yield box
-    box["loop"].call_soon_threadsafe(box["done"].set)
-    thread.join(10)
+    """kmock's Kubernetes API emulator on 127.0.0.1 (the worker container reaches it on the host's network)."""
+    pytest.importorskip("kmock", reason="kmock (the test extra) emulates the Kubernetes API")
+    with kmock_cluster() as box:
+        yield box
 
 
 def podman_args(manifest: dict, claims: dict[str, Path]) -> list[str]:

@@ -10,7 +10,6 @@ service's real Worker with the real store; only where the trainer runs differs f
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -32,6 +31,7 @@ from slmtune.service.settings import Settings
 from slmtune.service.store import Store, new_id
 from slmtune.service.worker import Worker
 from slmtune.training import plan as planner
+from tests.kube import kmock_cluster
 
 NS = "fine-tuning"
 DEADLINE = 180.0
@@ -39,26 +39,8 @@ DEADLINE = 180.0
 
 @pytest.fixture
 def cluster():
-    """kmock's Kubernetes emulator on a local port, served from its own event loop thread."""
-    ready, box = threading.Event(), {}
-
-    async def serve():
-        async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
-            for resource in ("batch/v1/jobs", "v1/pods", "v1/services"):
-                emulator.resources[resource] = {}
-            box.update(emulator=emulator, url=str(server.url).rstrip("/"), loop=asyncio.get_running_loop(),
-                       done=asyncio.Event())
-            ready.set()
-            await box["done"].wait()
-
-    thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
-    thread.start()
-    assert ready.wait(30), "kmock did not start"
-    api = k8s.ApiClient(k8s.Configuration(host=box["url"]))
-    box.update(api=api, batch=k8s.BatchV1Api(api), core=k8s.CoreV1Api(api))
-    yield box
-    box["loop"].call_soon_threadsafe(box["done"].set)
-    thread.join(10)
+    with kmock_cluster() as box:
+        yield box
 
 
 def wait_for(condition, what: str, timeout: float = DEADLINE):
