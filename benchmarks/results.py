@@ -2,6 +2,7 @@
 
     python benchmarks/results.py                                  # every task, LoRA, + methods on two tasks
     python benchmarks/results.py --tasks ner        # rerun one task; the other rows of docs/results/results.json stay
+    python benchmarks/results.py --tasks classification --methods-on     # only its LoRA row; its other methods' rows stay
     python benchmarks/results.py --tasks classification --max-examples 16 --test-limit 4 --runs runs/smoke --out /tmp/r.md
 
 A finished (task, method) pair is reused when its run directory and eval.json already exist, so an
@@ -29,15 +30,13 @@ from pathlib import Path
 
 import yaml
 
+from slmtune.tasks import TASKS as TASKS_BY_NAME
+
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
 TASKS = ["classification", "ner", "translation", "qa", "creative", "domain", "chat"]
-# The metric the table leads with, and whether higher is better.
-HEADLINE = {
-    "classification": ("macro_f1", True), "ner": ("f1", True), "translation": ("chrf", True),
-    "qa": ("f1", True), "creative": ("format_adherence", True), "domain": ("perplexity", False),
-    "chat": ("rouge_l", True),
-}
+# The metric the table leads with (the task's METRIC), and whether higher is better.
+HEADLINE = {task: (TASKS_BY_NAME[task].METRIC, task != "domain") for task in TASKS}
 # Test rows scored per task: long generations (poems, chat replies) cost ~10x a label, so those
 # tasks are scored on fewer rows to keep the matrix inside ~2 hours on 2 cores.
 TEST_LIMIT = {"classification": 300, "ner": 150, "translation": 100, "qa": 200, "creative": 50,
@@ -180,8 +179,9 @@ def main() -> None:
             (runs / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     figures.mkdir(parents=True, exist_ok=True)
     if not args.table_only and set(args.tasks) != set(TASKS) and published.exists():
-        # A run of some tasks (e.g. `--tasks ner` after changing its recipe) replaces only their rows.
-        kept = [r for r in json.loads(published.read_text()) if r["task"] not in args.tasks]
+        # A run of some tasks (e.g. `--tasks ner` after changing its recipe) replaces only the rows it made.
+        made = {(r["task"], r["method"]) for r in rows}
+        kept = [r for r in json.loads(published.read_text()) if (r["task"], r["method"]) not in made]
         rows = sorted(kept + rows, key=lambda r: TASKS.index(r["task"]))
     (figures / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     images = plots(rows, figures)

@@ -10,7 +10,9 @@ the service resolve the same values for the same file (tests/test_auto.py checks
     learning_rate   the method's base rate (methods/<name>.py: 1e-3 for LoRA, QLoRA, DoRA;
                     5e-5 for full fine-tuning), times DPO_LEARNING_RATE_SCALE (0.2) for preference
                     objectives (DPO's beta 0.1 and sft_weight 1), GRPO_LEARNING_RATE_SCALE (0.5) for grpo
-    batch_size      (the service's examples per step) 1 if n < 16, 2 if n < 32, 4 if n < 1024, else 8
+    batch_size      examples per step: 1 if n < 16, 2 if n < 32, 4 if n < 1024, else 8; a service job's
+                    batch, and a recipe's examples_per_step below EXAMPLE_STEPS_BELOW examples when it
+                    sets no step size (from 1024 on, recipes step every 8 packed rows)
     held out        no validation file: none below HOLD_OUT_FROM examples, else 10% clamped to
                     [HOLD_OUT_MIN, HOLD_OUT_MAX], seeded (slmtune/data/dataset.py)
     eval_every      about EVALUATIONS_PER_RUN evaluations per run
@@ -53,6 +55,7 @@ GRPO_PROMPTS_PER_STEP = 4
 GRPO_MAX_COMPLETION_TOKENS = 64
 GRPO_EVAL_SAMPLES = 32
 
+EXAMPLE_STEPS_BELOW = 1024  # a recipe without a step size: examples_per_step = batch_size(n) below this
 HOLD_OUT_FROM = 200
 HOLD_OUT_SHARE = 0.1
 HOLD_OUT_MIN, HOLD_OUT_MAX = 32, 256
@@ -80,7 +83,8 @@ def learning_rate(method: str, objective: str = "sft") -> float:
 
 
 def batch_size(n_examples: int) -> int:
-    """Examples per optimizer step of a service job (recipes keep the loop's own rows per step)."""
+    """Examples per optimizer step of a service job, and of a recipe of fewer than EXAMPLE_STEPS_BELOW
+    examples that sets no step size."""
     n = max(1, n_examples)
     return 1 if n < 16 else 2 if n < 32 else 4 if n < 1024 else 8
 

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from slmtune import auto
 from slmtune.graders import GraderError, check_grader
 from slmtune.methods import METHOD_CONFIGS, METHODS
-from slmtune.tasks import TASK_NAMES
+from slmtune.tasks import TASK_NAMES, TASKS
 
 
 class RecipeError(ValueError):
@@ -275,7 +275,8 @@ class TrainSection(Section):
     examples_per_step: int | None = Field(
         None, ge=1, description="Exactly this many examples per optimizer step, packed into as few rows as fit "
         "(micro_batch_size rows per forward pass); replaces gradient_accumulation_steps. Default: steps of "
-        "micro_batch_size x gradient_accumulation_steps rows, however many examples those hold."
+        "micro_batch_size x gradient_accumulation_steps rows, however many examples those hold; with neither set, "
+        "files under 1024 examples step every few examples (slmtune/auto.py batch_size, the service's rule)."
     )
     learning_rate: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="Peak learning rate; auto: the method's base rate (1e-3 for LoRA/QLoRA/DoRA, 5e-5 "
@@ -310,6 +311,11 @@ class TrainSection(Section):
     select_best: bool = Field(
         True, description="With validation data, the run's result is the weights of the evaluation with the "
         "lowest validation loss (summary.json: best_step), not necessarily the last step's."
+    )
+    select_by: Literal["loss", "metric"] = Field(
+        "loss", description="What picks the best evaluation (select_best, early stopping): loss, the validation "
+        "loss; metric, the task's headline metric (slmtune/tasks/<task>.py METRIC, e.g. macro_f1) of greedy "
+        "answers to the validation rows, scored by the code of `slmtune eval` (needs data.task)."
     )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop when the validation loss has not improved for this many evaluations."
@@ -351,13 +357,22 @@ class TrainSection(Section):
         return None if self.time_budget is None else parse_duration(self.time_budget)
 
     def resolved_for_data(self, n_examples: int, method: str) -> "TrainSection":
-        """`epochs` and `learning_rate` "auto" made concrete for a training file of `n_examples`
-        examples (pairs) and `method`, by the one rule in slmtune/auto.py that the service uses too."""
+        """`epochs` and `learning_rate` "auto", and a step size the recipe left unset, made concrete for a
+        training file of `n_examples` examples (pairs) and `method`, by the one rule in slmtune/auto.py
+        that the service uses too."""
         update = {}
         if self.epochs == "auto":
             update["epochs"] = float(auto.epochs(n_examples, self.objective.name))
         if self.learning_rate == "auto":
             update["learning_rate"] = auto.learning_rate(method, self.objective.name)
+        if self.examples_per_step is None and self.gradient_accumulation_steps is None:
+            # No step size given: small sets step every few examples, as a service job of the same
+            # file does (75 conversations packed into 8-row steps would make one step per epoch).
+            if n_examples < auto.EXAMPLE_STEPS_BELOW:
+                update["examples_per_step"] = auto.batch_size(n_examples)
+            else:
+                micro = self.micro_batch_size if self.micro_batch_size != "auto" else 1
+                update["gradient_accumulation_steps"] = max(1, ROWS_PER_STEP // micro)
         return self.model_copy(update=update)
 
     @field_validator("distributed", mode="before")
@@ -395,10 +410,9 @@ class TrainSection(Section):
     def resolved(self, accelerator: bool) -> "TrainSection":
         """The step size made concrete for this machine: what the run uses and saves in recipe.yaml."""
         micro = self.micro_batch_size if self.micro_batch_size != "auto" else (4 if accelerator else 1)
-        accumulation = self.gradient_accumulation_steps
-        if accumulation is None and self.examples_per_step is None:
-            accumulation = max(1, ROWS_PER_STEP // micro)
-        return self.model_copy(update={"micro_batch_size": micro, "gradient_accumulation_steps": accumulation})
+        # With neither gradient_accumulation_steps nor examples_per_step set, the step size waits for the
+        # data (resolved_for_data).
+        return self.model_copy(update={"micro_batch_size": micro})
 
 
 class OutputSection(Section):
@@ -434,6 +448,14 @@ class Recipe(Section):
             # judge's unseeded sampling, a grader timing out on one) desynchronizes their steps.
             raise ValueError(f"train.distributed.strategy {strategy}: train.objective grpo trains in one process "
                              "(sampling split across processes is not built yet); use strategy none")
+        if self.train.select_by == "metric":
+            task = TASKS.get(self.data.task) if self.data.task else None
+            if task is None or task.MAX_NEW_TOKENS == 0:
+                raise ValueError("train.select_by metric scores generated answers to task rows; set data.task to a "
+                                 "task with a generated metric (not domain), or use select_by loss")
+            if objective != "sft" or strategy != "none":
+                raise ValueError("train.select_by metric: supervised training (objective sft) in one process "
+                                 "(strategy none); use select_by loss")
         if self.model.adapter and METHODS[self.method.name].artifact != "adapter":
             raise ValueError(f"model.adapter starts from an adapter; method {self.method.name} trains a whole model")
         if METHODS[self.method.name].rewrites_base(self.method) and strategy in ("zero3", "fsdp"):

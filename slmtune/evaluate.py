@@ -34,19 +34,17 @@ from slmtune.data.dataset import pairs_from_task_examples
 from slmtune.data.formats import detect_format
 from slmtune.data.tokenize import Pair, encode_pair
 from slmtune.data.validate import read_records
-from slmtune.generation import SamplingParams, chat_prompt_ids, complete
+from slmtune.scoring import DEFAULT_BATCH_SIZE, answer_rows, generate_batched
 from slmtune.grader_sandbox import run_python
 from slmtune.graders import check_grader, grade, item_fields
 from slmtune.models import end_of_turn_ids
 from slmtune.tasks import TASKS, detect_task
-from slmtune.tasks.common import split_last_assistant
 from slmtune.methods.peft_common import has_adapter, prompt_learning_config
 from slmtune.training.judge import local_judge
 from slmtune.training.loss import autocast_dtype, sequence_logprobs, target_loss_sum
 from slmtune.training.objectives.preference import FedPair, collate_pairs
 from slmtune.training.rundir import RunDir, load_base, load_for_inference
 
-DEFAULT_BATCH_SIZE = 8
 PAIR_SEED = 1234  # which other row's answer is the wrong one, the same for every model evaluated
 DEFAULT_MAX_LENGTH = 1024  # tokens per example for loss-based metrics when no recipe says otherwise
 LOSS_TARGET_TOKENS = 4096  # target tokens per loss batch: bounds the (tokens x vocabulary) logits
@@ -96,17 +94,6 @@ def task_context(task: str, recipe, rows: list[Record]) -> dict:
         train_rows = [row for _, err, row in iter_jsonl(recipe.data.train) if err is None and isinstance(row, dict)]
         return module.context(train_rows)
     return module.context([r.data for r in rows])
-
-
-def generate_batched(model, tokenizer, prompts: list[list[dict]], *, batch_size: int, max_new_tokens: int,
-                     eos_ids: set[int], on_batch=None, tools: list[list | None] | None = None) -> list[str]:
-    """Greedy replies to chat prompts (each with its `tools`, if any), `batch_size` at a time
-    (slmtune.generation.complete), in prompt order."""
-    encoded = [chat_prompt_ids(tokenizer, p, t) for p, t in zip(prompts, tools or [None] * len(prompts))]
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
-    replies = complete(model, tokenizer, encoded, params, batch_size=batch_size, eos_ids=set(eos_ids),
-                       on_batch=on_batch)
-    return [c.text.strip() for c in replies]
 
 
 def loss_batches(tokenizer, examples: list[dict], fmt: str, *, max_length: int, system_prompt: str | None,
@@ -277,34 +264,23 @@ def evaluate(
         model.to("cuda")
     device = next(model.parameters()).device
     examples = [module.to_example(r.data, **context) for r in rows]
-
-    prompts, references, prompt_tools = [], [], []
-    if budget > 0:
-        for example in examples:
-            prompt, reference = split_last_assistant(example["messages"])
-            prompt_tools.append(example.get("tools"))
-            if system_prompt and (not prompt or prompt[0]["role"] != "system"):
-                prompt = [{"role": "system", "content": system_prompt}] + prompt
-            prompts.append(prompt)
-            references.append(reference)
     planned = []
     if module.USES_LOSS:
         limit_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         planned = loss_batches(tokenizer, examples, module.FORMAT,
                                max_length=min(max_length, limit_positions or max_length),
                                system_prompt=system_prompt, batch_size=batch_size)
-    n_batches = (math.ceil(len(prompts) / batch_size) if budget > 0 else 0) + len(planned)
+    n_batches = (math.ceil(len(rows) / batch_size) if budget > 0 else 0) + len(planned)
     bar = None
     if progress:
         bar = tqdm(total=n_batches, desc=f"eval {task}", unit="batch", file=sys.stderr)
     tick = bar.update if bar is not None else None
     try:
-        outputs = predictions = None
+        answers = None
         if budget > 0:
-            outputs = generate_batched(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=budget,
-                                       eos_ids=sorted(end_of_turn_ids(model, tokenizer)), on_batch=tick,
-                                       tools=prompt_tools)
-            predictions = [module.parse(text, r.data, **context) for text, r in zip(outputs, rows)]
+            answers = answer_rows(model, tokenizer, task, [r.data for r in rows], context,
+                                  system_prompt=system_prompt, batch_size=batch_size, max_new_tokens=budget,
+                                  on_batch=tick)
         losses = None
         if module.USES_LOSS:
             amp = autocast_dtype(recipe.train.precision if recipe is not None else "auto", device)
@@ -314,7 +290,8 @@ def evaluate(
             bar.close()
 
     rows_data = [r.data for r in rows]
-    metrics = module.score(predictions if predictions is not None else [None] * len(rows), rows_data, losses=losses)
+    predictions = answers.predictions if answers is not None else [None] * len(rows)
+    metrics = module.score(predictions, rows_data, losses=losses)
     if pairs:
         if module.FORMAT != "chat":
             raise DataError(f"--pairs: task {task} has no answers to pair (it trains on plain text)")
@@ -338,8 +315,9 @@ def evaluate(
         "examples": [
             {"line": r.line, "prompt": p[-1]["content"] if p else "", "output": o, "prediction": pred,
              "reference": ref}
-            for r, p, o, pred, ref in zip(rows, prompts, outputs or [], predictions or [], references)
-        ],
+            for r, p, o, pred, ref in zip(rows, answers.prompts, answers.outputs, answers.predictions,
+                                          answers.references)
+        ] if answers is not None else [],
     }
     report = _jsonable(report)
     return EvalResult(report, _write_report(report, output, run_dir))

@@ -36,7 +36,9 @@ def curves(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
         elif isinstance(event, events.Eval) and event.eval_loss is not None:
             out["eval"].append((event.step, event.eval_loss))
         elif isinstance(event, events.Best):
-            out["best"] = [(event.step, event.value)]
+            # Marked on the eval loss curve, whatever chose it (the loss, or a task metric).
+            losses = dict(out["eval"])
+            out["best"] = [(event.step, losses.get(event.step, event.value))]
     return out
 
 

@@ -17,7 +17,7 @@ LAYERS = [
     ("slmtune.serve", 5),
     ("slmtune.chat", 4), ("slmtune.evaluate", 4), ("slmtune.export", 4), ("slmtune.plot", 4),
     ("slmtune.training", 3),
-    ("slmtune.config", 2), ("slmtune.generation", 2), ("slmtune.data.validate", 2), ("slmtune.data.convert", 2),
+    ("slmtune.config", 2), ("slmtune.generation", 2), ("slmtune.scoring", 2), ("slmtune.data.validate", 2), ("slmtune.data.convert", 2),
     ("slmtune.data.dataset", 2), ("slmtune.data.batching", 2),
     ("slmtune.tasks", 1),
     ("slmtune.atomic", 0), ("slmtune.auto", 0), ("slmtune.http", 0), ("slmtune.models", 0), ("slmtune.methods", 0),

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from slmtune.cli import main
 from slmtune.config import recipe_from_dict
 from slmtune.data.tokenize import IGNORE, encode
-from slmtune.evaluate import evaluate, generate_batched
+from slmtune.evaluate import evaluate
+from slmtune.scoring import generate_batched
 from slmtune.models import load_model, load_tokenizer
 from slmtune.training.run import run
 from tests.conftest import write_jsonl
@@ -130,13 +131,13 @@ def test_eval_bad_rows_and_unknown_task_are_clear_errors(tiny_llama_dir, tmp_pat
 
 
 def test_tools_eval_offers_the_tools_and_scores_calls(tiny_llama_dir, tmp_path, monkeypatch):
-    from slmtune import evaluate as evaluate_module
+    from slmtune import scoring
     from tests.service.test_tools_service import ping_row
 
     data = write_jsonl(tmp_path / "tools.jsonl", [ping_row(i) for i in range(3)])
     offered = []
-    real = evaluate_module.chat_prompt_ids
-    monkeypatch.setattr(evaluate_module, "chat_prompt_ids", lambda tok, messages, tools=None: offered.append(tools)
+    real = scoring.chat_prompt_ids
+    monkeypatch.setattr(scoring, "chat_prompt_ids", lambda tok, messages, tools=None: offered.append(tools)
                         or real(tok, messages, tools))
     report = evaluate(str(tiny_llama_dir), str(data), batch_size=2, max_new_tokens=4, progress=False).report
     assert report["task"] == "tools" and offered == [[ping_row(0)["tools"][0]]] * 3

@@ -134,7 +134,8 @@ def test_examples_per_step_fixes_the_examples_of_every_step(tiny_llama_dir, chat
     assert saved.examples_per_step == 5 and saved.gradient_accumulation_steps is None
     default = load_recipe(_saved(make_recipe(tiny_llama_dir, chat_file, tmp_path / "d"), tmp_path / "d.yaml"))
     assert default.train.gradient_accumulation_steps is None and default.train.examples_per_step is None
-    assert default.train.resolved(accelerator=False).gradient_accumulation_steps == 2  # 4 rows x 2 = 8
+    # 4 rows x 2 = 8 rows per step on a large file
+    assert default.train.resolved(accelerator=False).resolved_for_data(5000, "lora").gradient_accumulation_steps == 2
     with pytest.raises(RecipeError, match="examples_per_step or gradient_accumulation_steps"):
         make_recipe(tiny_llama_dir, chat_file, tmp_path / "x", examples_per_step=5, gradient_accumulation_steps=2)
 
@@ -321,11 +322,19 @@ def test_adapter_methods_train_on_a_bf16_base(tiny_llama_dir, chat_file, tmp_pat
     (True, "auto", 5, (4, 5)),
 ])
 def test_step_size_resolution(accelerator, micro, accumulation, expected):
+    from slmtune import auto
     from slmtune.config import TrainSection
 
     cfg = TrainSection(micro_batch_size=micro, gradient_accumulation_steps=accumulation).resolved(accelerator)
-    assert (cfg.micro_batch_size, cfg.gradient_accumulation_steps) == expected
-    per_example = TrainSection(examples_per_step=8).resolved(accelerator)
+    large = cfg.resolved_for_data(5000, "lora")
+    assert (large.micro_batch_size, large.gradient_accumulation_steps, large.examples_per_step) == expected + (None,)
+    # A small file without a step size steps every few examples, as a service job of it would.
+    small = cfg.resolved_for_data(75, "lora")
+    if accumulation is None:
+        assert small.gradient_accumulation_steps is None and small.examples_per_step == auto.batch_size(75) == 4
+    else:
+        assert small.gradient_accumulation_steps == accumulation and small.examples_per_step is None
+    per_example = TrainSection(examples_per_step=8).resolved(accelerator).resolved_for_data(75, "lora")
     assert per_example.gradient_accumulation_steps is None and per_example.examples_per_step == 8
 
 
@@ -339,7 +348,8 @@ def test_run_saves_the_resolved_step_size(tiny_llama_dir, chat_file, tmp_path):
     from slmtune.config import load_recipe
 
     saved = load_recipe(tmp_path / "run" / "recipe.yaml").train
-    assert (saved.micro_batch_size, saved.gradient_accumulation_steps) == (1, 8)
+    # 24 examples and no step size: 2 examples per step (slmtune/auto.py batch_size), as a service job.
+    assert (saved.micro_batch_size, saved.gradient_accumulation_steps, saved.examples_per_step) == (1, None, 2)
 
 
 @pytest.mark.parametrize("kernel", ["math", "flash"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from slmtune import auto
 from slmtune.data.formats import DataError, Record
@@ -39,6 +39,10 @@ class Datasets:
     train_records: list[Record]
     n_examples: int = 0  # examples (pairs) of the training file used, before any was held out: what "auto" sizes for
     held_out: int = 0  # of them, held out for validation (no validation file; data.validation_split)
+    # Task data: the validation rows as read (before the task's template) and the task's settings
+    # (label set...), which train.select_by: metric scores answers against.
+    validation_rows: list[dict] = field(default_factory=list)
+    task_context: dict = field(default_factory=dict)
 
 
 def encode_prompts(records: list[Record], tokenizer, max_length: int, system_prompt: str | None,
@@ -159,6 +163,7 @@ def build_datasets(cfg, tokenizer, seed: int, *, pairs: bool = False, grader_fie
         records = sample_records(records, cfg.max_examples, seed)
         val_records = sample_records(val_records, cfg.max_examples, seed)
     n_examples = len(records) + (len(val_records) if held_out else 0)
+    validation_rows = [r.data for r in val_records] if cfg.task else []
     if cfg.task:
         records = convert_task_records(cfg.task, records, cfg.train, context)
         val_records = convert_task_records(cfg.task, val_records, cfg.validation or cfg.train, context)
@@ -170,4 +175,5 @@ def build_datasets(cfg, tokenizer, seed: int, *, pairs: bool = False, grader_fie
     train = tokenize_records(fmt, records, tokenizer, cfg.max_length, cfg.system_prompt, cfg.train)
     validation = (tokenize_records(fmt, val_records, tokenizer, cfg.max_length, cfg.system_prompt,
                                    cfg.validation or f"{cfg.train} (validation split)") if val_records else [])
-    return Datasets(fmt, train, validation, records, n_examples=n_examples, held_out=len(validation) if held_out else 0)
+    return Datasets(fmt, train, validation, records, n_examples=n_examples, held_out=len(validation) if held_out else 0,
+                    validation_rows=validation_rows, task_context=context)

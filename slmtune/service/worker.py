@@ -229,8 +229,10 @@ class Worker:
             self.store.append_event(job.id, f"Checkpoint created at step {ev.step}")
         elif isinstance(ev, events.Best):
             state["best"] = ev.step
-            self.store.append_event(job.id, f"Best validation loss so far at step {ev.step}: {ev.value:.4f}",
-                                    type="metrics", data={"step": ev.step, "best_step": ev.step, "best_valid_loss": ev.value})
+            what = "validation loss" if ev.metric == "eval_loss" else f"validation {ev.metric}"
+            self.store.append_event(job.id, f"Best {what} so far at step {ev.step}: {ev.value:.4f}",
+                                    type="metrics", data={"step": ev.step, "best_step": ev.step,
+                                                          "best_valid_" + ev.metric.replace("eval_", "").replace("task/", ""): ev.value})
         elif isinstance(ev, events.Notice):
             self.store.append_event(job.id, ev.message, level="warn")
         elif isinstance(ev, events.Error):

@@ -12,6 +12,8 @@ Every task module has the same parts, meant to be read and edited:
     SYSTEM_PROMPT, INSTRUCTION            the prompt templates (str.format with the row's fields)
     MAX_NEW_TOKENS                        generation budget in `slmtune eval` (0: nothing is generated)
     USES_LOSS                             `slmtune eval` also measures the target-only loss
+    METRIC                                the headline metric: benchmarks' tables, train.select_by: metric
+                                          (higher is better; domain's perplexity, lower, is not selectable)
     check(row) -> [(code, message[, "warning"])]   used by `slmtune data validate --task`
     context(rows) -> dict, to_example(row, **context), parse(output_text, row, **context), score(...)
 

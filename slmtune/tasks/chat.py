@@ -22,6 +22,7 @@ SYSTEM_PROMPT: str | None = None
 INSTRUCTION = "{content}"  # user turns are used as written
 MAX_NEW_TOKENS = 256
 USES_LOSS = True
+METRIC = "rouge_l"
 
 
 def check(row: dict) -> list:

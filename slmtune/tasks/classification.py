@@ -19,6 +19,7 @@ INSTRUCTION = "Classify the text.{choices}\n\nText: {text}"
 CHOICES = " Answer with exactly one of: {labels}."
 MAX_NEW_TOKENS = 16
 USES_LOSS = False
+METRIC = "macro_f1"
 _PREFIXES = ("label", "answer", "class", "category", "classification", "prediction")
 
 

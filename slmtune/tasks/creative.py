@@ -30,6 +30,7 @@ SYSTEM_PROMPT = "You are a poet. Reply with the poem only: one verse per line, n
 INSTRUCTION = "{prompt}"
 MAX_NEW_TOKENS = 320
 USES_LOSS = False
+METRIC = "format_adherence"
 
 _NUMBERS = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "

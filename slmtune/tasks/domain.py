@@ -18,6 +18,7 @@ SYSTEM_PROMPT = None
 INSTRUCTION = "{text}"  # the training text as is; edit to add a header or a separator
 MAX_NEW_TOKENS = 0  # nothing to generate
 USES_LOSS = True
+METRIC = "perplexity"  # lower is better; nothing generated, so not for train.select_by: metric
 
 
 def check(row: dict) -> list:

@@ -23,6 +23,7 @@ TYPES = " Entity types: {types}."
 NONE = "none"
 MAX_NEW_TOKENS = 128
 USES_LOSS = False
+METRIC = "f1"
 _TAG = re.compile(r"^(O|[BI]-\S.*)$")
 
 

@@ -22,6 +22,7 @@ INSTRUCTION = "Context: {context}\n\nQuestion: {question}"
 INSTRUCTION_CLOSED_BOOK = "Question: {question}"
 MAX_NEW_TOKENS = 32
 USES_LOSS = False
+METRIC = "f1"
 
 
 def answers(row: dict) -> list[str]:

@@ -32,6 +32,7 @@ SYSTEM_PROMPT: str | None = None
 INSTRUCTION = "{content}"
 MAX_NEW_TOKENS = 128
 USES_LOSS = False
+METRIC = "exact"
 
 
 def check(row: dict) -> list:

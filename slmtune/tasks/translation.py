@@ -27,6 +27,7 @@ LANGUAGES = {
 }
 MAX_NEW_TOKENS = 256
 USES_LOSS = False
+METRIC = "chrf"
 
 
 def language(code: str) -> str:

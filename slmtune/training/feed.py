@@ -29,6 +29,10 @@ class Feed:
     n_rows: int
     # Validation that is not a loss over fixed batches (GRPO: sample, grade): () -> (eval_loss, metrics).
     evaluate: Callable[[], tuple[float, dict]] | None = None
+    # train.select_by: metric: () -> the task's metrics of greedy answers to the validation rows
+    # (slmtune.scoring), and which of them picks the best evaluation.
+    score_task: Callable[[], dict] | None = None
+    selection_metric: str | None = None
 
     @property
     def has_validation(self) -> bool:

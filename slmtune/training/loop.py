@@ -132,7 +132,8 @@ class TrainState:
     planned_steps: int | None = None  # the step count the schedule is planned for
     last_eval_step: int | None = None
     best_step: int | None = None  # the step of the lowest validation loss so far
-    best_eval_loss: float | None = None
+    best_eval_loss: float | None = None  # the validation loss of best_step
+    best_value: float | None = None  # what selected best_step: its loss, or its task metric (select_by: metric)
     best_eval_metrics: dict | None = None
     evals_since_best: int = 0
     stopped_early: bool = False
@@ -168,7 +169,9 @@ def save_checkpoint(run_dir: RunDir, method: Method, model, parallel, scheduler,
 
 
 def checkpoint_state(path: Path) -> TrainState:
-    return TrainState(**json.loads((path / CHECKPOINT_STATE).read_text()))
+    fields = json.loads((path / CHECKPOINT_STATE).read_text())
+    fields.setdefault("best_value", fields.get("best_eval_loss"))  # a checkpoint from before select_by
+    return TrainState(**fields)
 
 
 def load_checkpoint(path: Path, parallel, scheduler) -> TrainState:
@@ -286,14 +289,26 @@ def train(
             state.last_eval_loss, state.last_eval_metrics = feed.evaluate()
         else:
             state.last_eval_loss, state.last_eval_metrics = evaluate(par, loss, feed.eval_batches, amp_dtype)
+        if feed.score_task is not None:  # train.select_by: metric
+            scored = {f"task/{k}": v for k, v in feed.score_task().items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n"}
+            state.last_eval_metrics = (state.last_eval_metrics or {}) | scored
         state.last_eval_step = state.step
         emit(events.Eval(step=state.step, eval_loss=round(state.last_eval_loss, 6), metrics=state.last_eval_metrics))
-        if state.best_eval_loss is None or state.last_eval_loss < state.best_eval_loss:
-            state.best_step, state.best_eval_loss = state.step, state.last_eval_loss
+        # What "best" means: the lowest validation loss, or (select_by: metric) the highest task metric.
+        if cfg.select_by == "metric":
+            selected_by = f"task/{feed.selection_metric}"
+            value = state.last_eval_metrics[selected_by]
+            improved = state.best_value is None or value > state.best_value
+        else:
+            selected_by, value = "eval_loss", state.last_eval_loss
+            improved = state.best_value is None or value < state.best_value
+        if improved:
+            state.best_step, state.best_eval_loss, state.best_value = state.step, state.last_eval_loss, value
             state.best_eval_metrics, state.evals_since_best = state.last_eval_metrics, 0
             if cfg.select_best:
                 # Announced before its checkpoint: a run resumed from that checkpoint keeps the line.
-                emit(events.Best(step=state.step, metric="eval_loss", value=round(state.best_eval_loss, 6)))
+                emit(events.Best(step=state.step, metric=selected_by, value=round(value, 6)))
                 if state.step < total_steps:  # the last step's weights are the model itself
                     path = save_checkpoint(run_dir, method, model, par, scheduler, state, cfg.keep_checkpoints,
                                            protect=state.best_step)
@@ -304,8 +319,9 @@ def train(
         patience = cfg.early_stopping_patience
         if patience and state.evals_since_best >= patience:
             state.stopped_early = True
-            emit(events.Notice(f"early stopping at step {state.step}: validation loss has not improved for "
-                               f"{patience} evaluations (best {state.best_eval_loss:.4f} at step {state.best_step})"))
+            what = "validation loss" if cfg.select_by == "loss" else f"validation {feed.selection_metric}"
+            emit(events.Notice(f"early stopping at step {state.step}: {what} has not improved for "
+                               f"{patience} evaluations (best {state.best_value:.4f} at step {state.best_step})"))
             return True
         return False
 

@@ -26,6 +26,8 @@ from slmtune.graders import item_fields
 from slmtune.methods import METHODS, Method
 from slmtune.methods.peft_common import skip_adapter_input_upcast
 from slmtune.models import load_model, load_tokenizer
+from slmtune.scoring import score_rows
+from slmtune.tasks import TASKS
 from slmtune.training import distributed, events
 from slmtune.training.loop import TrainState, checkpoint_state, peak_rss_mb, train, write_trained
 from slmtune.training.loss import autocast_dtype
@@ -165,6 +167,13 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None
 
     feed = objective.make_feed(data, recipe, tokenizer, model, par)
     loss = objective.loss_module(model, recipe, feed)
+    if cfg.select_by == "metric" and data.validation_rows:
+        # The best evaluation by the task's metric of greedy answers, scored as `slmtune eval` scores.
+        amp = autocast_dtype(cfg.precision, par.device)
+        feed.score_task = lambda: score_rows(model, tokenizer, recipe.data.task, data.validation_rows,
+                                             data.task_context, system_prompt=recipe.data.system_prompt,
+                                             amp_dtype=amp)
+        feed.selection_metric = TASKS[recipe.data.task].METRIC
 
     resume_step = (checkpoint_state(checkpoint).step if checkpoint else 0) if resume else None
     metrics = run_dir.open_metrics(resume_step) if par.is_main else None
@@ -239,6 +248,8 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None
         "eval_metrics": (state.best_eval_metrics if best is not None else state.last_eval_metrics) or {},
         "last_eval_loss": state.last_eval_loss,
         "best_step": state.best_step if cfg.select_best and state.best_step is not None else None,
+        "selected_by": ("eval_loss" if cfg.select_by == "loss" else f"task/{feed.selection_metric}")
+        if state.best_step is not None else None,
         "result_step": state.best_step if best is not None else state.step,
         "stopped_early": state.stopped_early,
         "planned_steps": state.planned_steps,

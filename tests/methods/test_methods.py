@@ -42,7 +42,8 @@ def train_run(model_dir, data, out, method, lr, steps=12):
     recipe = recipe_from_dict({
         "model": {"name": str(model_dir)}, "method": method,
         "data": {"train": str(data), "max_length": 128},
-        "train": {"max_steps": steps, "micro_batch_size": 32, "learning_rate": lr, "precision": "fp32", "seed": 1,
+        "train": {"max_steps": steps, "micro_batch_size": 32, "gradient_accumulation_steps": 1, "learning_rate": lr,
+                  "precision": "fp32", "seed": 1,
                   "warmup_ratio": 0.0},
         "output": {"dir": str(out)},
     })
