@@ -309,8 +309,9 @@ class TrainSection(Section):
         "auto", description="Validation loss every N steps; 0 = only at the end; auto: about 5 times per run."
     )
     select_best: bool = Field(
-        True, description="With validation data, the run's result is the weights of the evaluation with the "
-        "lowest validation loss (summary.json: best_step), not necessarily the last step's."
+        True, description="With validation data, the run's result is the weights of the best evaluation (the "
+        "lowest validation loss, or the highest task metric with select_by: metric; summary.json: best_step), "
+        "not necessarily the last step's."
     )
     select_by: Literal["loss", "metric"] = Field(
         "loss", description="What picks the best evaluation (select_best, early stopping): loss, the validation "
@@ -318,7 +319,8 @@ class TrainSection(Section):
         "answers to the validation rows, scored by the code of `slmtune eval` (needs data.task)."
     )
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop when the validation loss has not improved for this many evaluations."
+        None, ge=1, description="Stop when the validation loss (the task metric, with select_by: metric) has not "
+        "improved for this many evaluations."
     )
     time_budget: str | None = Field(
         None, description="Train for about this long (e.g. 90s, 10m, 1h): the step count is set from the "
@@ -368,7 +370,8 @@ class TrainSection(Section):
         if self.examples_per_step is None and self.gradient_accumulation_steps is None:
             # No step size given: small sets step every few examples, as a service job of the same
             # file does (75 conversations packed into 8-row steps would make one step per epoch).
-            if n_examples < auto.EXAMPLE_STEPS_BELOW:
+            # grpo steps by objective.prompts_per_step.
+            if n_examples < auto.EXAMPLE_STEPS_BELOW and self.objective.name != "grpo":
                 update["examples_per_step"] = auto.batch_size(n_examples)
             else:
                 micro = self.micro_batch_size if self.micro_batch_size != "auto" else 1

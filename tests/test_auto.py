@@ -174,7 +174,8 @@ def test_select_by_metric_keeps_the_best_task_metric_as_slmtune_eval_scores_it(t
     lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     scores = {e["step"]: e["task/macro_f1"] for e in lines if e["event"] == "eval"}
     assert sorted(scores) == [8, 16, 24, 32, 40]
-    best = max(scores, key=lambda step: (scores[step], -step))  # the first of equal scores
+    losses = eval_losses(result.run_dir)
+    best = max(scores, key=lambda step: (scores[step], -losses[step]))  # equal scores: the lower loss
     summary = result.summary
     assert summary["best_step"] == summary["result_step"] == best
     assert summary["selected_by"] == "task/macro_f1"
@@ -196,11 +197,14 @@ def scripted_scores(monkeypatch):
     monkeypatch.setattr(train_run, "score_rows", lambda *a, **k: {"macro_f1": next(values), "accuracy": 0.0, "n": 6})
 
 
-def test_select_by_metric_takes_the_highest_first_and_early_stopping_follows_it(tiny_llama_dir, tmp_path,
+def test_select_by_metric_takes_the_highest_and_early_stopping_follows_it(tiny_llama_dir, tmp_path,
                                                                                  monkeypatch):
     scripted_scores(monkeypatch)
-    summary = metric_run(tiny_llama_dir, tmp_path / "a").summary
-    assert summary["best_step"] == summary["result_step"] == 10 and summary["steps"] == 12  # 0.9 first at 10
+    result = metric_run(tiny_llama_dir, tmp_path / "a")
+    summary, losses = result.summary, eval_losses(result.run_dir)
+    tied = 10 if losses[10] <= losses[12] else 12  # 0.9 at both: the lower validation loss wins the tie
+    assert summary["best_step"] == summary["result_step"] == tied and summary["steps"] == 12
+    assert summary["selected_by"] == "task/macro_f1"
     scripted_scores(monkeypatch)
     stopped = metric_run(tiny_llama_dir, tmp_path / "b", early_stopping_patience=2)
     assert stopped.summary["stopped_early"] and stopped.summary["steps"] == 8

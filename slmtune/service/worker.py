@@ -249,7 +249,8 @@ class Worker:
                                    "result_step": result_step, "best": summary.get("best_step") == result_step}
                                   | {f"valid_{k}": v for k, v in (summary.get("eval_metrics") or {}).items()})
         name = job.resolved["fine_tuned_model"]
-        chosen = (f" (the weights of step {result_step}, the best validation loss)"
+        chosen = (f" (the weights of step {result_step}, the best validation "
+                  f"{(summary.get('selected_by') or 'eval_loss').replace('eval_', '').replace('task/', '')})"
                   if result_step != summary["steps"] else "")
         if not self.store.finish(job.id, self.id, "succeeded", fine_tuned_model=name,
                                  trained_tokens=int(summary.get("train_tokens") or 0), result_files=[result],

@@ -134,6 +134,7 @@ class TrainState:
     best_step: int | None = None  # the step of the lowest validation loss so far
     best_eval_loss: float | None = None  # the validation loss of best_step
     best_value: float | None = None  # what selected best_step: its loss, or its task metric (select_by: metric)
+    selected_by: str | None = None  # "eval_loss" or "task/<metric>": what best_value is
     best_eval_metrics: dict | None = None
     evals_since_best: int = 0
     stopped_early: bool = False
@@ -258,6 +259,14 @@ def train(
     state = TrainState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, par, scheduler)
+        selecting = "eval_loss" if cfg.select_by == "loss" else f"task/{feed.selection_metric}"
+        if state.best_step is not None and state.selected_by not in (None, selecting) or \
+                state.selected_by is None and cfg.select_by != "loss":
+            # A loss and a task metric do not compare: the best is chosen again from the next evaluation.
+            emit(events.Notice(f"the checkpoint chose its best evaluation by {state.selected_by or 'eval_loss'}, this "
+                               f"run by {selecting}: the best is chosen again from the next evaluation"))
+            state.best_step = state.best_value = state.best_eval_loss = state.best_eval_metrics = None
+            state.evals_since_best = 0
         if per_step is not None and state.micro_batches_per_step not in (None, per_step):
             note = (f"the checkpoint's steps took {state.micro_batches_per_step} micro-batches, this run's take "
                     f"{per_step} (gradient_accumulation_steps x processes); to continue exactly as before, set "
@@ -299,12 +308,15 @@ def train(
         if cfg.select_by == "metric":
             selected_by = f"task/{feed.selection_metric}"
             value = state.last_eval_metrics[selected_by]
-            improved = state.best_value is None or value > state.best_value
+            # Small validation sets score in coarse steps: an equal score with a lower loss is better.
+            improved = (state.best_value is None or value > state.best_value
+                        or value == state.best_value and state.last_eval_loss < state.best_eval_loss)
         else:
             selected_by, value = "eval_loss", state.last_eval_loss
             improved = state.best_value is None or value < state.best_value
         if improved:
             state.best_step, state.best_eval_loss, state.best_value = state.step, state.last_eval_loss, value
+            state.selected_by = selected_by
             state.best_eval_metrics, state.evals_since_best = state.last_eval_metrics, 0
             if cfg.select_best:
                 # Announced before its checkpoint: a run resumed from that checkpoint keeps the line.

@@ -167,6 +167,13 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None
 
     feed = objective.make_feed(data, recipe, tokenizer, model, par)
     loss = objective.loss_module(model, recipe, feed)
+    if cfg.select_by == "metric" and par.world_size > 1:
+        # Every process would answer every validation row and decide "best" and early stopping alone.
+        raise RecipeError("train.select_by metric scores answers in one process; run it without --nproc/--nnodes "
+                          "or use select_by loss")
+    if cfg.select_by == "metric" and not data.validation_rows and par.is_main:
+        print("warning: train.select_by metric: no validation rows (no validation file, and too few examples to "
+              "hold some out), so the result is the last step's weights", file=sys.stderr, flush=True)
     if cfg.select_by == "metric" and data.validation_rows:
         # The best evaluation by the task's metric of greedy answers, scored as `slmtune eval` scores.
         amp = autocast_dtype(cfg.precision, par.device)
@@ -248,8 +255,7 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None
         "eval_metrics": (state.best_eval_metrics if best is not None else state.last_eval_metrics) or {},
         "last_eval_loss": state.last_eval_loss,
         "best_step": state.best_step if cfg.select_best and state.best_step is not None else None,
-        "selected_by": ("eval_loss" if cfg.select_by == "loss" else f"task/{feed.selection_metric}")
-        if state.best_step is not None else None,
+        "selected_by": state.selected_by if cfg.select_best and state.best_step is not None else None,
         "result_step": state.best_step if best is not None else state.step,
         "stopped_early": state.stopped_early,
         "planned_steps": state.planned_steps,
