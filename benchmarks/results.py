@@ -182,7 +182,8 @@ def main() -> None:
         # A run of some tasks (e.g. `--tasks ner` after changing its recipe) replaces only the rows it made.
         made = {(r["task"], r["method"]) for r in rows}
         kept = [r for r in json.loads(published.read_text()) if (r["task"], r["method"]) not in made]
-        rows = sorted(kept + rows, key=lambda r: TASKS.index(r["task"]))
+        methods = ["lora", *METHOD_SECTIONS]
+        rows = sorted(kept + rows, key=lambda r: (TASKS.index(r["task"]), methods.index(r["method"])))
     (figures / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     images = plots(rows, figures)
     # Reused rows were trained and scored by earlier invocations: add up what each actually took.
