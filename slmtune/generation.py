@@ -25,6 +25,7 @@ Pieces, each used by every caller:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import secrets
@@ -507,6 +508,21 @@ def left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 def pad_id_of(tokenizer, eos_ids: set[int]) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+
+
+@contextlib.contextmanager
+def generating(model, amp_dtype: torch.dtype | None = None):
+    """Generate from a model that is training: eval mode (its mode restored after), no gradients, and
+    with `amp_dtype` the training's autocast (a bf16 frozen base with fp32 adapters)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                             enabled=amp_dtype is not None):
+            yield
+    finally:
+        model.train(was_training)
 
 
 def complete(model, tokenizer, prompts: Sequence[list[int]],

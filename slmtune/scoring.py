@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slmtune.generation import SamplingParams, chat_prompt_ids, complete
+from slmtune.generation import SamplingParams, chat_prompt_ids, complete, generating
 from slmtune.models import end_of_turn_ids
 from slmtune.tasks import TASKS
 from slmtune.tasks.common import split_last_assistant
@@ -66,18 +66,11 @@ def answer_rows(model, tokenizer, task: str, rows: list[dict], context: dict, *,
     return Answers(prompts, references, outputs, predictions)
 
 
-@torch.no_grad()
 def score_rows(model, tokenizer, task: str, rows: list[dict], context: dict, *, system_prompt: str | None,
                batch_size: int = DEFAULT_BATCH_SIZE, amp_dtype: torch.dtype | None = None) -> dict:
     """The task's metrics of the model's answers to `rows`, in eval mode (the model's mode is restored)
-    and, with `amp_dtype`, under the training's autocast (a bf16 frozen base with fp32 adapters)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            answers = answer_rows(model, tokenizer, task, rows, context, system_prompt=system_prompt,
-                                  batch_size=batch_size)
-    finally:
-        model.train(was_training)
+    and, with `amp_dtype`, under the training's autocast (slmtune.generation.generating)."""
+    with generating(model, amp_dtype):
+        answers = answer_rows(model, tokenizer, task, rows, context, system_prompt=system_prompt,
+                              batch_size=batch_size)
     return TASKS[task].score(answers.predictions, rows)

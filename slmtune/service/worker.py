@@ -38,6 +38,11 @@ MAX_DB_BACKOFF = 30.0  # seconds between retries while the database is unreachab
 MAX_RETRY_PAUSE = 300.0  # seconds, the longest pause before restarting a trainer the platform took away
 
 
+def metric_label(selected_by: str) -> str:
+    """What chose a best evaluation, as the job's events name it: "eval_loss" -> "loss", "task/f1" -> "f1"."""
+    return selected_by.removeprefix("eval_").removeprefix("task/")
+
+
 class Worker:
     def __init__(self, settings: Settings, store: Store | None = None, worker_id: str | None = None,
                  executor: Executor | None = None):
@@ -229,10 +234,10 @@ class Worker:
             self.store.append_event(job.id, f"Checkpoint created at step {ev.step}")
         elif isinstance(ev, events.Best):
             state["best"] = ev.step
-            what = "validation loss" if ev.metric == "eval_loss" else f"validation {ev.metric}"
-            self.store.append_event(job.id, f"Best {what} so far at step {ev.step}: {ev.value:.4f}",
+            what = metric_label(ev.metric)
+            self.store.append_event(job.id, f"Best validation {what} so far at step {ev.step}: {ev.value:.4f}",
                                     type="metrics", data={"step": ev.step, "best_step": ev.step,
-                                                          "best_valid_" + ev.metric.replace("eval_", "").replace("task/", ""): ev.value})
+                                                          f"best_valid_{what}": ev.value})
         elif isinstance(ev, events.Notice):
             self.store.append_event(job.id, ev.message, level="warn")
         elif isinstance(ev, events.Error):
@@ -250,7 +255,7 @@ class Worker:
                                   | {f"valid_{k}": v for k, v in (summary.get("eval_metrics") or {}).items()})
         name = job.resolved["fine_tuned_model"]
         chosen = (f" (the weights of step {result_step}, the best validation "
-                  f"{(summary.get('selected_by') or 'eval_loss').replace('eval_', '').replace('task/', '')})"
+                  f"{metric_label(summary.get('selected_by') or 'eval_loss')})"
                   if result_step != summary["steps"] else "")
         if not self.store.finish(job.id, self.id, "succeeded", fine_tuned_model=name,
                                  trained_tokens=int(summary.get("train_tokens") or 0), result_files=[result],

@@ -47,7 +47,7 @@ from slmtune.config import GRPOObjective, Recipe
 from slmtune.data.batching import collate, example_steps, pack_rows
 from slmtune.data.dataset import Datasets, Prompt
 from slmtune.data.tokenize import IGNORE, Example
-from slmtune.generation import SamplingParams, complete, pad_id_of
+from slmtune.generation import SamplingParams, complete, generating, pad_id_of
 from slmtune.grader_sandbox import run_python
 from slmtune.graders import grade
 from slmtune.methods import METHODS
@@ -129,20 +129,13 @@ class Sampler:
         self.eos_ids = end_of_turn_ids(model, tokenizer)
         self.ask = local_judge()  # score_model graders: the model they name, loaded on first use
 
-    @torch.no_grad()
     def answers(self, prompts: list[Prompt], params: list[SamplingParams]):
         """Completions of the prompts from the current weights, in eval mode and the training precision."""
         model = self.model
-        device = next(model.parameters()).device
-        amp = autocast_dtype(self.recipe.train.precision, device)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                return complete(model, self.tokenizer, [p.ids for p in prompts], params, eos_ids=self.eos_ids,
-                                batch_size=self.cfg.num_generations * max(1, GENERATION_ROWS // self.cfg.num_generations))
-        finally:
-            model.train(was_training)
+        amp = autocast_dtype(self.recipe.train.precision, next(model.parameters()).device)
+        with generating(model, amp):
+            return complete(model, self.tokenizer, [p.ids for p in prompts], params, eos_ids=self.eos_ids,
+                            batch_size=self.cfg.num_generations * max(1, GENERATION_ROWS // self.cfg.num_generations))
 
     def grade(self, texts: list[str], items: list[dict]) -> tuple[list[float], dict[str, list[float]], int]:
         """Rewards, each sub-grader's scores, and how many answers raised a grading error."""
