@@ -20,7 +20,11 @@ Datasets:
     qa        ../shared/data/qa (extractive): a 300-row sample; F1 on 150 test rows
     ner       ../shared/data/ner: a 300-row sample; F1 on 150 test rows
     tools     examples/tools: 150 conversations calling 3 functions; exact calls on 60 test rows
-The "auto" cell is the run with epochs and learning rate left to the rule. The target: the rule within
+The "auto" cell is the run with epochs and learning rate left to the rule. The rule's cell in the table
+is the measured cell (auto or grid, same seed) at the values the rule resolves *now* for the dataset
+(rule_values: the same build_datasets and resolved_for_data as `slmtune train`), so a cell measured
+under an earlier rule is not taken for the current one's; an auto cell is trained again when the rule
+has moved. The target: the rule within
 2 points (or 5% relative) of the best cell on every dataset. docs/benchmarks.md ("The auto rule") holds
 the cells measured and says which were not run.
 """
@@ -37,6 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmtune.chat import generate_reply
+from slmtune.config import recipe_from_dict
+from slmtune.data.dataset import build_datasets
+from slmtune.models import load_tokenizer
 from slmtune.tasks import TASKS
 from slmtune.training.rundir import RunDir, load_for_inference
 
@@ -71,6 +78,7 @@ DATASETS = {
     "tools": Dataset("tools", REPO / "examples/tools/train.jsonl", REPO / "examples/tools/test.jsonl", "tools",
                      max_length=512),
 }
+MODEL, SEED = "smollm2-135m-instruct", 42
 GRID = {"lora": {"epochs": [1, 3, 6], "rates": [3e-4, 1e-3, 3e-3]},
         "full": {"epochs": [1, 3], "rates": [2e-5, 5e-5, 1e-4]}}
 DEFAULT_RESULTS = REPO / "docs" / "results" / "auto_sweep.jsonl"
@@ -89,12 +97,28 @@ def facts_score(run_dir: Path, heldout: Path) -> float:
     return right / len(questions)
 
 
+def data_section(ds: Dataset) -> dict:
+    """The recipe's data section of a cell (cell() passes the same values as overrides)."""
+    return ({"train": str(ds.train), "max_length": ds.max_length} | ({"task": ds.task} if ds.task else {})
+            | ({"max_examples": ds.max_examples} if ds.max_examples else {}))
+
+
+def rule_values(ds: Dataset, method: str, tokenizer) -> tuple[float, float]:
+    """(epochs, learning rate) the rule resolves today for a cell of `ds` and `method`: what run() does."""
+    recipe = recipe_from_dict({"model": MODEL, "method": {"name": method}, "data": data_section(ds),
+                               "train": {"seed": SEED}, "output": {"dir": "unused"}})
+    data = build_datasets(recipe.data, tokenizer, SEED)
+    train = recipe.train.resolved_for_data(data.n_examples, method, data.n_target_tokens, data.held_out)
+    return float(train.epochs), float(train.learning_rate)
+
+
 def cell(ds: Dataset, method: str, epochs, rate, out: Path, threads: int) -> tuple[float, dict, dict]:
     """Train one cell and score it; returns (metric, summary, the run's resolved train section)."""
     quiet = dict(check=True, stdout=subprocess.DEVNULL, cwd=REPO, env=os.environ | {"TQDM_DISABLE": "1"})
-    cmd = [sys.executable, "-m", "slmtune.cli", "train", "--model", "smollm2-135m-instruct", "--data", str(ds.train),
+    cmd = [sys.executable, "-m", "slmtune.cli", "train", "--model", MODEL, "--data", str(ds.train),
            "--method", method, "--output", str(out), "--no-progress", f"data.max_length={ds.max_length}",
-           f"train.epochs={epochs}", f"train.learning_rate={rate}", f"train.num_threads={threads}", "train.seed=42"]
+           f"train.epochs={epochs}", f"train.learning_rate={rate}", f"train.num_threads={threads}",
+           f"train.seed={SEED}"]
     cmd += [f"data.task={ds.task}"] if ds.task else []
     cmd += [f"data.max_examples={ds.max_examples}"] if ds.max_examples else []
     subprocess.run(cmd, **quiet)
@@ -113,8 +137,9 @@ def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def print_table(results: list[dict]) -> None:
-    """Per (dataset, method): every cell, then the best cell, the rule's cell and the gap."""
+def print_table(results: list[dict], rules: dict[tuple, tuple[float, float]]) -> None:
+    """Per (dataset, method): every cell, then the best cell, the rule's cell (the cell at `rules`'
+    values: (dataset, method) -> the rule's epochs and learning rate today) and the gap."""
     print(f"{'dataset':<9}{'method':<7}{'cell':<26}{'metric':>8}{'steps':>7}{'best step':>10}{'seconds':>9}")
     groups: dict[tuple, list[dict]] = {}
     for r in results:
@@ -125,10 +150,14 @@ def print_table(results: list[dict]) -> None:
             print(f"{name:<9}{method:<7}{label(r):<26}{r['score']:>8.3f}{r['steps']:>7}{r['result_step']:>10}"
                   f"{r['seconds']:>9.0f}")
         grid = [r for r in cells if not r["auto"]]
-        rule = next((r for r in cells if r["auto"]), None)
+        wanted = rules.get((name, method))
+        rule = next((r for r in sorted(cells, key=lambda r: not r["auto"])
+                     if (float(r["epochs"]), float(r["learning_rate"])) == wanted), None)
         if grid and rule:
             best = max(grid, key=lambda r: r["score"])
             summary.append((name, method, best, rule, len(grid)))
+        elif grid and wanted:
+            print(f"{name:<9}{method:<7}the rule picks {wanted[0]:g} ep x {wanted[1]:g} today: not measured")
     print(f"\n{'dataset':<9}{'method':<7}{'cells':>6}  {'best cell':<18}{'best':>7}  {'rule picks':<26}{'rule':>7}"
           f"{'gap':>8}  within target")
     for name, method, best, rule, n in summary:
@@ -154,8 +183,15 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="JSON lines of measured cells")
     parser.add_argument("--table-only", action="store_true", help="print the table of --results and stop")
     args = parser.parse_args()
+    tokenizer = load_tokenizer(MODEL)
+    measured = read_results(args.results)
+    rules = {(name, method): rule_values(DATASETS[name], method, tokenizer)
+             for name, method in {(r["dataset"], r["method"]) for r in measured}
+             | ({(name, method) for name in args.datasets for method in args.methods} if not args.table_only else set())}
     if not args.table_only:
-        done = {(r["dataset"], r["method"], r["requested"]) for r in read_results(args.results)}
+        # An auto cell counts as done only at the values the rule resolves today.
+        done = {(r["dataset"], r["method"], r["requested"]) for r in measured
+                if not r["auto"] or (float(r["epochs"]), float(r["learning_rate"])) == rules[(r["dataset"], r["method"])]}
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.datasets:
                 ds = DATASETS[name]
@@ -178,7 +214,7 @@ def main() -> None:
                             f.write(json.dumps(row) + "\n")
                         print(f"{name} {method} {label(row)}: {ds.metric} {score:.3f} ({summary['steps']} steps, "
                               f"{summary['wall_seconds']:.0f} s)", flush=True)
-    print_table(read_results(args.results))
+    print_table(read_results(args.results), rules)
 
 
 if __name__ == "__main__":

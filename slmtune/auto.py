@@ -3,14 +3,19 @@ frequency from the size of the user's data, for every door (recipes and `slmtune
 `run()`, the service's "auto" hyperparameters through service/hyper.py). One place, so the CLI and
 the service resolve the same values for the same file (tests/test_auto.py checks it).
 
-    epochs          supervised: ceil(500 / n) clamped to [3, 10]: about 500 example passes on small
-                    datasets (7 epochs for 75 examples), 3 epochs from 167 examples on.
+    epochs          supervised: the larger of ceil(500 / n) and ceil(12,000 / t), clamped to [3, 10]:
+                    about 500 example passes and 12,000 target-token passes, where t is the number
+                    of answer tokens an epoch trains on: the file's (the base model's tokenizer;
+                    Datasets.n_target_tokens) times the share not held out for validation. Short
+                    answers need more epochs: 288 one-label classification rows (1,476 tokens, 32
+                    rows held out: t = 1,312) get 10, 75 support conversations (t = 1,824) get 7,
+                    long answers from 167 examples on get 3.
                     dpo / orpo: ceil(360 / n pairs) clamped to [2, 10].
                     grpo: ceil(400 / n prompts) clamped to [1, 10] (each pass samples 8 answers a prompt).
     learning_rate   the method's base rate (methods/<name>.py: 1e-3 for LoRA, QLoRA, DoRA;
                     5e-5 for full fine-tuning), times DPO_LEARNING_RATE_SCALE (0.2) for preference
                     objectives (DPO's beta 0.1 and sft_weight 1), GRPO_LEARNING_RATE_SCALE (0.5) for grpo
-    batch_size      examples per step: 1 if n < 16, 2 if n < 32, 4 if n < 1024, else 8; a service job's
+    batch_size      examples per step: 1 if n < 16, 2 if n < 100, 4 if n < 1024, else 8; a service job's
                     batch, and a recipe's examples_per_step below EXAMPLE_STEPS_BELOW examples when it
                     sets no step size (from 1024 on, recipes step every 8 packed rows)
     held out        no validation file: none below HOLD_OUT_FROM examples, else 10% clamped to
@@ -20,13 +25,15 @@ the service resolve the same values for the same file (tests/test_auto.py checks
 n is the number of examples (pairs) in the training file, before any is held out.
 
 Why these numbers (docs/benchmarks.md, "The auto rule"): small datasets of facts must actually be
-learned. With 75 support conversations about a fictional product (examples/support_assistant),
+learned; 25 facts x 3 conversations answered 24 of 25 paraphrased questions at batch 2 and 18 at
+batch 4 (same 7 epochs, side by side), hence SMALL_BATCH_BELOW. With 75 support conversations about a fictional product (examples/support_assistant),
 7 epochs at LoRA's 1e-3 took SmolLM2-135M-Instruct from 0/15 to 14/15 facts on paraphrased held-out
 questions, where the earlier 2e-4 x 3 epochs left them unlearned; a classification set of 8 intents
-and ~300 rows went from 0.74 accuracy (1 epoch, 2e-4) to 0.79-0.84 at the rule's 3 epochs, and 0.91 at
-10 epochs, while 25 facts x 3 conversations peak at the rule's 7 epochs (21/25; 18/25 at 5 and at
-10): docs/benchmarks.md, "The auto rule on a user's own data", where both optima come out near
-13k target-token passes, the candidate for the next rule (not adopted on two data sets).
+and ~300 rows went from 0.74 accuracy (1 epoch, 2e-4) to 0.79-0.84 at 3 epochs (the examples rule
+alone), 0.89 at 6 and 0.91 at 10 epochs, while 25 facts x 3 conversations peak at 7 epochs (21/25;
+18/25 at 5 and at 10): docs/benchmarks.md, "The auto rule on a user's own data". Both optima sit
+near 12-13k target-token passes, hence the token term: the examples rule alone under-trains sets
+whose answers are a few tokens (labels), which the rows' count cannot tell from long answers.
 With 120 style pairs (examples/preference: the preferred answers open with "In short:"), DPO at
 beta 0.1, 3 epochs, batch 4 on SmolLM2-135M-Instruct with LoRA: at 1e-3 (the SFT rate) the model
 degenerated ("In short short: in short: ..."; 1/20 held-out answers right); at 1e-4, 14/20; at 2e-4
@@ -41,6 +48,7 @@ import math
 from slmtune.methods import METHODS
 
 SFT_EXAMPLE_PASSES = 500
+SFT_TARGET_TOKEN_PASSES = 12_000
 SFT_EPOCHS = (3, 10)
 PREFERENCE_PAIR_PASSES = 360
 PREFERENCE_EPOCHS = (2, 10)
@@ -59,14 +67,21 @@ GRPO_MAX_COMPLETION_TOKENS = 64
 GRPO_EVAL_SAMPLES = 32
 
 EXAMPLE_STEPS_BELOW = 1024  # a recipe without a step size: examples_per_step = batch_size(n) below this
+# Below this many examples, 2 per step: 75 fact conversations through the service, 7 epochs at 1e-3,
+# answered 24 of 25 paraphrased questions at batch 2 and 18 at batch 4, side by side on one machine
+# (docs/benchmarks.md, "The auto rule on a user's own data"): small sets need the updates.
+SMALL_BATCH_BELOW = 100
 HOLD_OUT_FROM = 200
 HOLD_OUT_SHARE = 0.1
 HOLD_OUT_MIN, HOLD_OUT_MAX = 32, 256
 EVALUATIONS_PER_RUN = 5
+SCORED_VALIDATION_ROWS = 256  # train.select_by metric answers at most this many validation rows (seeded)
 
 
-def epochs(n_examples: int, objective: str = "sft") -> int:
-    """Epochs for a training file of `n_examples` examples (pairs, for preference objectives)."""
+def epochs(n_examples: int, objective: str = "sft", target_tokens: int | None = None, held_out: int = 0) -> int:
+    """Epochs for a training file of `n_examples` examples (pairs, for preference objectives) whose
+    answers hold `target_tokens` tokens in all (supervised only; None: the examples term alone, for
+    callers that have not tokenized the file), `held_out` of the examples kept for validation."""
     n = max(1, n_examples)
     if objective in PREFERENCE_OBJECTIVE_NAMES:
         lo, hi = PREFERENCE_EPOCHS
@@ -75,7 +90,11 @@ def epochs(n_examples: int, objective: str = "sft") -> int:
         lo, hi = GRPO_EPOCHS
         return min(hi, max(lo, math.ceil(GRPO_PROMPT_PASSES / n)))
     lo, hi = SFT_EPOCHS
-    return min(hi, max(lo, math.ceil(SFT_EXAMPLE_PASSES / n)))
+    # The held-out share's tokens, estimated in proportion, so that the service (which counts the
+    # file before the job's seed picks the rows) and run() (after) resolve the same value.
+    trained_tokens = target_tokens * (n - min(held_out, n - 1)) / n if target_tokens else 0
+    by_tokens = math.ceil(SFT_TARGET_TOKEN_PASSES / trained_tokens) if trained_tokens else 0
+    return min(hi, max(lo, math.ceil(SFT_EXAMPLE_PASSES / n), by_tokens))
 
 
 def learning_rate(method: str, objective: str = "sft") -> float:
@@ -89,7 +108,7 @@ def batch_size(n_examples: int) -> int:
     """Examples per optimizer step of a service job, and of a recipe of fewer than EXAMPLE_STEPS_BELOW
     examples that sets no step size."""
     n = max(1, n_examples)
-    return 1 if n < 16 else 2 if n < 32 else 4 if n < 1024 else 8
+    return 1 if n < 16 else 2 if n < SMALL_BATCH_BELOW else 4 if n < EXAMPLE_STEPS_BELOW else 8
 
 
 def held_out(n_examples: int) -> int:

@@ -358,13 +358,15 @@ class TrainSection(Section):
     def time_budget_seconds(self) -> float | None:
         return None if self.time_budget is None else parse_duration(self.time_budget)
 
-    def resolved_for_data(self, n_examples: int, method: str) -> "TrainSection":
+    def resolved_for_data(self, n_examples: int, method: str, target_tokens: int | None = None,
+                          held_out: int = 0) -> "TrainSection":
         """`epochs` and `learning_rate` "auto", and a step size the recipe left unset, made concrete for a
-        training file of `n_examples` examples (pairs) and `method`, by the one rule in slmtune/auto.py
-        that the service uses too."""
+        training file of `n_examples` examples (pairs) whose answers hold `target_tokens` tokens
+        (Datasets.n_target_tokens), `held_out` of them for validation, and `method`, by the one rule
+        in slmtune/auto.py that the service uses too."""
         update = {}
         if self.epochs == "auto":
-            update["epochs"] = float(auto.epochs(n_examples, self.objective.name))
+            update["epochs"] = float(auto.epochs(n_examples, self.objective.name, target_tokens, held_out))
         if self.learning_rate == "auto":
             update["learning_rate"] = auto.learning_rate(method, self.objective.name)
         if self.examples_per_step is None and self.gradient_accumulation_steps is None:

@@ -331,7 +331,7 @@ def test_step_size_resolution(accelerator, micro, accumulation, expected):
     # A small file without a step size steps every few examples, as a service job of it would.
     small = cfg.resolved_for_data(75, "lora")
     if accumulation is None:
-        assert small.gradient_accumulation_steps is None and small.examples_per_step == auto.batch_size(75) == 4
+        assert small.gradient_accumulation_steps is None and small.examples_per_step == auto.batch_size(75) == 2
     else:
         assert small.gradient_accumulation_steps == accumulation and small.examples_per_step is None
     per_example = TrainSection(examples_per_step=8).resolved(accelerator).resolved_for_data(75, "lora")

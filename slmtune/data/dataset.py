@@ -39,6 +39,9 @@ class Datasets:
     train_records: list[Record]
     n_examples: int = 0  # examples (pairs) of the training file used, before any was held out: what "auto" sizes for
     held_out: int = 0  # of them, held out for validation (no validation file; data.validation_split)
+    # Tokens those examples train on (their answers', after truncation), which "auto" sizes epochs
+    # by too; None for pairs and prompts, whose rule counts pairs and prompts only.
+    n_target_tokens: int | None = None
     # Task data: the validation rows as read (before the task's template) and the task's settings
     # (label set...), which train.select_by: metric scores answers against.
     validation_rows: list[dict] = field(default_factory=list)
@@ -175,5 +178,9 @@ def build_datasets(cfg, tokenizer, seed: int, *, pairs: bool = False, grader_fie
     train = tokenize_records(fmt, records, tokenizer, cfg.max_length, cfg.system_prompt, cfg.train)
     validation = (tokenize_records(fmt, val_records, tokenizer, cfg.max_length, cfg.system_prompt,
                                    cfg.validation or f"{cfg.train} (validation split)") if val_records else [])
+    n_target_tokens = None
+    if fmt not in ("preference", "reinforcement"):
+        counted = train + (validation if held_out else [])
+        n_target_tokens = sum(example.n_targets() for example in counted)
     return Datasets(fmt, train, validation, records, n_examples=n_examples, held_out=len(validation) if held_out else 0,
-                    validation_rows=validation_rows, task_context=context)
+                    n_target_tokens=n_target_tokens, validation_rows=validation_rows, task_context=context)

@@ -13,11 +13,14 @@ eval_samples at most 256 and reasoning_effort
 
 from __future__ import annotations
 
+import functools
 import math
 
 from slmtune import auto
-from slmtune.config import Recipe, recipe_from_dict
+from slmtune.config import DataSection, Recipe, recipe_from_dict
+from slmtune.data.dataset import build_datasets
 from slmtune.methods import SERVICE_METHODS
+from slmtune.models import load_tokenizer
 
 LIMITS = {"n_epochs": (1, 50), "batch_size": (1, 256), "eval_interval": (1, 100_000), "eval_samples": (1, 256)}
 # A reinforcement step samples batch_size x 8 x compute_multiplier answers: bounded so that one
@@ -47,10 +50,15 @@ class HyperparameterError(ValueError):
         self.param = param
 
 
-def auto_values(n_examples: int, method_type: str = "supervised") -> dict:
-    """What "auto" means for each hyperparameter of `method_type`, for a file of n examples (pairs)."""
+def auto_values(n_examples: int, method_type: str = "supervised", target_tokens: int | None = None, *,
+                validation_file: bool = False) -> dict:
+    """What "auto" means for each hyperparameter of `method_type`, for a file of n examples (pairs)
+    whose answers hold `target_tokens` tokens (supervised: target_tokens_of); without a validation
+    file, run() holds some of them out."""
     objective = OBJECTIVE_OF[method_type]
-    values = {"n_epochs": auto.epochs(n_examples, objective), "batch_size": auto.batch_size(n_examples),
+    held_out = 0 if validation_file else auto.held_out(n_examples)
+    values = {"n_epochs": auto.epochs(n_examples, objective, target_tokens, held_out),
+              "batch_size": auto.batch_size(n_examples),
               "learning_rate_multiplier": 1.0}
     if method_type == "dpo":
         values["beta"] = auto.DPO_BETA
@@ -60,9 +68,10 @@ def auto_values(n_examples: int, method_type: str = "supervised") -> dict:
     return values
 
 
-def resolve(requested: dict, n_examples: int, method_type: str = "supervised") -> dict:
+def resolve(requested: dict, n_examples: int, method_type: str = "supervised",
+            target_tokens: int | None = None, *, validation_file: bool = False) -> dict:
     """Numbers for every hyperparameter; raises HyperparameterError naming the bad one."""
-    defaults = auto_values(n_examples, method_type)
+    defaults = auto_values(n_examples, method_type, target_tokens, validation_file=validation_file)
     names = HYPERPARAMETERS[method_type]
     prefix = f"method.{method_type}.hyperparameters"
     unknown = set(requested) - set(names)
@@ -115,6 +124,21 @@ def steps_of(resolved: dict, n_examples: int, *, validation_file: bool) -> int:
     return math.ceil(trained / resolved["batch_size"]) * resolved["n_epochs"]
 
 
+def job_data(train_path: str, validation_path: str | None) -> dict:
+    """The data section of a job's recipe: its files; every other setting is the recipes' default."""
+    return {"train": train_path} | ({"validation": validation_path} if validation_path else {})
+
+
+@functools.lru_cache(maxsize=64)
+def target_tokens_of(base: str, train_path: str) -> int | None:
+    """The tokens a supervised job on `train_path` trains on, counted as run() counts them
+    (Datasets.n_target_tokens: the job recipe's data section, the base model's tokenizer), so that
+    "auto" epochs match `slmtune train` on the same file. Uploaded files never change, so each
+    (model, file) is tokenized once however many jobs name it. Raises DataError."""
+    data = DataSection(**job_data(train_path, None))
+    return build_datasets(data, load_tokenizer(base), seed=0).n_target_tokens
+
+
 def build_recipe(*, base: str, method: str, train_path: str, validation_path: str | None, resolved: dict,
                  seed: int, run_dir: str, n_examples: int, save_every: int, threads: int | None,
                  method_type: str = "supervised", integrations: list[dict] | None = None,
@@ -127,7 +151,7 @@ def build_recipe(*, base: str, method: str, train_path: str, validation_path: st
     batch is prompts, each answered compute_multiplier x 8 times, and `grader` scores the answers
     (its score_model graders name a model of `models`, the service's name -> path)."""
     per_epoch = steps_of(resolved | {"n_epochs": 1}, n_examples, validation_file=bool(validation_path))
-    data = {"train": train_path} | ({"validation": validation_path} if validation_path else {})
+    data = job_data(train_path, validation_path)
     rate = auto.learning_rate(method, OBJECTIVE_OF[method_type])
     train = {
         "epochs": resolved["n_epochs"], "micro_batch_size": resolved["batch_size"],

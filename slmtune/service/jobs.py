@@ -150,8 +150,16 @@ def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
         check_job_grader(service, grader, settings.models[body.model],
                          [(f, p) for f, p in ((train_file, "training_file"), (val_file, "validation_file"))
                           if f is not None])
+    target_tokens = None
+    if method_type == "supervised" and requested.get("n_epochs", "auto") in ("auto", None):
+        try:
+            target_tokens = hyper.target_tokens_of(settings.models[body.model], train_file.path)
+        except DataError as err:
+            raise ApiError(400, f"`{train_file.id}`: {err}", param="training_file",
+                           code="invalid_file_format") from None
     try:
-        resolved = hyper.resolve(requested, train_file.n_examples, method_type)
+        resolved = hyper.resolve(requested, train_file.n_examples, method_type, target_tokens,
+                                 validation_file=val_file is not None)
     except hyper.HyperparameterError as err:
         raise ApiError(400, str(err), param=err.param, code="invalid_hyperparameters") from None
     job_id = new_id("ftjob", 8)
@@ -184,7 +192,9 @@ def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
     unit = {"dpo": "preference pairs", "reinforcement": "prompts"}.get(method_type, "training examples")
     store.create_job(job, [
         f"Validating training file: {train_file.id}" + (f" and validation file: {val_file.id}" if val_file else ""),
-        f"Files validated ({train_file.n_examples} {unit}; {method_type}, {steps} steps with {settings_text}), "
+        f"Files validated ({train_file.n_examples} {unit}"
+        + (f" answering in {target_tokens} tokens" if target_tokens else "")
+        + f"; {method_type}, {steps} steps with {settings_text}), "
         "moving job to queued state"])
     return job
 

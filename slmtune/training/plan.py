@@ -365,7 +365,8 @@ def estimate_time(recipe_path: str, overrides: list[str] | None = None, probe_st
     tokenizer = load_tokenizer(recipe.model.name)
     pairs = OBJECTIVES[recipe.train.objective.name].formats == ("preference",)
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed, pairs=pairs)
-    cfg = recipe.train.resolved_for_data(data.n_examples, recipe.method.name)
+    cfg = recipe.train.resolved_for_data(data.n_examples, recipe.method.name, data.n_target_tokens,
+                                         data.held_out)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "slmtune.cli", "train", str(recipe_path), *(overrides or []),
                f"output.dir={tmp}/probe", "output.overwrite=true", f"train.max_steps={probe_steps}",

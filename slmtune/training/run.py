@@ -11,6 +11,7 @@ tokenizer, the data, the method, the loop (training/loop.py), the result and sum
 
 from __future__ import annotations
 
+import random
 import shutil
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from slmtune import auto
 from slmtune.config import Recipe, RecipeError
 from slmtune.data.dataset import build_datasets
 from slmtune.graders import item_fields
@@ -144,7 +146,8 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None
         raise RecipeError(f"{recipe.data.train}: {data.format} data, but train.objective {objective.name} learns "
                           f"from {wanted} data; use {hint}, or a {wanted} file")
     # "auto" values resolved from the data (slmtune/auto.py), saved as the run's recipe.yaml.
-    cfg = cfg.resolved_for_data(data.n_examples, recipe.method.name)
+    cfg = cfg.resolved_for_data(data.n_examples, recipe.method.name, data.n_target_tokens,
+                                 data.held_out)
     recipe = recipe.model_copy(update={"train": cfg})
     if par.is_main:
         run_dir.write_recipe(recipe)
@@ -177,7 +180,15 @@ def _run(recipe: Recipe, par, *, resume: bool, on_event: events.EventSink | None
     if cfg.select_by == "metric" and data.validation_rows:
         # The best evaluation by the task's metric of greedy answers, scored as `slmtune eval` scores.
         amp = autocast_dtype(cfg.precision, par.device)
-        feed.score_task = lambda: score_rows(model, tokenizer, recipe.data.task, data.validation_rows,
+        scored = data.validation_rows
+        if len(scored) > auto.SCORED_VALIDATION_ROWS:
+            # Each evaluation generates an answer per row: a large validation file would cost more
+            # than the training. The same seeded sample every time, so evaluations compare.
+            scored = random.Random(cfg.seed).sample(scored, auto.SCORED_VALIDATION_ROWS)
+            if par.is_main and progress:
+                print(f"train.select_by metric scores a seeded {len(scored)} of the {len(data.validation_rows)} "
+                      "validation rows at each evaluation", file=sys.stderr, flush=True)
+        feed.score_task = lambda: score_rows(model, tokenizer, recipe.data.task, scored,
                                              data.task_context, system_prompt=recipe.data.system_prompt,
                                              amp_dtype=amp)
         feed.selection_metric = TASKS[recipe.data.task].METRIC

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from slmtune import auto as auto_rule
+from tests.conftest import chat_example
 from tests.service.conftest import BASE, start_service, training_rows
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -40,11 +42,28 @@ def test_static_assets_and_helper_endpoints(tmp_path, tiny_llama_dir):
             f = client.files.create(file=("t.jsonl", fh), purpose="fine-tune")
         auto = client.get(f"/slmtune/auto_hyperparameters?training_file={f.id}", cast_to=object)
         assert auto["auto"] == {"n_epochs": 10, "batch_size": 1, "learning_rate_multiplier": 1.0}
+        # One-word answers: "auto" epochs count the answers' tokens, with the model's tokenizer, and
+        # the job created on the file trains exactly that long (the examples term alone would say 3).
+        short = tmp_path / "short.jsonl"
+        short.write_text("".join(json.dumps(chat_example(f"Is {i} even?", "no" if i % 2 else "yes")) + "\n"
+                                 for i in range(250)))
+        with open(short, "rb") as fh:
+            g = client.files.create(file=("short.jsonl", fh), purpose="fine-tune")
+        counted = client.get(f"/slmtune/auto_hyperparameters?training_file={g.id}&model={BASE}", cast_to=object)
+        assert counted["target_tokens"] > 250 and counted["model"] == BASE
+        assert counted["auto"]["n_epochs"] == auto_rule.epochs(250, "sft", counted["target_tokens"],
+                                                                 auto_rule.held_out(250)) > 3
+        job = client.fine_tuning.jobs.create(model=BASE, training_file=g.id)
+        assert job.hyperparameters.n_epochs == counted["auto"]["n_epochs"]
+        events = [e.message for e in client.fine_tuning.jobs.list_events(job.id)]
+        assert any(f"answering in {counted['target_tokens']} tokens" in m for m in events)
         plan = client.get(f"/slmtune/plan?model={BASE}&method=qlora&batch_size=2", cast_to=object)
         assert plan["hardware"].startswith(("cpu:", "1x", "2x")) and plan["estimate"]["method"] == "qlora"
         assert plan["fits"] is True and {r["method"] for r in plan["methods"]} == {"full", "dora", "lora", "qlora"}
         import openai
 
+        with pytest.raises(openai.BadRequestError):  # a model the service does not offer
+            client.get(f"/slmtune/auto_hyperparameters?training_file={g.id}&model=nope", cast_to=object)
         with pytest.raises(openai.NotFoundError):  # another tenant's file
             service.client("rival").get(f"/slmtune/auto_hyperparameters?training_file={f.id}", cast_to=object)
         with pytest.raises(openai.AuthenticationError):

@@ -28,8 +28,6 @@ def facts_right(client, model: str, system: str, questions: list[dict]) -> int:
 
 @pytest.mark.slow
 @pytest.mark.acceptance
-@pytest.mark.xfail(strict=False, reason="#22 target not met yet: 21 of 25 with the rule's 7 epochs, the best of the "
-                   "cells tried (docs/benchmarks.md, \"The auto rule on a user's own data\")")
 def test_auto_hyperparameters_teach_a_users_facts(tmp_path, monkeypatch):
     """The real SmolLM2-135M-Instruct, a job with every hyperparameter "auto" on 75 conversations:
     at least 23 of the 25 paraphrased held-out questions are answered with the right fact, where the

@@ -4,7 +4,8 @@ API key the user signs in with (kept in the browser's sessionStorage), like the 
 
     GET /                                         the console (index.html); /static/... its assets
     GET /v1/slmtune/methods                       the methods the service offers
-    GET /v1/slmtune/auto_hyperparameters          ?training_file=ID: what "auto" picks for that file
+    GET /v1/slmtune/auto_hyperparameters          ?training_file=ID[&model=BASE]: what "auto" picks for that
+                                                  file (with the model: counting its answers' tokens, as a job does)
     GET /v1/slmtune/plan                          ?model=BASE&method=lora[&batch_size=N][&seq_len=N]:
                                                   slmtune.training.plan's memory estimate on this server's
                                                   hardware (GPU memory, else RAM as cpu:NGB)
@@ -22,6 +23,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from slmtune.data.formats import DataError
 from slmtune.http.errors import ApiError
 from slmtune.methods import METHODS, SERVICE_METHODS
 from slmtune.service import hyper
@@ -77,17 +79,28 @@ def methods():
 
 
 @router.get("/v1/slmtune/auto_hyperparameters")
-def auto_hyperparameters(training_file: str, t: Tenant = Depends(current_tenant),
+def auto_hyperparameters(training_file: str, model: str | None = None, t: Tenant = Depends(current_tenant),
                          service: Service = Depends(get_service)):
     f = service.store.get_file(t.id, training_file)
     if f is None:
         raise ApiError(404, f"No file with id `{training_file}` exists.", param="training_file",
                        code="file_not_found")
+    if model is not None and model not in service.settings.models:
+        raise ApiError(400, f"Model `{model}` is not available for fine-tuning.", param="model",
+                       code="model_not_available")
     # A file of preference pairs trains with DPO, prompts with reinforcement, any other with supervised.
     method_type = next((t for t, fmt in METHOD_FORMATS.items() if fmt == f.format), "supervised")
-    auto = hyper.auto_values(f.n_examples, method_type)
+    # Supervised epochs also count the answers' tokens, which takes the model's tokenizer: with a
+    # model, the values a job would get; without, the examples term alone.
+    target_tokens = None
+    if model is not None and method_type == "supervised":
+        try:
+            target_tokens = hyper.target_tokens_of(service.settings.models[model], f.path)
+        except DataError as err:
+            raise ApiError(400, f"`{f.id}`: {err}", param="training_file", code="invalid_file_format") from None
+    auto = hyper.auto_values(f.n_examples, method_type, target_tokens)
     return {"object": "slmtune.auto_hyperparameters", "training_file": f.id, "n_examples": f.n_examples,
-            "format": f.format, "method_type": method_type,
+            "target_tokens": target_tokens, "model": model, "format": f.format, "method_type": method_type,
             "auto": auto, "steps_per_epoch": math.ceil(f.n_examples / auto["batch_size"]),
             "base_learning_rate": hyper.BASE_LEARNING_RATE}
 

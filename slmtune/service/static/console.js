@@ -323,7 +323,10 @@ async function viewNewJob() {
     if (!auto || auto.auto[name] === undefined) return "auto";
     const rft = auto.method_type === "reinforcement";
     let text = `"auto" picks ${auto.auto[name]}`;
-    if (name === "n_epochs") text += ` for ${auto.n_examples} ${auto.method_type === "dpo" ? "pairs" : rft ? "prompts" : "examples"}`;
+    if (name === "n_epochs") {
+      text += ` for ${auto.n_examples} ${auto.method_type === "dpo" ? "pairs" : rft ? "prompts" : "examples"}`;
+      if (auto.target_tokens) text += ` answering in ${auto.target_tokens} tokens`;
+    }
     if (name === "batch_size" && rft) text += " prompts per step";
     if (name === "compute_multiplier") text += ": 8 answers sampled per prompt (8 × this, at most 4)";
     return text;
@@ -335,13 +338,16 @@ async function viewNewJob() {
   async function refreshAuto() {
     auto = null;
     showHints();
-    const fileId = train.value;
+    const fileId = train.value, model = base.value;
     if (!fileId) return;
+    // with the base model, epochs count the answers' tokens as the job will
+    const query = `training_file=${encodeURIComponent(fileId)}` + (model ? `&model=${encodeURIComponent(model)}` : "");
     let answer;
     try {
-      answer = await api(`/v1/slmtune/auto_hyperparameters?training_file=${encodeURIComponent(fileId)}`);
+      answer = await api(`/v1/slmtune/auto_hyperparameters?${query}`);
     } catch (err) { return; }
-    if (token !== viewToken || train.value !== fileId) return;   // another file (or page) was chosen meanwhile
+    // another file, model (or page) was chosen meanwhile
+    if (token !== viewToken || train.value !== fileId || base.value !== model) return;
     auto = answer;
     // pairs train with DPO, prompts with reinforcement, chat examples with supervised
     methodType.value = auto.method_type;
@@ -385,7 +391,7 @@ async function viewNewJob() {
     h("h2", {}, "Memory on this server"), planBox,
     h("div", { class: "buttons" }, h("button", { type: "submit", id: "create-job" }, "Create job")), result);
   train.addEventListener("change", refreshAuto);
-  base.addEventListener("change", refreshPlan);
+  base.addEventListener("change", () => (train.value ? refreshAuto() : refreshPlan()));
   method.addEventListener("change", refreshPlan);
   methodType.addEventListener("change", showTypeFields);
   showTypeFields();

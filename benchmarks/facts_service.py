@@ -1,0 +1,74 @@
+"""Facts taught through the service, one job per cell, side by side: examples/product_facts (25 facts x
+3 conversations) uploaded to a fresh `slmtune api` on SmolLM2-135M-Instruct, a supervised job with
+the cell's hyperparameters (the rest "auto"; seed 42), then the 25 paraphrased held-out questions
+answered greedily through chat completions, scored as the acceptance test scores them
+(tests/service/test_facts_service.py).
+
+    python benchmarks/facts_service.py '{}' '{"batch_size": 2}'     # the rule, then batch 2
+    python benchmarks/facts_service.py --repeats 2 '{}' '{"batch_size": 4}'
+
+Cells run one after another and alternate when repeated (machine speed drifts); prints a table.
+Needs `slmtune models pull smollm2-135m-instruct`. It reuses the test suite's service harness
+(tests/service/conftest.py: a real server and worker in this process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the tests package: the service harness and the facts score
+
+from tests.service.conftest import smollm2_job  # noqa: E402
+from tests.service.test_facts_service import facts_right  # noqa: E402
+
+EXAMPLES = REPO / "examples" / "product_facts"
+
+
+def cell(hyperparameters: dict, home: Path) -> dict:
+    system = json.loads((EXAMPLES / "train.jsonl").open().readline())["messages"][0]["content"]
+    questions = [json.loads(line) for line in (EXAMPLES / "heldout.jsonl").read_text().splitlines()]
+    create = {"method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}}
+    patch = pytest.MonkeyPatch()
+    started = time.time()
+    try:
+        with smollm2_job(home, patch, "facts", EXAMPLES / "train.jsonl", timeout=7200, **create) as (client, job):
+            if job.status != "succeeded":
+                raise SystemExit(f"job {job.id} {job.status}: {job.error}")
+            right = facts_right(client, job.fine_tuned_model, system, questions)
+            hp = job.hyperparameters
+            return {"requested": json.dumps(hyperparameters), "n_epochs": hp.n_epochs, "batch_size": hp.batch_size,
+                    "lr_multiplier": hp.learning_rate_multiplier, "right": right, "of": len(questions),
+                    "seconds": round(time.time() - started)}
+    finally:
+        patch.undo()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("cells", nargs="+", help="JSON hyperparameters of each cell ('{}': all auto)")
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            for i, text in enumerate(args.cells):
+                rows.append(cell(json.loads(text), Path(tmp) / f"home-{repeat}-{i}") | {"repeat": repeat})
+                print(json.dumps(rows[-1]), flush=True)
+    print(f"\nmachine: {os.cpu_count()} cores; torch threads 2 (the service's train_threads)")
+    print(f"{'requested':<24}{'epochs':>7}{'batch':>6}{'lr x':>6}{'right':>8}{'seconds':>9}")
+    for r in rows:
+        print(f"{r['requested']:<24}{r['n_epochs']:>7}{r['batch_size']:>6}{r['lr_multiplier']:>6g}"
+              f"{r['right']:>5}/{r['of']:<2}{r['seconds']:>9}")
+
+
+if __name__ == "__main__":
+    main()
