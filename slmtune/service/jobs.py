@@ -157,6 +157,9 @@ def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
         except DataError as err:
             raise ApiError(400, f"`{train_file.id}`: {err}", param="training_file",
                            code="invalid_file_format") from None
+        except (TemplateError, ValueError, TypeError, KeyError) as err:  # the template refused a row (its tools)
+            raise ApiError(400, f"`{train_file.id}`: the model's chat template cannot render a row: {str(err)[:300]}",
+                           param="training_file", code="invalid_file_format") from None
     try:
         resolved = hyper.resolve(requested, train_file.n_examples, method_type, target_tokens,
                                  validation_file=val_file is not None)

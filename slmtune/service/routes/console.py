@@ -22,6 +22,7 @@ import torch
 from fastapi import APIRouter, Depends, FastAPI, Query
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from jinja2 import TemplateError
 
 from slmtune.data.formats import DataError
 from slmtune.http.errors import ApiError
@@ -98,6 +99,9 @@ def auto_hyperparameters(training_file: str, model: str | None = None, t: Tenant
             target_tokens = hyper.target_tokens_of(service.settings.models[model], f.path)
         except DataError as err:
             raise ApiError(400, f"`{f.id}`: {err}", param="training_file", code="invalid_file_format") from None
+        except (TemplateError, ValueError, TypeError, KeyError) as err:  # the template refused a row (its tools)
+            raise ApiError(400, f"`{f.id}`: the model's chat template cannot render a row: {str(err)[:300]}",
+                           param="training_file", code="invalid_file_format") from None
     auto = hyper.auto_values(f.n_examples, method_type, target_tokens)
     return {"object": "slmtune.auto_hyperparameters", "training_file": f.id, "n_examples": f.n_examples,
             "target_tokens": target_tokens, "model": model, "format": f.format, "method_type": method_type,
