@@ -8,7 +8,7 @@ the service resolve the same values for the same file (tests/test_auto.py checks
                     of answer tokens an epoch trains on: the file's (the base model's tokenizer;
                     Datasets.n_target_tokens) times the share not held out for validation. Short
                     answers need more epochs: 288 one-label classification rows (1,476 tokens, 32
-                    rows held out: t = 1,312) get 10, 75 support conversations (t = 1,824) get 7,
+                    rows held out: t = 1,312) get 10, 75 product-facts conversations (t = 1,824) get 7,
                     long answers from 167 examples on get 3.
                     dpo / orpo: ceil(360 / n pairs) clamped to [2, 10].
                     grpo: ceil(400 / n prompts) clamped to [1, 10] (each pass samples 8 answers a prompt).
