@@ -114,6 +114,18 @@ def check_job_grader(service: Service, grader: dict, base_path: str, files: list
                            param=file_param, code="invalid_file_format") from None
 
 
+def count_target_tokens(base_path: str, f: File) -> int | None:
+    """The answer tokens a supervised job on `f` trains on (hyper.target_tokens_of), or a 400 naming
+    the file when a row cannot be tokenized."""
+    try:
+        return hyper.target_tokens_of(base_path, f.path)
+    except DataError as err:
+        raise ApiError(400, f"`{f.id}`: {err}", param="training_file", code="invalid_file_format") from None
+    except (TemplateError, ValueError, TypeError, KeyError) as err:  # the template refused a row (its tools)
+        raise ApiError(400, f"`{f.id}`: the model's chat template cannot render a row: {str(err)[:300]}",
+                       param="training_file", code="invalid_file_format") from None
+
+
 def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
     """Check a job request, resolve its hyperparameters and recipe, and queue it."""
     settings, store = service.settings, service.store
@@ -152,14 +164,7 @@ def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
                           if f is not None])
     target_tokens = None
     if method_type == "supervised" and requested.get("n_epochs", "auto") in ("auto", None):
-        try:
-            target_tokens = hyper.target_tokens_of(settings.models[body.model], train_file.path)
-        except DataError as err:
-            raise ApiError(400, f"`{train_file.id}`: {err}", param="training_file",
-                           code="invalid_file_format") from None
-        except (TemplateError, ValueError, TypeError, KeyError) as err:  # the template refused a row (its tools)
-            raise ApiError(400, f"`{train_file.id}`: the model's chat template cannot render a row: {str(err)[:300]}",
-                           param="training_file", code="invalid_file_format") from None
+        target_tokens = count_target_tokens(settings.models[body.model], train_file)
     try:
         resolved = hyper.resolve(requested, train_file.n_examples, method_type, target_tokens,
                                  validation_file=val_file is not None)

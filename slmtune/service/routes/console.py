@@ -22,15 +22,13 @@ import torch
 from fastapi import APIRouter, Depends, FastAPI, Query
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
-from jinja2 import TemplateError
 
-from slmtune.data.formats import DataError
 from slmtune.http.errors import ApiError
 from slmtune.methods import METHODS, SERVICE_METHODS
 from slmtune.service import hyper
 from slmtune.service.core import Service
 from slmtune.service.deps import current_tenant, get_service
-from slmtune.service.jobs import METHOD_FORMATS
+from slmtune.service.jobs import METHOD_FORMATS, count_target_tokens
 from slmtune.service.models import Tenant
 from slmtune.training import plan as planner
 
@@ -95,13 +93,7 @@ def auto_hyperparameters(training_file: str, model: str | None = None, t: Tenant
     # model, the values a job would get; without, the examples term alone.
     target_tokens = None
     if model is not None and method_type == "supervised":
-        try:
-            target_tokens = hyper.target_tokens_of(service.settings.models[model], f.path)
-        except DataError as err:
-            raise ApiError(400, f"`{f.id}`: {err}", param="training_file", code="invalid_file_format") from None
-        except (TemplateError, ValueError, TypeError, KeyError) as err:  # the template refused a row (its tools)
-            raise ApiError(400, f"`{f.id}`: the model's chat template cannot render a row: {str(err)[:300]}",
-                           param="training_file", code="invalid_file_format") from None
+        target_tokens = count_target_tokens(service.settings.models[model], f)
     auto = hyper.auto_values(f.n_examples, method_type, target_tokens)
     return {"object": "slmtune.auto_hyperparameters", "training_file": f.id, "n_examples": f.n_examples,
             "target_tokens": target_tokens, "model": model, "format": f.format, "method_type": method_type,
