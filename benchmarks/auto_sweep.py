@@ -23,7 +23,7 @@ Datasets:
 The "auto" cell is the run with epochs and learning rate left to the rule. The rule's cell in the table
 is the measured cell (auto or grid, same seed) at the values the rule resolves *now* for the dataset
 (rule_values: the same build_datasets and resolved_for_data as `slmtune train`), so a cell measured
-under an earlier rule is not taken for the current one's; an auto cell is trained again when the rule
+under an earlier rule (epochs, rate or step size) is not taken for the current one's; an auto cell is trained again when the rule
 has moved. The target: the rule within
 2 points (or 5% relative) of the best cell on every dataset. docs/benchmarks.md ("The auto rule") holds
 the cells measured and says which were not run.
@@ -103,13 +103,24 @@ def data_section(ds: Dataset) -> dict:
             | ({"max_examples": ds.max_examples} if ds.max_examples else {}))
 
 
-def rule_values(ds: Dataset, method: str, tokenizer) -> tuple[float, float]:
-    """(epochs, learning rate) the rule resolves today for a cell of `ds` and `method`: what run() does."""
+def rule_values(ds: Dataset, method: str, tokenizer) -> tuple[float, float, int | None]:
+    """(epochs, learning rate, examples per step) the rule resolves today for a cell of `ds` and
+    `method`: what run() does."""
     recipe = recipe_from_dict({"model": MODEL, "method": {"name": method}, "data": data_section(ds),
                                "train": {"seed": SEED}, "output": {"dir": "unused"}})
     data = build_datasets(recipe.data, tokenizer, SEED)
     train = recipe.train.resolved_for_data(data.n_examples, method, data.n_target_tokens, data.held_out)
-    return float(train.epochs), float(train.learning_rate)
+    return float(train.epochs), float(train.learning_rate), train.examples_per_step
+
+
+# Cells measured before rows recorded their step size all stepped every 4 examples (auto.batch_size
+# of 75-500 examples under the earlier SMALL_BATCH_BELOW = 32).
+EARLIER_EXAMPLES_PER_STEP = 4
+
+
+def cell_values(r: dict) -> tuple[float, float, int | None]:
+    """A measured cell's (epochs, learning rate, examples per step), comparable with rule_values."""
+    return float(r["epochs"]), float(r["learning_rate"]), r.get("examples_per_step", EARLIER_EXAMPLES_PER_STEP)
 
 
 def cell(ds: Dataset, method: str, epochs, rate, out: Path, threads: int) -> tuple[float, dict, dict]:
@@ -137,9 +148,9 @@ def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def print_table(results: list[dict], rules: dict[tuple, tuple[float, float]]) -> None:
+def print_table(results: list[dict], rules: dict[tuple, tuple[float, float, int | None]]) -> None:
     """Per (dataset, method): every cell, then the best cell, the rule's cell (the cell at `rules`'
-    values: (dataset, method) -> the rule's epochs and learning rate today) and the gap."""
+    values: (dataset, method) -> the rule's epochs, learning rate and step size today) and the gap."""
     print(f"{'dataset':<9}{'method':<7}{'cell':<26}{'metric':>8}{'steps':>7}{'best step':>10}{'seconds':>9}")
     groups: dict[tuple, list[dict]] = {}
     for r in results:
@@ -152,12 +163,13 @@ def print_table(results: list[dict], rules: dict[tuple, tuple[float, float]]) ->
         grid = [r for r in cells if not r["auto"]]
         wanted = rules.get((name, method))
         rule = next((r for r in sorted(cells, key=lambda r: not r["auto"])
-                     if (float(r["epochs"]), float(r["learning_rate"])) == wanted), None)
+                     if cell_values(r) == wanted), None)
         if grid and rule:
             best = max(grid, key=lambda r: r["score"])
             summary.append((name, method, best, rule, len(grid)))
         elif grid and wanted:
-            print(f"{name:<9}{method:<7}the rule picks {wanted[0]:g} ep x {wanted[1]:g} today: not measured")
+            print(f"{name:<9}{method:<7}the rule picks {wanted[0]:g} ep x {wanted[1]:g}, {wanted[2]} examples a step "
+                  "today: not measured")
     print(f"\n{'dataset':<9}{'method':<7}{'cells':>6}  {'best cell':<18}{'best':>7}  {'rule picks':<26}{'rule':>7}"
           f"{'gap':>8}  within target")
     for name, method, best, rule, n in summary:
@@ -168,7 +180,7 @@ def print_table(results: list[dict], rules: dict[tuple, tuple[float, float]]) ->
 
 
 def label(r: dict) -> str:
-    text = f"{r['epochs']:g} ep x {r['learning_rate']:g}"
+    text = f"{r['epochs']:g} ep x {r['learning_rate']:g} /{cell_values(r)[2]}"
     return f"auto ({text})" if r["auto"] else text
 
 
@@ -191,7 +203,7 @@ def main() -> None:
     if not args.table_only:
         # An auto cell counts as done only at the values the rule resolves today.
         done = {(r["dataset"], r["method"], r["requested"]) for r in measured
-                if not r["auto"] or (float(r["epochs"]), float(r["learning_rate"])) == rules[(r["dataset"], r["method"])]}
+                if not r["auto"] or cell_values(r) == rules[(r["dataset"], r["method"])]}
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.datasets:
                 ds = DATASETS[name]
@@ -205,7 +217,8 @@ def main() -> None:
                         out = Path(tmp) / f"{name}-{method}-{epochs}-{rate}"
                         score, summary, train = cell(ds, method, epochs, rate, out, args.threads)
                         row = {"dataset": name, "method": method, "requested": requested, "auto": epochs == "auto",
-                               "epochs": train.epochs, "learning_rate": train.learning_rate, "metric": ds.metric,
+                               "epochs": train.epochs, "learning_rate": train.learning_rate,
+                               "examples_per_step": train.examples_per_step, "metric": ds.metric,
                                "score": round(score, 4), "steps": summary["steps"],
                                "result_step": summary["result_step"], "seconds": summary["wall_seconds"],
                                "threads": args.threads}

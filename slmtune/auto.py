@@ -97,6 +97,16 @@ def epochs(n_examples: int, objective: str = "sft", target_tokens: int | None = 
     return min(hi, max(lo, math.ceil(SFT_EXAMPLE_PASSES / n), by_tokens))
 
 
+def tokens_enough(n_examples: int, held_out: int = 0) -> int:
+    """Answer tokens from which `epochs` of a supervised file no longer depends on them (the token
+    term is at most the lower clamp): a counter may stop there, as the service's does
+    (service/hyper.target_tokens_of), so counting a large upload costs a bounded number of rows."""
+    n = max(1, n_examples)
+    lo, _ = SFT_EPOCHS
+    # +1: a float product exactly at the threshold must not round below it in epochs()
+    return math.ceil(SFT_TARGET_TOKEN_PASSES * n / (lo * (n - min(held_out, n - 1)))) + 1
+
+
 def learning_rate(method: str, objective: str = "sft") -> float:
     """The learning rate "auto" trains `method` with."""
     scale = (DPO_LEARNING_RATE_SCALE if objective in PREFERENCE_OBJECTIVE_NAMES

@@ -598,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation", help="validation JSONL (quick mode)")
     p.add_argument("--method", help="fine-tuning method (quick mode; default lora)")
     p.add_argument("--epochs", type=epochs_arg, help="epochs, or auto (quick mode; default auto: from the number "
-                   "of examples, slmtune/auto.py)")
+                   "of examples and their answers' tokens, slmtune/auto.py)")
     p.add_argument("--time-budget", help="train for about this long, e.g. 10m (= train.time_budget=...)")
     p.add_argument("--objective", metavar="NAME",
                    help="what to minimize: sft (default), or dpo / orpo on preference pairs (= train.objective=...)")

@@ -257,7 +257,8 @@ class TrainSection(Section):
     )
     epochs: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="Passes over the training data (ignored when max_steps or time_budget is set); auto: "
-        "from the number of examples (prompts, for grpo), the objective (slmtune/auto.py), as the service's \"auto\"."
+        "from the number of examples (prompts, for grpo) and, for sft, the answers' tokens, the objective "
+        "(slmtune/auto.py), as the service's \"auto\"."
     )
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
     # On CPU one packed row of max_length tokens already keeps the matmuls busy: a second row per

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from slmtune import auto, models
 from slmtune.cli import main as cli_main
 from slmtune.config import load_recipe, recipe_from_dict
-from slmtune.data.dataset import build_datasets
+from slmtune.data.dataset import build_datasets, count_target_tokens
+from slmtune.data.formats import DataError
 from slmtune.evaluate import evaluate
 from slmtune.models import load_tokenizer
 from slmtune.service import hyper
@@ -72,28 +73,81 @@ def test_epochs_count_examples_and_answer_tokens():
     assert auto.epochs(75, "dpo", target_tokens=10) == auto.epochs(75, "dpo")  # pairs count pairs only
 
 
-@pytest.mark.parametrize("n, answer", [(40, "Fact {i}: the lamp lasts {i} hours."), (250, "yes")])
-def test_slmtune_train_resolves_what_the_service_resolves_for_the_same_file(tiny_llama_dir, tmp_path, n, answer):
-    """40 facts: the examples term (ceil(500 / 40), clamped to 10); 250 one-word answers: the tokens
-    term, which the service counts with the base model's tokenizer as run() does."""
-    data = write_jsonl(tmp_path / "train.jsonl", [chat_example(f"Is {i} a number?", answer.format(i=i))
-                                                  for i in range(n)])
+@pytest.mark.parametrize("n, held_out", [(10, 0), (75, 0), (250, 32), (288, 0), (5000, 256)])
+def test_counting_may_stop_where_the_rule_stops_looking_at_tokens(n, held_out):
+    """The service stops counting a file's answer tokens at auto.tokens_enough: from there on the
+    count cannot change the epochs, just below it it can."""
+    enough = auto.tokens_enough(n, held_out)
+    assert (auto.epochs(n, "sft", enough, held_out) == auto.epochs(n, "sft", 50 * enough, held_out)
+            == auto.epochs(n, "sft", None, held_out))
+    if auto.epochs(n) == auto.SFT_EPOCHS[0]:  # the examples term leaves room for the tokens' one
+        assert auto.epochs(n, "sft", enough - 2, held_out) == auto.SFT_EPOCHS[0] + 1
+
+
+def test_counting_a_files_answer_tokens_matches_the_datasets_count(tiny_llama_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", facts(300))
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    recipe = tiny_recipe(tiny_llama_dir, data, tmp_path / "run")
+    built = build_datasets(recipe.data, tokenizer, seed=5)
+    assert built.held_out == 32 and count_target_tokens(recipe.data, tokenizer) == built.n_target_tokens
+    stopped = count_target_tokens(recipe.data, tokenizer, enough=500)
+    per_row = built.n_target_tokens / 300
+    assert 500 <= stopped < 500 + 2 * per_row + 10  # stopped at the row that reached 500
+
+
+def test_the_service_counts_a_file_once_even_when_it_cannot(tiny_llama_dir, tmp_path, monkeypatch):
+    """Uploaded files never change: a (model, file) is counted once per process, and a file that
+    cannot be counted (every answer cut by max_length) fails the same way again without counting."""
+    calls = []
+    monkeypatch.setattr(hyper, "count_target_tokens", lambda *a, **k: calls.append(a) or count_target_tokens(*a, **k))
+    good = write_jsonl(tmp_path / "good.jsonl", facts(20))
+    cut = write_jsonl(tmp_path / "cut.jsonl", [chat_example("Why " + "really " * 1500 + "?", "yes")] * 12)
+    assert hyper.target_tokens_of(str(tiny_llama_dir), str(good), 20) == hyper.target_tokens_of(
+        str(tiny_llama_dir), str(good), 20) > 20
+    for _ in range(2):
+        with pytest.raises(DataError, match="no example has trainable tokens"):
+            hyper.target_tokens_of(str(tiny_llama_dir), str(cut), 12)
+    assert len(calls) == 2
+
+
+# (rows, answer, validation file): 40 facts, the examples term (clamped to 10); 250 short answers,
+# the tokens term strictly between the clamps, with and without a validation file (nothing held
+# out); rows whose answer the data section's max_length cuts away (no trainable token) among them.
+PARITY_CASES = [(40, "Fact {i}: the lamp lasts {i} hours.", False, 0), (250, "It is {i}.", False, 0),
+                (250, "It is {i}.", True, 0), (250, "It is {i}.", False, 60)]
+
+
+@pytest.mark.parametrize("n, answer, with_validation, cut_rows", PARITY_CASES)
+def test_slmtune_train_resolves_what_the_service_resolves_for_the_same_file(tiny_llama_dir, tmp_path, n, answer,
+                                                                            with_validation, cut_rows):
+    """The service counts the file's answer tokens with the base model's tokenizer as run() does, and
+    holds out the same number of rows (counted as rows, whether or not they have trainable tokens)."""
+    long_question = "Why " + "really " * 1500 + "?"  # longer than data.max_length (1024): its answer is cut
+    rows = [chat_example(long_question if i < cut_rows else f"Is {i} a number?", answer.format(i=i))
+            for i in range(n)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    val = write_jsonl(tmp_path / "val.jsonl", facts(10)) if with_validation else None
     assert cli_main(["train", "--model", str(tiny_llama_dir), "--data", str(data), "--output",
-                     str(tmp_path / "run"), "--no-progress", "train.max_steps=1"]) == 0
+                     str(tmp_path / "run"), "--no-progress", "train.max_steps=1"]
+                    + (["--validation", str(val)] if val else [])) == 0
     saved = load_recipe(tmp_path / "run" / "recipe.yaml")
-    tokens = hyper.target_tokens_of(str(tiny_llama_dir), str(data))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    held_out = 0 if with_validation else auto.held_out(n)
+    assert summary["held_out_examples"] == held_out
+    tokens = hyper.target_tokens_of(str(tiny_llama_dir), str(data), n, validation_file=with_validation)
     tokenizer = load_tokenizer(str(tiny_llama_dir))
     per_answer = len(tokenizer(answer.format(i=7), add_special_tokens=False)["input_ids"])
-    assert n * per_answer <= tokens <= n * (per_answer + 4)  # the answers and the template's end of turn
-    service = hyper.resolve({}, n, target_tokens=tokens)
-    job = hyper.build_recipe(base=str(tiny_llama_dir), method="lora", train_path=str(data), validation_path=None,
-                             resolved=service, seed=42, run_dir="o", n_examples=n, save_every=0, threads=None)
-    assert saved.train.epochs == job.train.epochs == auto.epochs(n, "sft", tokens, auto.held_out(n))
+    assert (n - cut_rows) * (per_answer - 1) <= tokens <= (n - cut_rows) * (per_answer + 4)  # + end of turn
+    service = hyper.resolve({}, n, target_tokens=tokens, validation_file=with_validation)
+    job = hyper.build_recipe(base=str(tiny_llama_dir), method="lora", train_path=str(data),
+                             validation_path=str(val) if val else None, resolved=service, seed=42, run_dir="o",
+                             n_examples=n, save_every=0, threads=None)
+    assert saved.train.epochs == job.train.epochs == auto.epochs(n, "sft", tokens, held_out)
     assert saved.train.learning_rate == job.train.learning_rate == 1e-3
     if n == 40:
         assert job.train.epochs == 10
-    else:  # the examples term alone would give 3
-        assert job.train.epochs > auto.epochs(n) == 3
+    else:  # the tokens term decides, between the clamps (the examples term alone would give 3)
+        assert 3 < job.train.epochs < 10
 
 
 def test_held_out_split_is_seeded_disjoint_and_reported(tiny_llama_dir, tmp_path):

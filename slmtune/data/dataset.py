@@ -88,6 +88,29 @@ def tokenize_records(fmt: str, records: list[Record], tokenizer, max_length: int
     return examples
 
 
+def count_target_tokens(cfg, tokenizer, enough: int | None = None) -> int | None:
+    """Datasets.n_target_tokens of the `data` section's training file (every row, held-out ones too)
+    without building the datasets, stopping as soon as `enough` tokens are counted (auto.tokens_enough:
+    beyond it the auto rule no longer looks). None for preference pairs and reinforcement prompts.
+    Raises DataError for a row that cannot be read or tokenized. For files used whole (no
+    data.max_examples), as a service job's are."""
+    if cfg.max_examples:
+        raise ValueError("count_target_tokens counts whole files; data.max_examples samples them")
+    fmt, records = read_records(cfg.train, cfg.format, cfg.task)
+    if fmt in ("preference", "reinforcement"):
+        return None
+    if cfg.task:
+        records = convert_task_records(cfg.task, records, cfg.train, task_context(cfg.task, records))
+    total = 0
+    for record in records:
+        total += encode(fmt, record.data, tokenizer, cfg.max_length, cfg.system_prompt).n_targets()
+        if enough is not None and total >= enough:
+            return total
+    if not total:
+        raise DataError(f"{cfg.train}: no example has trainable tokens")
+    return total
+
+
 def sample_records(records: list[Record], limit: int | None, seed: int) -> list[Record]:
     """A seeded random sample of at most `limit` records, in file order."""
     if not limit or len(records) <= limit:
@@ -182,5 +205,7 @@ def build_datasets(cfg, tokenizer, seed: int, *, pairs: bool = False, grader_fie
     if fmt not in ("preference", "reinforcement"):
         counted = train + (validation if held_out else [])
         n_target_tokens = sum(example.n_targets() for example in counted)
-    return Datasets(fmt, train, validation, records, n_examples=n_examples, held_out=len(validation) if held_out else 0,
+    # held_out counts rows (as the service's rule does before tokenizing), not the tokenized examples
+    # left after rows without trainable tokens are skipped, so both resolve the same epochs.
+    return Datasets(fmt, train, validation, records, n_examples=n_examples, held_out=len(val_records) if held_out else 0,
                     n_target_tokens=n_target_tokens, validation_rows=validation_rows, task_context=context)

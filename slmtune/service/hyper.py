@@ -16,9 +16,12 @@ from __future__ import annotations
 import functools
 import math
 
+from jinja2 import TemplateError
+
 from slmtune import auto
 from slmtune.config import DataSection, Recipe, recipe_from_dict
-from slmtune.data.dataset import build_datasets
+from slmtune.data.dataset import count_target_tokens
+from slmtune.data.formats import DataError
 from slmtune.methods import SERVICE_METHODS
 from slmtune.models import load_tokenizer
 
@@ -129,14 +132,50 @@ def job_data(train_path: str, validation_path: str | None) -> dict:
     return {"train": train_path} | ({"validation": validation_path} if validation_path else {})
 
 
-@functools.lru_cache(maxsize=64)
-def target_tokens_of(base: str, train_path: str) -> int | None:
-    """The tokens a supervised job on `train_path` trains on, counted as run() counts them
-    (Datasets.n_target_tokens: the job recipe's data section, the base model's tokenizer), so that
-    "auto" epochs match `slmtune train` on the same file. Uploaded files never change, so each
-    (model, file) is tokenized once however many jobs name it. Raises DataError."""
-    data = DataSection(**job_data(train_path, None))
-    return build_datasets(data, load_tokenizer(base), seed=0).n_target_tokens
+def target_tokens_of(base: str, train_path: str, n_examples: int, *, validation_file: bool = False) -> int:
+    """The answer tokens a supervised job on `train_path` (of `n_examples` rows) trains on, counted
+    as run() counts them (Datasets.n_target_tokens with the base model's tokenizer; the job's data
+    section), so that "auto" epochs match `slmtune train` on the same file. Counting stops at
+    auto.tokens_enough (the rule no longer looks beyond it), which bounds its cost on a large upload
+    to a few thousand rows. Uploaded files never change, so each (model, file) is counted once per
+    process, a file that cannot be counted too. Raises DataError naming the file's path (callers
+    put the file's id in its place), or ModelError when the base model cannot be loaded."""
+    held_out = 0 if validation_file else auto.held_out(n_examples)
+    counted = _counted_target_tokens(base, train_path, auto.tokens_enough(n_examples, held_out))
+    if isinstance(counted, DataError):
+        raise counted
+    return counted
+
+
+def tokens_counted_in_full(target_tokens: int, n_examples: int, *, validation_file: bool = False) -> bool:
+    """Whether target_tokens_of counted the whole file (False: it stopped at auto.tokens_enough, and
+    the file holds at least that many)."""
+    held_out = 0 if validation_file else auto.held_out(n_examples)
+    return target_tokens < auto.tokens_enough(n_examples, held_out)
+
+
+def tokens_text(target_tokens: int, n_examples: int, *, validation_file: bool = False) -> str:
+    """"1476", or "at least 4002" when counting stopped early (for events and messages)."""
+    full = tokens_counted_in_full(target_tokens, n_examples, validation_file=validation_file)
+    return f"{target_tokens}" if full else f"at least {target_tokens}"
+
+
+@functools.lru_cache(maxsize=256)
+def _counted_target_tokens(base: str, train_path: str, enough: int) -> int | DataError:
+    """target_tokens_of's count, or the DataError it raises (cached as well: a tenant re-posting a
+    file that cannot be counted costs nothing the second time). ModelError is not cached."""
+    tokenizer = load_tokenizer(base)
+    # validation_split 0: the count covers every row anyway, and no share of a file too small for
+    # a split can fail it
+    data = DataSection(**job_data(train_path, None), validation_split=0)
+    try:
+        return count_target_tokens(data, tokenizer, enough)
+    except DataError as err:
+        return err
+    except (TemplateError, ValueError, TypeError, KeyError) as err:  # the template refused a row (its tools)
+        return DataError(f"{train_path}: the model's chat template cannot render a row: {str(err)[:300]}")
+    except RecursionError:  # a row nested deeper than the template (or JSON encoder) can walk
+        return DataError(f"{train_path}: a row is nested too deeply to render with the model's chat template")
 
 
 def build_recipe(*, base: str, method: str, train_path: str, validation_path: str | None, resolved: dict,

@@ -18,7 +18,7 @@ from slmtune.data.formats import DataError, Record, iter_jsonl
 from slmtune.data.validate import validate_file
 from slmtune.graders import GraderError, check_grader, item_fields
 from slmtune.http.errors import ApiError
-from slmtune.models import load_tokenizer
+from slmtune.models import ModelError, load_tokenizer
 from slmtune.serve.adapters import NAME_PATTERN
 from slmtune.service import hyper
 from slmtune.service.core import Service
@@ -114,16 +114,18 @@ def check_job_grader(service: Service, grader: dict, base_path: str, files: list
                            param=file_param, code="invalid_file_format") from None
 
 
-def count_target_tokens(base_path: str, f: File) -> int | None:
-    """The answer tokens a supervised job on `f` trains on (hyper.target_tokens_of), or a 400 naming
-    the file when a row cannot be tokenized."""
+def count_target_tokens(base_path: str, f: File, *, validation_file: bool = False) -> int:
+    """The answer tokens a supervised job on `f` trains on (hyper.target_tokens_of): a 400 naming the
+    file (by id: the server's path stays private) when a row cannot be tokenized, a 503 when the
+    base model cannot be loaded here."""
     try:
-        return hyper.target_tokens_of(base_path, f.path)
+        return hyper.target_tokens_of(base_path, f.path, f.n_examples, validation_file=validation_file)
     except DataError as err:
-        raise ApiError(400, f"`{f.id}`: {err}", param="training_file", code="invalid_file_format") from None
-    except (TemplateError, ValueError, TypeError, KeyError) as err:  # the template refused a row (its tools)
-        raise ApiError(400, f"`{f.id}`: the model's chat template cannot render a row: {str(err)[:300]}",
-                       param="training_file", code="invalid_file_format") from None
+        raise ApiError(400, str(err).replace(f.path, f"`{f.id}`"), param="training_file",
+                       code="invalid_file_format") from None
+    except ModelError as err:
+        raise ApiError(503, f"The base model cannot be loaded on this server to count the file's tokens: {err}",
+                       type="server_error", code="model_unavailable") from None
 
 
 def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
@@ -162,19 +164,24 @@ def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
         check_job_grader(service, grader, settings.models[body.model],
                          [(f, p) for f, p in ((train_file, "training_file"), (val_file, "validation_file"))
                           if f is not None])
-    target_tokens = None
-    if method_type == "supervised" and requested.get("n_epochs", "auto") in ("auto", None):
-        target_tokens = count_target_tokens(settings.models[body.model], train_file)
-    try:
-        resolved = hyper.resolve(requested, train_file.n_examples, method_type, target_tokens,
-                                 validation_file=val_file is not None)
-    except hyper.HyperparameterError as err:
-        raise ApiError(400, str(err), param=err.param, code="invalid_hyperparameters") from None
     job_id = new_id("ftjob", 8)
     ft_name = f"ft:{body.model}:{tenant.name}:{body.suffix or ''}:{job_id}"
     if not NAME_PATTERN.fullmatch(ft_name):
         raise ApiError(400, f"The fine-tuned model name {ft_name!r} would be longer than 64 characters; use a "
                             "shorter suffix.", param="suffix", code="invalid_suffix")
+    validation_given = val_file is not None
+    try:
+        resolved = hyper.resolve(requested, train_file.n_examples, method_type, validation_file=validation_given)
+    except hyper.HyperparameterError as err:
+        raise ApiError(400, str(err), param=err.param, code="invalid_hyperparameters") from None
+    # "auto" supervised epochs count the answers' tokens too: tokenizing is the costly check, so it
+    # runs last, once every cheap one has passed (and the values it can change are known valid).
+    target_tokens = None
+    if method_type == "supervised" and requested.get("n_epochs", "auto") in ("auto", None):
+        target_tokens = count_target_tokens(settings.models[body.model], train_file,
+                                            validation_file=validation_given)
+        resolved = hyper.resolve(requested, train_file.n_examples, method_type, target_tokens,
+                                 validation_file=validation_given)
     seed = body.seed if body.seed is not None else random.randrange(2**31)
     run_dir = settings.service_dir / "jobs" / job_id / "run"
     integrations = [i.model_dump(exclude_none=True) for i in body.integrations or []]
@@ -195,13 +202,14 @@ def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
               | ({"grader": grader} if grader is not None else {}),
               status="queued", error=None,
               result_files=[], run_dir=str(run_dir), attempts=0, created_at=time.time())
-    steps = hyper.steps_of(resolved, train_file.n_examples, validation_file=val_file is not None)
+    steps = hyper.steps_of(resolved, train_file.n_examples, validation_file=validation_given)
     settings_text = ", ".join(f"{k}={resolved[k]}" for k in hyper.HYPERPARAMETERS[method_type])
     unit = {"dpo": "preference pairs", "reinforcement": "prompts"}.get(method_type, "training examples")
     store.create_job(job, [
         f"Validating training file: {train_file.id}" + (f" and validation file: {val_file.id}" if val_file else ""),
         f"Files validated ({train_file.n_examples} {unit}"
-        + (f" answering in {target_tokens} tokens" if target_tokens else "")
+        + (f" answering in {hyper.tokens_text(target_tokens, train_file.n_examples, validation_file=validation_given)} tokens"
+           if target_tokens else "")
         + f"; {method_type}, {steps} steps with {settings_text}), "
         "moving job to queued state"])
     return job

@@ -57,10 +57,45 @@ def test_static_assets_and_helper_endpoints(tmp_path, tiny_llama_dir):
         assert job.hyperparameters.n_epochs == counted["auto"]["n_epochs"]
         events = [e.message for e in client.fine_tuning.jobs.list_events(job.id)]
         assert any(f"answering in {counted['target_tokens']} tokens" in m for m in events)
+        # With a validation file nothing is held out: the hint and the job agree on that too.
+        with open(path, "rb") as fh:
+            v = client.files.create(file=("v.jsonl", fh), purpose="fine-tune")
+        validated = client.get(f"/slmtune/auto_hyperparameters?training_file={g.id}&model={BASE}"
+                               f"&validation_file={v.id}", cast_to=object)
+        assert validated["auto"]["n_epochs"] == auto_rule.epochs(250, "sft", validated["target_tokens"], 0)
+        assert validated["steps_per_epoch"] == 63 and counted["steps_per_epoch"] == 55  # 250 or 218 rows, 4 a step
+        job = client.fine_tuning.jobs.create(model=BASE, training_file=g.id, validation_file=v.id)
+        assert job.hyperparameters.n_epochs == validated["auto"]["n_epochs"]
+        # A large file is counted only as far as the rule looks (the event says "at least").
+        large = tmp_path / "large.jsonl"
+        large.write_text("".join(json.dumps(chat_example(f"Is {i} even?", "no" if i % 2 else "yes")) + "\n"
+                                 for i in range(3000)))
+        with open(large, "rb") as fh:
+            big = client.files.create(file=("large.jsonl", fh), purpose="fine-tune")
+        partial = client.get(f"/slmtune/auto_hyperparameters?training_file={big.id}&model={BASE}", cast_to=object)
+        assert partial["target_tokens_text"] == f"at least {partial['target_tokens']}"
+        assert auto_rule.tokens_enough(3000, auto_rule.held_out(3000)) <= partial["target_tokens"] < 3 * 3000
+        job = client.fine_tuning.jobs.create(model=BASE, training_file=big.id)
+        assert job.hyperparameters.n_epochs == auto_rule.epochs(3000) == partial["auto"]["n_epochs"]
+        events = [e.message for e in client.fine_tuning.jobs.list_events(job.id)]
+        assert any(f"answering in at least {partial['target_tokens']} tokens" in m for m in events)
+        # A file none of whose answers fits data.max_length: a 400 naming the file by id, not by the
+        # server's path (and again the second time: the failure is remembered, tests/test_auto.py).
+        cut = tmp_path / "cut.jsonl"
+        cut.write_text("".join(json.dumps(chat_example("Why " + "really " * 1500 + "?", "yes")) + "\n"
+                               for _ in range(12)))
+        with open(cut, "rb") as fh:
+            c = client.files.create(file=("cut.jsonl", fh), purpose="fine-tune")
+        import openai
+
+        for _ in range(2):
+            with pytest.raises(openai.BadRequestError) as err:
+                client.fine_tuning.jobs.create(model=BASE, training_file=c.id)
+            assert c.id in err.value.message and "no example has trainable tokens" in err.value.message
+            assert str(service.settings.home) not in err.value.message and "/files/" not in err.value.message
         plan = client.get(f"/slmtune/plan?model={BASE}&method=qlora&batch_size=2", cast_to=object)
         assert plan["hardware"].startswith(("cpu:", "1x", "2x")) and plan["estimate"]["method"] == "qlora"
         assert plan["fits"] is True and {r["method"] for r in plan["methods"]} == {"full", "dora", "lora", "qlora"}
-        import openai
 
         with pytest.raises(openai.BadRequestError):  # a model the service does not offer
             client.get(f"/slmtune/auto_hyperparameters?training_file={g.id}&model=nope", cast_to=object)

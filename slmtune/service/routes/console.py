@@ -13,7 +13,6 @@ API key the user signs in with (kept in the browser's sessionStorage), like the 
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -78,26 +77,36 @@ def methods():
 
 
 @router.get("/v1/slmtune/auto_hyperparameters")
-def auto_hyperparameters(training_file: str, model: str | None = None, t: Tenant = Depends(current_tenant),
-                         service: Service = Depends(get_service)):
+def auto_hyperparameters(training_file: str, model: str | None = None, validation_file: str | None = None,
+                         t: Tenant = Depends(current_tenant), service: Service = Depends(get_service)):
+    """What "auto" resolves to for a job on `training_file` (with `model`: counting the answers'
+    tokens as the job will; with `validation_file`: nothing held out, as the job will)."""
     f = service.store.get_file(t.id, training_file)
     if f is None:
         raise ApiError(404, f"No file with id `{training_file}` exists.", param="training_file",
                        code="file_not_found")
+    if validation_file is not None and service.store.get_file(t.id, validation_file) is None:
+        raise ApiError(404, f"No file with id `{validation_file}` exists.", param="validation_file",
+                       code="file_not_found")
     if model is not None and model not in service.settings.models:
         raise ApiError(400, f"Model `{model}` is not available for fine-tuning.", param="model",
                        code="model_not_available")
+    validation_given = validation_file is not None
     # A file of preference pairs trains with DPO, prompts with reinforcement, any other with supervised.
     method_type = next((t for t, fmt in METHOD_FORMATS.items() if fmt == f.format), "supervised")
     # Supervised epochs also count the answers' tokens, which takes the model's tokenizer: with a
     # model, the values a job would get; without, the examples term alone.
     target_tokens = None
     if model is not None and method_type == "supervised":
-        target_tokens = count_target_tokens(service.settings.models[model], f)
-    auto = hyper.auto_values(f.n_examples, method_type, target_tokens)
-    return {"object": "slmtune.auto_hyperparameters", "training_file": f.id, "n_examples": f.n_examples,
-            "target_tokens": target_tokens, "model": model, "format": f.format, "method_type": method_type,
-            "auto": auto, "steps_per_epoch": math.ceil(f.n_examples / auto["batch_size"]),
+        target_tokens = count_target_tokens(service.settings.models[model], f, validation_file=validation_given)
+    auto = hyper.auto_values(f.n_examples, method_type, target_tokens, validation_file=validation_given)
+    return {"object": "slmtune.auto_hyperparameters", "training_file": f.id, "validation_file": validation_file,
+            "n_examples": f.n_examples, "target_tokens": target_tokens,
+            "target_tokens_text": (hyper.tokens_text(target_tokens, f.n_examples, validation_file=validation_given)
+                                   if target_tokens is not None else None),
+            "model": model, "format": f.format, "method_type": method_type,
+            "auto": auto, "steps_per_epoch": hyper.steps_of(auto | {"n_epochs": 1}, f.n_examples,
+                                                          validation_file=validation_given),
             "base_learning_rate": hyper.BASE_LEARNING_RATE}
 
 

@@ -325,7 +325,8 @@ async function viewNewJob() {
     let text = `"auto" picks ${auto.auto[name]}`;
     if (name === "n_epochs") {
       text += ` for ${auto.n_examples} ${auto.method_type === "dpo" ? "pairs" : rft ? "prompts" : "examples"}`;
-      if (auto.target_tokens) text += ` answering in ${auto.target_tokens} tokens`;
+      if (auto.target_tokens_text) text += ` answering in ${auto.target_tokens_text} tokens`;
+      if (auto.validation_file) text += " (none held out: the validation file checks)";
     }
     if (name === "batch_size" && rft) text += " prompts per step";
     if (name === "compute_multiplier") text += ": 8 answers sampled per prompt (8 × this, at most 4)";
@@ -338,16 +339,18 @@ async function viewNewJob() {
   async function refreshAuto() {
     auto = null;
     showHints();
-    const fileId = train.value, model = base.value;
+    const fileId = train.value, model = base.value, validId = valid.value;
     if (!fileId) return;
-    // with the base model, epochs count the answers' tokens as the job will
-    const query = `training_file=${encodeURIComponent(fileId)}` + (model ? `&model=${encodeURIComponent(model)}` : "");
+    // with the base model, epochs count the answers' tokens as the job will; with a validation
+    // file, nothing of the training file is held out
+    const query = `training_file=${encodeURIComponent(fileId)}` + (model ? `&model=${encodeURIComponent(model)}` : "") +
+      (validId ? `&validation_file=${encodeURIComponent(validId)}` : "");
     let answer;
     try {
       answer = await api(`/v1/slmtune/auto_hyperparameters?${query}`);
     } catch (err) { return; }
     // another file, model (or page) was chosen meanwhile
-    if (token !== viewToken || train.value !== fileId || base.value !== model) return;
+    if (token !== viewToken || train.value !== fileId || base.value !== model || valid.value !== validId) return;
     auto = answer;
     // pairs train with DPO, prompts with reinforcement, chat examples with supervised
     methodType.value = auto.method_type;
@@ -356,13 +359,16 @@ async function viewNewJob() {
     refreshPlan();
   }
 
+  let planRequest = 0;   // the newest plan request: an older answer arriving late is dropped
   async function refreshPlan() {
     if (!base.value) { planBox.replaceChildren(); return; }
     let batch = hpValue("batch_size");
     if (batch === "auto") batch = auto ? auto.auto.batch_size : 1;
     if (!Number.isInteger(batch) || batch < 1) { planBox.replaceChildren(); return; }
+    const request = ++planRequest;
     try {
       const p = await api(`/v1/slmtune/plan?model=${encodeURIComponent(base.value)}&method=${method.value}&batch_size=${batch}`);
+      if (request !== planRequest || token !== viewToken) return;
       const e = p.estimate;
       planBox.replaceChildren(h("div", { class: p.fits ? "ok" : "error", id: "plan-verdict" },
         h("strong", {}, p.fits ? "Fits: " : "Does not fit: "),
@@ -376,6 +382,7 @@ async function viewNewJob() {
             [r.weights, r.gradients, r.optimizer, r.activations, r.total].map(v => h("td", { class: "num" }, gb(v))),
             h("td", {}, r.fits ? "yes" : "no"))))));
     } catch (err) {
+      if (request !== planRequest || token !== viewToken) return;
       planBox.replaceChildren(errorBox("No memory estimate: " + err.message));
     }
   }
@@ -391,7 +398,9 @@ async function viewNewJob() {
     h("h2", {}, "Memory on this server"), planBox,
     h("div", { class: "buttons" }, h("button", { type: "submit", id: "create-job" }, "Create job")), result);
   train.addEventListener("change", refreshAuto);
-  base.addEventListener("change", () => (train.value ? refreshAuto() : refreshPlan()));
+  // the plan depends on the model alone: refreshed at once, and again once "auto" answers (its batch)
+  base.addEventListener("change", () => { refreshPlan(); if (train.value) refreshAuto(); });
+  valid.addEventListener("change", refreshAuto);
   method.addEventListener("change", refreshPlan);
   methodType.addEventListener("change", showTypeFields);
   showTypeFields();
