@@ -44,6 +44,7 @@ from slmtune.chat import generate_reply
 from slmtune.config import recipe_from_dict
 from slmtune.data.dataset import build_datasets
 from slmtune.models import load_tokenizer
+from slmtune.scoring import states_fact
 from slmtune.tasks import TASKS
 from slmtune.training.rundir import RunDir, load_for_inference
 
@@ -93,7 +94,7 @@ def facts_score(run_dir: Path, heldout: Path) -> float:
     for item in questions:
         answer = generate_reply(model, tokenizer, [{"role": "system", "content": system},
                                                    {"role": "user", "content": item["question"]}], max_new_tokens=60)
-        right += any(key.lower() in answer.lower() for key in item["answer_contains"])
+        right += states_fact(answer, item["answer_contains"])
     return right / len(questions)
 
 

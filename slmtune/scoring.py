@@ -32,6 +32,13 @@ class Answers:
     predictions: list  # the task's parse of each output
 
 
+def states_fact(answer: str, answer_contains: list[str]) -> bool:
+    """Whether an answer to a held-out question states its fact: it contains any of the expected
+    strings, case-insensitively (the `answer_contains` of examples/product_facts' and
+    examples/support_assistant's held-out questions)."""
+    return any(key.lower() in answer.lower() for key in answer_contains)
+
+
 def generate_batched(model, tokenizer, prompts: list[list[dict]], *, batch_size: int, max_new_tokens: int,
                      eos_ids: set[int], on_batch=None, tools: list[list | None] | None = None) -> list[str]:
     """Greedy replies to chat prompts (each with its `tools`, if any), `batch_size` at a time

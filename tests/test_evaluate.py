@@ -11,7 +11,7 @@ from slmtune.cli import main
 from slmtune.config import recipe_from_dict
 from slmtune.data.tokenize import IGNORE, encode
 from slmtune.evaluate import evaluate
-from slmtune.scoring import generate_batched
+from slmtune.scoring import generate_batched, states_fact
 from slmtune.models import load_model, load_tokenizer
 from slmtune.training.run import run
 from tests.conftest import write_jsonl
@@ -144,3 +144,13 @@ def test_tools_eval_offers_the_tools_and_scores_calls(tiny_llama_dir, tmp_path, 
     metrics = report["metrics"]
     assert metrics["n"] == 3 and metrics["n_with_calls"] == 3 and metrics["missed_call_rate"] == 1.0  # 4 random tokens
     assert json.loads(report["examples"][0]["reference"]) == [ping_row(0)["messages"][-1]["tool_calls"][0]["function"]]
+
+
+@pytest.mark.parametrize("answer, expected, right", [
+    ("The battery lasts 70 KM on a charge.", ["70 km"], True),
+    ("It is the E07 fault.", ["E05", "E07"], True),
+    ("DONE", ["E07"], False),
+    ("", ["anything"], False),
+])
+def test_a_held_out_answer_states_its_fact_case_insensitively(answer, expected, right):
+    assert states_fact(answer, expected) is right

@@ -19,6 +19,7 @@ from slmtune.chat import generate_reply
 from slmtune.export.gguf import LlamaCppCandidate
 from slmtune.generation import SamplingParams, chat_prompt_ids, complete_with
 from slmtune.models import end_of_turn_ids
+from slmtune.scoring import states_fact
 from slmtune.training.rundir import load_for_inference
 
 HERE = Path(__file__).parent
@@ -45,7 +46,7 @@ def score(run_dir: str, echo=print, gguf: str | None = None) -> dict[str, int]:
             answers.append(("gguf", reply.text.strip()))
         echo(f"\nQ: {item['question']}   (expects: {' or '.join(item['answer_contains'])})")
         for label, answer in answers:
-            ok = any(key.lower() in answer.lower() for key in item["answer_contains"])
+            ok = states_fact(answer, item["answer_contains"])
             right[label] += ok
             first = textwrap.shorten(answer.replace("\n", " "), 150)
             echo(f"  {'✓' if ok else '✗'} {label:>10}: {first}")

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from slmtune.scoring import states_fact
 from tests.conftest import REPO
 from tests.service.conftest import SMOLLM2, smollm2_job
 
@@ -19,7 +20,7 @@ def facts_right(client, model: str, system: str, questions: list[dict]) -> int:
         reply = client.chat.completions.create(model=model, temperature=0, max_tokens=60, messages=[
             {"role": "system", "content": system}, {"role": "user", "content": item["question"]}])
         text = reply.choices[0].message.content or ""
-        ok = any(key.lower() in text.lower() for key in item["answer_contains"])
+        ok = states_fact(text, item["answer_contains"])
         right += ok
         if not ok:
             print(f"  {model}: {item['question']!r} -> {text[:120]!r} (expects {item['answer_contains'][0]!r})")
