@@ -3,6 +3,7 @@ and the service; a seeded held-out validation split; the best checkpoint as the 
 stopping; a time budget."""
 
 import json
+import traceback
 
 import pytest
 from safetensors.torch import load_file
@@ -11,7 +12,8 @@ from slmtune import auto, models
 from slmtune.cli import main as cli_main
 from slmtune.config import load_recipe, recipe_from_dict
 from slmtune.data.dataset import build_datasets, count_target_tokens
-from slmtune.data.formats import DataError
+from slmtune.data.formats import MAX_MESSAGES, DataError
+from slmtune.data.validate import read_records
 from slmtune.evaluate import evaluate
 from slmtune.models import load_tokenizer
 from slmtune.service import hyper
@@ -73,14 +75,14 @@ def test_epochs_count_examples_and_answer_tokens():
     assert auto.epochs(75, "dpo", target_tokens=10) == auto.epochs(75, "dpo")  # pairs count pairs only
 
 
-@pytest.mark.parametrize("n, held_out", [(10, 0), (75, 0), (250, 32), (288, 0), (5000, 256)])
+@pytest.mark.parametrize("n, held_out", [(167, 0), (250, 32), (288, 0), (1000, 100), (5000, 256), (75, 0)])
 def test_counting_may_stop_where_the_rule_stops_looking_at_tokens(n, held_out):
     """The service stops counting a file's answer tokens at auto.tokens_enough: from there on the
     count cannot change the epochs, just below it it can."""
     enough = auto.tokens_enough(n, held_out)
     assert (auto.epochs(n, "sft", enough, held_out) == auto.epochs(n, "sft", 50 * enough, held_out)
             == auto.epochs(n, "sft", None, held_out))
-    if auto.epochs(n) == auto.SFT_EPOCHS[0]:  # the examples term leaves room for the tokens' one
+    if auto.epochs(n) == auto.SFT_EPOCHS[0]:  # the examples term leaves room for the tokens' one (not 75's 7)
         assert auto.epochs(n, "sft", enough - 2, held_out) == auto.SFT_EPOCHS[0] + 1
 
 
@@ -105,9 +107,22 @@ def test_the_service_counts_a_file_once_even_when_it_cannot(tiny_llama_dir, tmp_
     assert hyper.target_tokens_of(str(tiny_llama_dir), str(good), 20) == hyper.target_tokens_of(
         str(tiny_llama_dir), str(good), 20) > 20
     for _ in range(2):
-        with pytest.raises(DataError, match="no example has trainable tokens"):
+        with pytest.raises(DataError, match="no example has trainable tokens") as err:
             hyper.target_tokens_of(str(tiny_llama_dir), str(cut), 12)
+        # raised afresh each time: its traceback does not grow, nor reach the count's frame (its rows)
+        assert [frame.name for frame in traceback.extract_tb(err.value.__traceback__)] == [
+            "test_the_service_counts_a_file_once_even_when_it_cannot", "target_tokens_of"]
     assert len(calls) == 2
+    # A count that runs out of time is a DataError that says how to skip it.
+    with pytest.raises(DataError, match="took more than 1e-09 s .*give n_epochs explicitly"):
+        hyper.target_tokens_of(str(tiny_llama_dir), str(cut), 12, validation_file=True, time_limit=1e-9)
+
+
+def test_a_chat_example_of_too_many_messages_is_an_error(tmp_path):
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}] * (MAX_MESSAGES // 2 + 1)
+    data = write_jsonl(tmp_path / "long.jsonl", [{"messages": turns}] * 10)
+    with pytest.raises(DataError, match=f"long.jsonl:1: error too_many_messages: `messages` holds {MAX_MESSAGES + 2} messages"):
+        read_records(data)
 
 
 # (rows, answer, validation file): 40 facts, the examples term (clamped to 10); 250 short answers,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 from dataclasses import dataclass, field
 
 from slmtune import auto
@@ -88,21 +89,32 @@ def tokenize_records(fmt: str, records: list[Record], tokenizer, max_length: int
     return examples
 
 
-def count_target_tokens(cfg, tokenizer, enough: int | None = None) -> int | None:
+class CountTooSlow(DataError):
+    """count_target_tokens ran out of its time limit."""
+
+
+def count_target_tokens(cfg, tokenizer, enough: int | None = None, time_limit: float | None = None) -> int | None:
     """Datasets.n_target_tokens of the `data` section's training file (every row, held-out ones too)
     without building the datasets, stopping as soon as `enough` tokens are counted (auto.tokens_enough:
     beyond it the auto rule no longer looks). None for preference pairs and reinforcement prompts.
-    Raises DataError for a row that cannot be read or tokenized. For files used whole (no
+    Raises DataError for a file that cannot be read, CountTooSlow (a DataError) when `time_limit`
+    seconds do not suffice (checked between rows: a row costs at most MAX_MESSAGES renders of its template); a chat
+    template refusing a row raises what the template raises. For files used whole (no
     data.max_examples), as a service job's are."""
     if cfg.max_examples:
         raise ValueError("count_target_tokens counts whole files; data.max_examples samples them")
+    deadline = time.monotonic() + time_limit if time_limit is not None else None
     fmt, records = read_records(cfg.train, cfg.format, cfg.task)
     if fmt in ("preference", "reinforcement"):
         return None
     if cfg.task:
         records = convert_task_records(cfg.task, records, cfg.train, task_context(cfg.task, records))
     total = 0
-    for record in records:
+    for i, record in enumerate(records):
+        if deadline is not None and time.monotonic() > deadline:
+            raise CountTooSlow(f"{cfg.train}: counting the answers' tokens took more than {time_limit:g} s "
+                            f"({i} of {len(records)} rows, {total} tokens, most answers cut by max_length or "
+                            "weighted 0?)")
         total += encode(fmt, record.data, tokenizer, cfg.max_length, cfg.system_prompt).n_targets()
         if enough is not None and total >= enough:
             return total

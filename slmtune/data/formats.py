@@ -38,6 +38,9 @@ class Record:
 
 
 MAX_LINE_BYTES = 32 * 2**20  # one example; longer lines are reported, never held in memory whole
+# Messages of one chat example: tokenizing renders the conversation once per turn, so a row's cost
+# grows with the square of its messages (1,024: about 2 s; an unbounded row could take hours).
+MAX_MESSAGES = 1024
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, str | None, Any]]:
@@ -104,6 +107,9 @@ def check_example(fmt: str, data: dict) -> list[tuple[str, str]]:
         messages = data.get("messages")
         if not isinstance(messages, list) or not messages:
             return [("missing_messages", "`messages` must be a non-empty list")]
+        if len(messages) > MAX_MESSAGES:
+            return [("too_many_messages", f"`messages` holds {len(messages)} messages, more than the "
+                                          f"{MAX_MESSAGES} an example may have")]
         has_assistant = False
         for i, msg in enumerate(messages):
             if not isinstance(msg, dict):

@@ -80,10 +80,12 @@ class Service:
                                 "(lora, dora, qlora) on its base model. Serve it with `slmtune serve --model`.",
                            param="model", code="model_not_servable")
         if name not in engine.registry:
-            source = served_adapter(self.settings, job)  # (llama.cpp: a 400 for adapters it cannot apply)
             try:
+                source = served_adapter(self.settings, job)  # (llama.cpp: a 400 for adapters it cannot apply)
                 engine.add_adapter(name, source)
-            except Exception as err:  # noqa: BLE001 - e.g. registered concurrently
+            except ApiError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a damaged run directory, a full disk, registered concurrently
                 if name not in engine.registry:
                     raise ApiError(500, f"Cannot load `{name}`: {err}", type="server_error",
                                    code="adapter_load_failed") from None

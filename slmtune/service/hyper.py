@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 from jinja2 import TemplateError
 
 from slmtune import auto
 from slmtune.config import DataSection, Recipe, recipe_from_dict
-from slmtune.data.dataset import count_target_tokens
+from slmtune.data.dataset import CountTooSlow, count_target_tokens
 from slmtune.data.formats import DataError
 from slmtune.methods import SERVICE_METHODS
 from slmtune.models import load_tokenizer
@@ -132,18 +133,23 @@ def job_data(train_path: str, validation_path: str | None) -> dict:
     return {"train": train_path} | ({"validation": validation_path} if validation_path else {})
 
 
-def target_tokens_of(base: str, train_path: str, n_examples: int, *, validation_file: bool = False) -> int:
+def target_tokens_of(base: str, train_path: str, n_examples: int, *, validation_file: bool = False,
+                     time_limit: float | None = None) -> int:
     """The answer tokens a supervised job on `train_path` (of `n_examples` rows) trains on, counted
     as run() counts them (Datasets.n_target_tokens with the base model's tokenizer; the job's data
     section), so that "auto" epochs match `slmtune train` on the same file. Counting stops at
-    auto.tokens_enough (the rule no longer looks beyond it), which bounds its cost on a large upload
-    to a few thousand rows. Uploaded files never change, so each (model, file) is counted once per
-    process, a file that cannot be counted too. Raises DataError naming the file's path (callers
-    put the file's id in its place), or ModelError when the base model cannot be loaded."""
+    auto.tokens_enough (the rule no longer looks beyond it; a number of rows that small answers
+    reach quickly) or after `time_limit` seconds (a DataError: files whose answers are mostly cut
+    or weighted 0 could take long). Uploaded files never change, so a count (or its failure) is
+    kept per (model, file, stopping point) in this process, and simultaneous requests for the same
+    file wait for one count. Raises DataError naming the file's path (callers put the file's id in
+    its place), or ModelError when the base model cannot be loaded."""
     held_out = 0 if validation_file else auto.held_out(n_examples)
-    counted = _counted_target_tokens(base, train_path, auto.tokens_enough(n_examples, held_out))
-    if isinstance(counted, DataError):
-        raise counted
+    key = (base, train_path, auto.tokens_enough(n_examples, held_out), time_limit)
+    with COUNT_LOCKS[hash(key) % len(COUNT_LOCKS)]:
+        counted = _counted_target_tokens(*key)
+    if isinstance(counted, str):
+        raise DataError(counted)  # a fresh exception: a cached one would pile up tracebacks
     return counted
 
 
@@ -160,22 +166,29 @@ def tokens_text(target_tokens: int, n_examples: int, *, validation_file: bool = 
     return f"{target_tokens}" if full else f"at least {target_tokens}"
 
 
+# Same-file requests share a lock (a few files may share one by hash; counts are bounded in time).
+COUNT_LOCKS = [threading.Lock() for _ in range(16)]
+
+
 @functools.lru_cache(maxsize=256)
-def _counted_target_tokens(base: str, train_path: str, enough: int) -> int | DataError:
-    """target_tokens_of's count, or the DataError it raises (cached as well: a tenant re-posting a
-    file that cannot be counted costs nothing the second time). ModelError is not cached."""
+def _counted_target_tokens(base: str, train_path: str, enough: int, time_limit: float | None) -> int | str:
+    """target_tokens_of's count, or the message of the DataError it raises (cached as well: a
+    tenant re-posting a file that cannot be counted costs nothing the second time; only the message
+    is kept, not the rows the failed count had read). ModelError is not cached."""
     tokenizer = load_tokenizer(base)
     # validation_split 0: the count covers every row anyway, and no share of a file too small for
     # a split can fail it
     data = DataSection(**job_data(train_path, None), validation_split=0)
     try:
-        return count_target_tokens(data, tokenizer, enough)
+        return count_target_tokens(data, tokenizer, enough, time_limit)
+    except CountTooSlow as err:
+        return f"{err}; give n_epochs explicitly to skip counting"
     except DataError as err:
-        return err
+        return str(err)
     except (TemplateError, ValueError, TypeError, KeyError) as err:  # the template refused a row (its tools)
-        return DataError(f"{train_path}: the model's chat template cannot render a row: {str(err)[:300]}")
+        return f"{train_path}: the model's chat template cannot render a row: {str(err)[:300]}"
     except RecursionError:  # a row nested deeper than the template (or JSON encoder) can walk
-        return DataError(f"{train_path}: a row is nested too deeply to render with the model's chat template")
+        return f"{train_path}: a row is nested too deeply to render with the model's chat template"
 
 
 def build_recipe(*, base: str, method: str, train_path: str, validation_path: str | None, resolved: dict,

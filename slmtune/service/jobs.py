@@ -22,6 +22,7 @@ from slmtune.models import ModelError, load_tokenizer
 from slmtune.serve.adapters import NAME_PATTERN
 from slmtune.service import hyper
 from slmtune.service.core import Service
+from slmtune.service.settings import Settings
 from slmtune.service.models import File, Job, Tenant
 from slmtune.service.schemas import JobCreate
 from slmtune.service.store import new_id
@@ -114,12 +115,14 @@ def check_job_grader(service: Service, grader: dict, base_path: str, files: list
                            param=file_param, code="invalid_file_format") from None
 
 
-def count_target_tokens(base_path: str, f: File, *, validation_file: bool = False) -> int:
-    """The answer tokens a supervised job on `f` trains on (hyper.target_tokens_of): a 400 naming the
-    file (by id: the server's path stays private) when a row cannot be tokenized, a 503 when the
-    base model cannot be loaded here."""
+def count_target_tokens(settings: Settings, model: str, f: File, *, validation_file: bool = False) -> int:
+    """The answer tokens a supervised job of `model` on `f` trains on (hyper.target_tokens_of, within
+    settings.token_count_seconds): a 400 naming the file (by id: the server's path stays private)
+    when a row cannot be tokenized or the count takes too long, a 503 when the base model cannot
+    be loaded here."""
     try:
-        return hyper.target_tokens_of(base_path, f.path, f.n_examples, validation_file=validation_file)
+        return hyper.target_tokens_of(settings.models[model], f.path, f.n_examples, validation_file=validation_file,
+                                      time_limit=settings.token_count_seconds)
     except DataError as err:
         raise ApiError(400, str(err).replace(f.path, f"`{f.id}`"), param="training_file",
                        code="invalid_file_format") from None
@@ -178,8 +181,7 @@ def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
     # runs last, once every cheap one has passed (and the values it can change are known valid).
     target_tokens = None
     if method_type == "supervised" and requested.get("n_epochs", "auto") in ("auto", None):
-        target_tokens = count_target_tokens(settings.models[body.model], train_file,
-                                            validation_file=validation_given)
+        target_tokens = count_target_tokens(settings, body.model, train_file, validation_file=validation_given)
         resolved = hyper.resolve(requested, train_file.n_examples, method_type, target_tokens,
                                  validation_file=validation_given)
     seed = body.seed if body.seed is not None else random.randrange(2**31)

@@ -8,6 +8,8 @@
                                {"smollm2-135m-instruct": "smollm2-135m-instruct"}, the catalog's
                                default model, pulled on first use like `slmtune train` does
     SLMTUNE_MAX_QUEUED_JOBS    jobs a tenant may have queued or running at once (default 20; 429 beyond)
+    SLMTUNE_TOKEN_COUNT_SECONDS  the longest a job request may spend counting its file's answer tokens
+                               for "auto" epochs (default 30; a 400 beyond, which suggests n_epochs)
     SLMTUNE_MAX_FILES          files a tenant may keep (default 200), SLMTUNE_MAX_TENANT_BYTES their
                                total size (default 2 GB); 429 beyond
     SLMTUNE_PUBLIC_DOCS        serve /docs, /redoc and /openapi.json (default false: they describe
@@ -91,6 +93,7 @@ class Settings(BaseSettings):
     serve_continuous_batching: bool = True
     serve_max_tokens_per_tenant: int = Field(DEFAULT_MAX_TOKENS_PER_OWNER, ge=1)
     max_queued_jobs: int = Field(20, ge=1)
+    token_count_seconds: float = Field(30.0, gt=0)
     max_files: int = Field(200, ge=1)
     max_tenant_bytes: int = Field(2 * 1024**3, ge=1)
     public_docs: bool = False

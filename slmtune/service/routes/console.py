@@ -98,7 +98,7 @@ def auto_hyperparameters(training_file: str, model: str | None = None, validatio
     # model, the values a job would get; without, the examples term alone.
     target_tokens = None
     if model is not None and method_type == "supervised":
-        target_tokens = count_target_tokens(service.settings.models[model], f, validation_file=validation_given)
+        target_tokens = count_target_tokens(service.settings, model, f, validation_file=validation_given)
     auto = hyper.auto_values(f.n_examples, method_type, target_tokens, validation_file=validation_given)
     return {"object": "slmtune.auto_hyperparameters", "training_file": f.id, "validation_file": validation_file,
             "n_examples": f.n_examples, "target_tokens": target_tokens,

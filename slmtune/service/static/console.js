@@ -361,11 +361,11 @@ async function viewNewJob() {
 
   let planRequest = 0;   // the newest plan request: an older answer arriving late is dropped
   async function refreshPlan() {
+    const request = ++planRequest;   // first: a cleared box must not be refilled by an older answer
     if (!base.value) { planBox.replaceChildren(); return; }
     let batch = hpValue("batch_size");
     if (batch === "auto") batch = auto ? auto.auto.batch_size : 1;
     if (!Number.isInteger(batch) || batch < 1) { planBox.replaceChildren(); return; }
-    const request = ++planRequest;
     try {
       const p = await api(`/v1/slmtune/plan?model=${encodeURIComponent(base.value)}&method=${method.value}&batch_size=${batch}`);
       if (request !== planRequest || token !== viewToken) return;
