@@ -484,7 +484,12 @@ def onnx_adapter_file(path: str | os.PathLike, base_info: dict) -> Path:
                           "`slmtune export RUN_DIR --format onnx-adapter --base-onnx BASE --output DIR`)")
     sidecar = file.parent / ADAPTER_INFO
     if sidecar.is_file():
-        record = json.loads(sidecar.read_text())
+        try:
+            record = json.loads(sidecar.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ExportError(f"{sidecar}: not valid JSON ({err})") from None
+        if not isinstance(record, dict):
+            raise ExportError(f"{sidecar}: expected a JSON object (base model, modules, ranks)")
         if record.get("base_model") and not same_base(identity_of(record), identity_of(base_info)):
             raise ExportError(f"{given} is an adapter for {record['base_model']!r}, but this base was built from "
                               f"{base_info['base_model']!r}")
