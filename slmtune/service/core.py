@@ -16,7 +16,7 @@ import threading
 import time
 
 from slmtune.http.errors import ApiError
-from slmtune.service.engines import served_adapter
+from slmtune.service.engines import served_adapter, serves_method
 from slmtune.service.models import Tenant
 from slmtune.service.settings import Settings
 from slmtune.service.store import Store
@@ -57,7 +57,7 @@ class Service:
         for job in self.store.succeeded_models(tenant.id):
             cards.append({"id": job.fine_tuned_model, "object": "model", "created": int(job.finished_at or 0),
                           "owned_by": tenant.name, "parent": job.model,
-                          "served": job.model == served and job.method != "full"})
+                          "served": job.model == served and serves_method(self.settings, job.method)})
         return cards
 
     def ensure_served(self, tenant: Tenant, name: str) -> None:

@@ -61,6 +61,13 @@ def base_gguf(settings: Settings, name: str, model: str) -> Path:
     return path
 
 
+def serves_method(settings: Settings, method: str) -> bool:
+    """Whether this server answers for a model fine-tuned with `method` (on the base it serves):
+    adapters, not full fine-tunes (whole models), and on llama.cpp not DoRA, whose magnitude
+    vectors a GGUF LoRA cannot hold (served_adapter says so with a 400)."""
+    return method != "full" and not (settings.serve_backend == "llamacpp" and method == "dora")
+
+
 def served_adapter(settings: Settings, job) -> str:
     """What the engine registers for a fine-tuned model: the run folder (torch), or for llama.cpp the
     run's LoRA as a GGUF LoRA, converted once into the job's folder; ApiError 400 when llama.cpp

@@ -80,3 +80,4 @@ def test_an_adapter_llamacpp_cannot_apply_is_a_400_not_a_500(tmp_path, lora_run)
     assert err.value.status == 400 and err.value.code == "model_not_servable" and "DoRA" in err.value.message
     assert not (run_dir.parent / "serve" / "adapter.gguf").exists()  # nothing half-written
     assert served_adapter(Settings(home=tmp_path / "home"), job) == str(run_dir)  # torch: the run folder itself
+

@@ -5,6 +5,8 @@ from __future__ import annotations
 import openai
 import pytest
 
+from slmtune.service.engines import serves_method
+from slmtune.service.settings import Settings
 from tests.service.conftest import BASE, training_rows, wait_for
 
 HP = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 10}
@@ -438,3 +440,10 @@ def test_api_command(tmp_path, tiny_llama_dir):
     finally:
         server.terminate()
         server.wait(30)
+
+
+@pytest.mark.parametrize("backend, method, served", [
+    ("torch", "lora", True), ("torch", "dora", True), ("torch", "full", False),
+    ("llamacpp", "lora", True), ("llamacpp", "qlora", True), ("llamacpp", "dora", False), ("llamacpp", "full", False)])
+def test_models_list_says_served_only_for_what_the_backend_can_answer(tmp_path, backend, method, served):
+    assert serves_method(Settings(home=tmp_path / "home", serve_backend=backend), method) is served
