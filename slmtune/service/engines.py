@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from pathlib import Path
@@ -53,12 +54,26 @@ def _publish(path: Path, write) -> Path:
 
 def base_gguf(settings: Settings, name: str, model: str) -> Path:
     """The base model as one GGUF file for llama.cpp, converted from the Hugging Face weights the
-    jobs train on (so adapters apply to the weights they learned against), once, under service/gguf/."""
-    path = settings.service_dir / "gguf" / f"{name}-{settings.serve_gguf_quant}.gguf"
+    jobs train on (so adapters apply to the weights they learned against), once per source, under
+    service/gguf/: the file name carries a fingerprint of the weights, so pointing SLMTUNE_MODELS'
+    name at other weights converts them instead of serving the old ones."""
+    source = Path(resolve(model))
+    path = settings.service_dir / "gguf" / f"{name}-{settings.serve_gguf_quant}-{weights_fingerprint(source)}.gguf"
     if not path.is_file():
         _publish(path, lambda tmp: write_gguf(load_model(model), load_tokenizer(model), tmp,
                                               settings.serve_gguf_quant, name=name))
     return path
+
+
+def weights_fingerprint(model_dir: Path) -> str:
+    """A short hash of a Hugging Face model folder's path, config and weight files (names, sizes,
+    modification times): cheap, and changes whenever the weights are replaced. A hub id (no local
+    folder) hashes as its name."""
+    files = sorted(f for f in model_dir.iterdir() if f.name == "config.json" or f.suffix in (".safetensors", ".bin")) \
+        if model_dir.is_dir() else []
+    parts = [str(model_dir.resolve() if model_dir.is_dir() else model_dir)]
+    parts += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:10]
 
 
 def serves_method(settings: Settings, method: str) -> bool:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+
 import openai
 import pytest
+from safetensors.torch import load_file, save_file
 
-from slmtune.service.engines import serves_method
+from slmtune.service.engines import base_gguf, serves_method
 from slmtune.service.settings import Settings
 from tests.service.conftest import BASE, training_rows, wait_for
 
@@ -447,3 +450,18 @@ def test_api_command(tmp_path, tiny_llama_dir):
     ("llamacpp", "lora", True), ("llamacpp", "qlora", True), ("llamacpp", "dora", False), ("llamacpp", "full", False)])
 def test_models_list_says_served_only_for_what_the_backend_can_answer(tmp_path, backend, method, served):
     assert serves_method(Settings(home=tmp_path / "home", serve_backend=backend), method) is served
+
+
+def test_the_llamacpp_base_is_converted_once_per_weights(tmp_path, tiny_llama_dir):
+    """The served GGUF base is converted once, and again when the name points at other weights
+    (a stale conversion would serve weights the adapters were not trained on)."""
+    settings = Settings(home=tmp_path / "home", serve_backend="llamacpp", serve_gguf_quant="f32")
+    model = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, model)
+    first = base_gguf(settings, "base", str(model))
+    converted_at = first.stat().st_mtime_ns
+    assert base_gguf(settings, "base", str(model)) == first and first.stat().st_mtime_ns == converted_at
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v + 1 for k, v in weights.items()}, model / "model.safetensors", metadata={"format": "pt"})
+    second = base_gguf(settings, "base", str(model))
+    assert second != first and second.read_bytes() != first.read_bytes()
