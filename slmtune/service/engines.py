@@ -35,7 +35,7 @@ def load_engine(settings: Settings, name: str, model: str):
         from slmtune.serve.llamacpp_engine import LlamaCppEngine  # llama-cpp-python: the gguf extra, only here
 
         return LlamaCppEngine.load(str(base_gguf(settings, name, model)), base_name=name,
-                                   n_threads=settings.train_threads, **batching)
+                                   n_threads=settings.serve_threads, **batching)
     return Engine.load(model, {}, base_name=name, dtype=settings.serve_dtype, **batching)
 
 

@@ -19,6 +19,8 @@
                                worker has not sent a heartbeat for the timeout goes back to the queue
     SLMTUNE_CHECKPOINT_EVERY   train.save_every for jobs; 0 = once per epoch (default)
     SLMTUNE_TRAIN_THREADS      torch threads per training process (default: torch's choice)
+    SLMTUNE_SERVE_THREADS      llama.cpp's decoding threads on the llamacpp backend (default: the CPUs
+                               this process may use)
     SLMTUNE_MAX_ATTEMPTS       a job claimed this many times (its workers kept dying) fails (default 5)
     SLMTUNE_SERVE_DTYPE        weights of the served base model: auto (bfloat16 where the hardware
                                has native bf16, else float32; the default), float32 or bfloat16
@@ -85,6 +87,7 @@ class Settings(BaseSettings):
     checkpoint_every: int = Field(0, ge=0)
     max_attempts: int = Field(5, ge=1)  # a job whose workers died this many times fails
     train_threads: int | None = Field(None, ge=1)
+    serve_threads: int | None = Field(None, ge=1)
     serve: bool = True  # load the first base model and serve fine-tuned models on /v1/chat/completions
     serve_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     serve_backend: Literal["torch", "llamacpp"] = "torch"

@@ -23,7 +23,7 @@ def test_fine_tuned_models_answer_through_llamacpp_as_their_merged_gguf(tmp_path
     from slmtune.serve.llamacpp_engine import LlamaCppEngine
 
     service = start_service(tmp_path / "home", tiny_llama_dir, workers=1, serve_backend="llamacpp",
-                            serve_gguf_quant="f32")
+                            serve_gguf_quant="f32", serve_threads=2)
     try:
         client = service.client("acme")
         training = upload(client, training_rows(12))
@@ -34,6 +34,7 @@ def test_fine_tuned_models_answer_through_llamacpp_as_their_merged_gguf(tmp_path
         assert job.status == "succeeded", job.error
         engine = service.app.state.service.engine
         assert isinstance(engine, LlamaCppEngine) and engine.base_name == BASE
+        assert engine.registry.model.n_threads == 2  # SLMTUNE_SERVE_THREADS, not the training's 1
         [base_gguf] = (service.settings.service_dir / "gguf").glob(f"{BASE}-f32-*.gguf")  # converted once
 
         run_dir = Path(service.app.state.service.store.get_job(job.id).run_dir)
