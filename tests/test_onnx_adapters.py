@@ -224,6 +224,7 @@ def test_serving_more_adapters_than_loaded_at_once_and_refusals(shared, tmp_path
         server.stop()
         engine.stop()
 
+
     # Files that do not fit the base are refused when registered, with the reason.
     bogus = write_onnx_adapter({"model.layers.0.attn.q_proj.lora_A.MatMul.weight": np.zeros((32, 4), np.float32),
                                 "model.layers.0.attn.q_proj.lora_B.MatMul.weight": np.zeros((4, 64), np.float32)},
@@ -288,3 +289,22 @@ def test_phi3_packed_projections_split_over_the_bases_inputs(tmp_path, tiny_toke
     adapter = export_onnx_adapter(tmp_path / "run", tmp_path / "adapter", base.path, max_new_tokens=MAX_NEW)
     assert base.parity["token_agreement"] == 1.0 and adapter.parity["token_agreement"] == 1.0
     assert adapter.parity["next_token_agreement"] == 1.0 and answers(adapter.parity) != answers(base.parity)
+
+
+def test_an_adapter_evicted_while_a_generator_holds_it_is_unloaded_once_released(shared):
+    """onnxruntime-genai refuses to unload an adapter a Generator holds: the registry keeps it
+    pending and unloads it before the next load, once the Generator is gone."""
+    from slmtune.export.onnx import onnx_genai
+    from slmtune.serve.onnx_engine import OnnxEngine
+
+    engine = OnnxEngine.load(str(shared.base.path), {"a": str(shared.a.path), "b": str(shared.b.path)},
+                             base_name="base", max_loaded_adapters=1)
+    registry, og = engine.registry, onnx_genai()
+    slot = registry._ensure_loaded("a")
+    holder = og.Generator(registry.model, og.GeneratorParams(registry.model))
+    holder.set_active_adapter(registry.genai, slot)
+    registry._ensure_loaded("b")  # evicts a, which holder still uses
+    assert registry.pending_unloads == [("a", slot)]
+    del holder
+    registry._ensure_loaded("a")  # evicts b; before loading a again, the pending unload succeeds
+    assert registry.pending_unloads == [] and registry.loaded() == ["a"]

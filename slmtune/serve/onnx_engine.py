@@ -20,6 +20,7 @@ ones; beyond that each adapter gets a batch of its own, as with the PyTorch back
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import logging
@@ -54,6 +55,10 @@ class OnnxAdapters(AdapterNames):
         self.base_info = base_info
         self.genai = onnx_genai().Adapters(model)
         self._slots = (f"slot{i}" for i in itertools.count())
+        # (name, slot) evicted while a Generator still held them: unloaded once it is gone (a failed
+        # row's stored exception can keep its Generator alive through a traceback cycle until the
+        # garbage collector runs), so that memory does not grow past max_loaded.
+        self.pending_unloads: list[tuple[str, str]] = []
 
     def _resolve(self, name: str, path) -> AdapterSource:
         check_adapter_name(name)
@@ -80,6 +85,7 @@ class OnnxAdapters(AdapterNames):
         yield self.model, ["__base__" if n is None else slots[n] for n in names]
 
     def _open(self, source: AdapterSource) -> str:
+        self.retry_unloads()
         slot = next(self._slots)
         try:
             self.genai.load(str(source.path), slot)
@@ -88,10 +94,23 @@ class OnnxAdapters(AdapterNames):
         return slot
 
     def _close(self, name: str, slot: str) -> None:
-        try:
-            self.genai.unload(slot)
-        except Exception:  # noqa: BLE001 - still held by a Generator: it stays in memory, unnamed
-            log.warning("onnxruntime-genai could not unload adapter %s (%s)", name, slot, exc_info=True)
+        self.pending_unloads.append((name, slot))
+        self.retry_unloads()
+
+    def retry_unloads(self) -> None:
+        """Unload the evicted adapters that are still loaded (before each load, so that loaded ones
+        stay about max_loaded); those a live Generator holds stay pending."""
+        if not self.pending_unloads:
+            return
+        gc.collect()  # drops Generators only reference cycles keep alive
+        still = []
+        for name, slot in self.pending_unloads:
+            try:
+                self.genai.unload(slot)
+            except Exception:  # noqa: BLE001 - still held by a Generator: tried again before the next load
+                still.append((name, slot))
+                log.warning("onnxruntime-genai could not unload adapter %s (%s) yet", name, slot)
+        self.pending_unloads = still
 
 
 class OnnxEngine(Engine):
