@@ -243,7 +243,9 @@ def test_serving_more_adapters_than_loaded_at_once_and_refusals(shared, tmp_path
     (elsewhere / "adapter.json").write_text(json.dumps(record))
     with pytest.raises(AdapterError, match="is an adapter for '/models/other', but this base was built from"):
         engine.add_adapter("elsewhere", str(elsewhere))
-    for damaged, reason in (("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object")):
+    for damaged, reason in (("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object"),
+                            ('{"base_model": 7}', "expected a JSON object"),
+                            ('{"base_model": "/m", "base_identity": 5}', "base identity this server cannot read")):
         (elsewhere / "adapter.json").write_text(damaged)  # a 400 with the reason, not a 500
         with pytest.raises(AdapterError, match=reason):
             engine.add_adapter("damaged", str(elsewhere))

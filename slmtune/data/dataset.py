@@ -98,8 +98,9 @@ def count_target_tokens(cfg, tokenizer, enough: int | None = None, time_limit: f
     without building the datasets, stopping as soon as `enough` tokens are counted (auto.tokens_enough:
     beyond it the auto rule no longer looks). None for preference pairs and reinforcement prompts.
     Raises DataError for a file that cannot be read, CountTooSlow (a DataError) when `time_limit`
-    seconds do not suffice (checked between rows: a row costs at most MAX_MESSAGES renders of its template); a chat
-    template refusing a row raises what the template raises. For files used whole (no
+    seconds have passed at a row boundary (a row itself is not interrupted: about two renders of its
+    template per assistant turn, at most formats.MAX_MESSAGES messages); a chat template refusing a
+    row raises what the template raises. For files used whole (no
     data.max_examples), as a service job's are."""
     if cfg.max_examples:
         raise ValueError("count_target_tokens counts whole files; data.max_examples samples them")

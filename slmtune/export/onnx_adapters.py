@@ -488,9 +488,13 @@ def onnx_adapter_file(path: str | os.PathLike, base_info: dict) -> Path:
             record = json.loads(sidecar.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ExportError(f"{sidecar}: not valid JSON ({err})") from None
-        if not isinstance(record, dict):
+        if not isinstance(record, dict) or not isinstance(record.get("base_model") or "", str):
             raise ExportError(f"{sidecar}: expected a JSON object (base model, modules, ranks)")
-        if record.get("base_model") and not same_base(identity_of(record), identity_of(base_info)):
+        try:
+            other_base = bool(record.get("base_model")) and not same_base(identity_of(record), identity_of(base_info))
+        except (TypeError, ValueError, KeyError) as err:
+            raise ExportError(f"{sidecar}: a base identity this server cannot read ({err})") from None
+        if other_base:
             raise ExportError(f"{given} is an adapter for {record['base_model']!r}, but this base was built from "
                               f"{base_info['base_model']!r}")
     check_adapter_fits({n: tuple(v.shape()) for n, v in _adapter_values(file).items()}, base_info, str(given))

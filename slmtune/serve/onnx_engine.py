@@ -94,8 +94,11 @@ class OnnxAdapters(AdapterNames):
         return slot
 
     def _close(self, name: str, slot: str) -> None:
-        self.pending_unloads.append((name, slot))
-        self.retry_unloads()
+        try:
+            self.genai.unload(slot)
+        except Exception:  # noqa: BLE001 - still held by a Generator: tried again before the next load
+            log.warning("onnxruntime-genai could not unload adapter %s (%s) yet", name, slot)
+            self.pending_unloads.append((name, slot))
 
     def retry_unloads(self) -> None:
         """Unload the evicted adapters that are still loaded (before each load, so that loaded ones
@@ -107,9 +110,8 @@ class OnnxAdapters(AdapterNames):
         for name, slot in self.pending_unloads:
             try:
                 self.genai.unload(slot)
-            except Exception:  # noqa: BLE001 - still held by a Generator: tried again before the next load
+            except Exception:  # noqa: BLE001 - still held by a live Generator: tried again before the next load
                 still.append((name, slot))
-                log.warning("onnxruntime-genai could not unload adapter %s (%s) yet", name, slot)
         self.pending_unloads = still
 
 

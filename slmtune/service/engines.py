@@ -5,7 +5,7 @@
 
 - torch (the default): the Hugging Face base (slmtune/serve/engine.py), PEFT adapters straight
   from the jobs' run folders.
-- llamacpp: the base converted once to a GGUF file (service/gguf/NAME-QUANT.gguf, from the same
+- llamacpp: the base converted once to a GGUF file (service/gguf/NAME-QUANT-FINGERPRINT.gguf, from the same
   Hugging Face weights the jobs train on) and decoded by llama.cpp (slmtune/serve/llamacpp_engine.py);
   each job's LoRA converted once to a GGUF LoRA in its job folder (serve/adapter.gguf) on first use.
 """

@@ -13,7 +13,7 @@ eval_samples at most 256 and reasoning_effort
 
 from __future__ import annotations
 
-import functools
+import collections
 import math
 import threading
 
@@ -139,18 +139,64 @@ def target_tokens_of(base: str, train_path: str, n_examples: int, *, validation_
     as run() counts them (Datasets.n_target_tokens with the base model's tokenizer; the job's data
     section), so that "auto" epochs match `slmtune train` on the same file. Counting stops at
     auto.tokens_enough (the rule no longer looks beyond it; a number of rows that small answers
-    reach quickly) or after `time_limit` seconds (a DataError: files whose answers are mostly cut
-    or weighted 0 could take long). Uploaded files never change, so a count (or its failure) is
-    kept per (model, file, stopping point) in this process, and simultaneous requests for the same
-    file wait for one count. Raises DataError naming the file's path (callers put the file's id in
-    its place), or ModelError when the base model cannot be loaded."""
+    reach quickly), or at the first row boundary after `time_limit` seconds (CountTooSlow: files
+    whose answers are mostly cut or weighted 0 could take long). Uploaded files never change, so a
+    count, or a row that cannot be counted, is remembered per (model, file, stopping point) in this
+    process (COUNTS_KEPT of them; a timeout is not: it depends on the load), and simultaneous
+    requests for one file wait for one count while other files' requests go on. Raises DataError
+    naming the file's path (callers put the file's id in its place), or ModelError when the base
+    model cannot be loaded."""
     held_out = 0 if validation_file else auto.held_out(n_examples)
     key = (base, train_path, auto.tokens_enough(n_examples, held_out), time_limit)
-    with COUNT_LOCKS[hash(key) % len(COUNT_LOCKS)]:
-        counted = _counted_target_tokens(*key)
+    with _counts_guard:
+        counted = _counts.get(key)
+        file_lock = _counting.setdefault(key, threading.Lock()) if counted is None else None
+    if counted is None:
+        with file_lock:
+            with _counts_guard:
+                counted = _counts.get(key)
+            try:
+                if counted is None:
+                    counted = count_once(*key)
+                    with _counts_guard:
+                        _counts[key] = counted
+                        while len(_counts) > COUNTS_KEPT:
+                            _counts.popitem(last=False)
+            finally:
+                with _counts_guard:
+                    _counting.pop(key, None)
+    with _counts_guard:
+        if key in _counts:
+            _counts.move_to_end(key)
     if isinstance(counted, str):
-        raise DataError(counted)  # a fresh exception: a cached one would pile up tracebacks
+        raise DataError(counted)  # a fresh exception: a kept one would pile up tracebacks
     return counted
+
+
+COUNTS_KEPT = 256
+_counts: collections.OrderedDict[tuple, int | str] = collections.OrderedDict()  # least recently used first
+_counting: dict[tuple, threading.Lock] = {}  # a lock per file being counted
+_counts_guard = threading.Lock()  # guards the two dicts (held for dict operations only, never a count)
+
+
+def count_once(base: str, train_path: str, enough: int, time_limit: float | None) -> int | str:
+    """target_tokens_of's count, or the message of the DataError a row raises (kept as well: a
+    tenant re-posting a file that cannot be counted costs nothing the second time; only the message
+    is kept, not the rows the failed count had read). CountTooSlow and ModelError propagate."""
+    tokenizer = load_tokenizer(base)
+    # validation_split 0: the count covers every row anyway, and no share of a file too small for
+    # a split can fail it
+    data = DataSection(**job_data(train_path, None), validation_split=0)
+    try:
+        return count_target_tokens(data, tokenizer, enough, time_limit)
+    except CountTooSlow:
+        raise
+    except DataError as err:
+        return str(err)
+    except (TemplateError, ValueError, TypeError, KeyError) as err:  # the template refused a row (its tools)
+        return f"{train_path}: the model's chat template cannot render a row: {str(err)[:300]}"
+    except RecursionError:  # a row nested deeper than the template (or JSON encoder) can walk
+        return f"{train_path}: a row is nested too deeply to render with the model's chat template"
 
 
 def tokens_counted_in_full(target_tokens: int, n_examples: int, *, validation_file: bool = False) -> bool:
@@ -164,31 +210,6 @@ def tokens_text(target_tokens: int, n_examples: int, *, validation_file: bool = 
     """"1476", or "at least 4002" when counting stopped early (for events and messages)."""
     full = tokens_counted_in_full(target_tokens, n_examples, validation_file=validation_file)
     return f"{target_tokens}" if full else f"at least {target_tokens}"
-
-
-# Same-file requests share a lock (a few files may share one by hash; counts are bounded in time).
-COUNT_LOCKS = [threading.Lock() for _ in range(16)]
-
-
-@functools.lru_cache(maxsize=256)
-def _counted_target_tokens(base: str, train_path: str, enough: int, time_limit: float | None) -> int | str:
-    """target_tokens_of's count, or the message of the DataError it raises (cached as well: a
-    tenant re-posting a file that cannot be counted costs nothing the second time; only the message
-    is kept, not the rows the failed count had read). ModelError is not cached."""
-    tokenizer = load_tokenizer(base)
-    # validation_split 0: the count covers every row anyway, and no share of a file too small for
-    # a split can fail it
-    data = DataSection(**job_data(train_path, None), validation_split=0)
-    try:
-        return count_target_tokens(data, tokenizer, enough, time_limit)
-    except CountTooSlow as err:
-        return f"{err}; give n_epochs explicitly to skip counting"
-    except DataError as err:
-        return str(err)
-    except (TemplateError, ValueError, TypeError, KeyError) as err:  # the template refused a row (its tools)
-        return f"{train_path}: the model's chat template cannot render a row: {str(err)[:300]}"
-    except RecursionError:  # a row nested deeper than the template (or JSON encoder) can walk
-        return f"{train_path}: a row is nested too deeply to render with the model's chat template"
 
 
 def build_recipe(*, base: str, method: str, train_path: str, validation_path: str | None, resolved: dict,

@@ -13,7 +13,7 @@ import time
 from jinja2 import TemplateError
 
 from slmtune.config import DataSection, RecipeError
-from slmtune.data.dataset import encode_prompts
+from slmtune.data.dataset import CountTooSlow, encode_prompts
 from slmtune.data.formats import DataError, Record, iter_jsonl
 from slmtune.data.validate import validate_file
 from slmtune.graders import GraderError, check_grader, item_fields
@@ -123,6 +123,9 @@ def count_target_tokens(settings: Settings, model: str, f: File, *, validation_f
     try:
         return hyper.target_tokens_of(settings.models[model], f.path, f.n_examples, validation_file=validation_file,
                                       time_limit=settings.token_count_seconds)
+    except CountTooSlow as err:  # not the file's fault alone (the server's load): a code of its own
+        raise ApiError(400, str(err).replace(f.path, f"`{f.id}`") + "; give n_epochs explicitly to skip counting",
+                       param="training_file", code="token_count_too_slow") from None
     except DataError as err:
         raise ApiError(400, str(err).replace(f.path, f"`{f.id}`"), param="training_file",
                        code="invalid_file_format") from None

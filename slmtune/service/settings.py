@@ -8,8 +8,9 @@
                                {"smollm2-135m-instruct": "smollm2-135m-instruct"}, the catalog's
                                default model, pulled on first use like `slmtune train` does
     SLMTUNE_MAX_QUEUED_JOBS    jobs a tenant may have queued or running at once (default 20; 429 beyond)
-    SLMTUNE_TOKEN_COUNT_SECONDS  the longest a job request may spend counting its file's answer tokens
-                               for "auto" epochs (default 30; a 400 beyond, which suggests n_epochs)
+    SLMTUNE_TOKEN_COUNT_SECONDS  when a job request counting its file's answer tokens for "auto" epochs
+                               stops (at the next row; default 30): a 400 token_count_too_slow, which
+                               suggests n_epochs
     SLMTUNE_MAX_FILES          files a tenant may keep (default 200), SLMTUNE_MAX_TENANT_BYTES their
                                total size (default 2 GB); 429 beyond
     SLMTUNE_PUBLIC_DOCS        serve /docs, /redoc and /openapi.json (default false: they describe
