@@ -158,7 +158,10 @@ class Kubelet:
 def service(tmp_path, cluster, tiny_llama_dir, chat_file):
     settings = Settings(home=tmp_path / "home", workers=0, executor="kubernetes", kubernetes_namespace=NS,
                         kubernetes_image="registry.example/slmtune:cpu", heartbeat_interval=0.1,
-                        kubernetes_retry_backoff=0.0, kubernetes_max_retries=2, kubernetes_schedule_timeout=0.5)
+                        kubernetes_retry_backoff=0.0, kubernetes_max_retries=2,
+                        # Long enough for the emulated kubelet to create a pod on a loaded 2-core CI
+                        # machine (at 0.5 s a job once failed as FailedCreate before its pod existed).
+                        kubernetes_schedule_timeout=2.0)
     store = Store(settings.db_url)
     store.migrate()
     store.create_key("acme", "0" * 64)
