@@ -54,13 +54,18 @@ class HyperparameterError(ValueError):
         self.param = param
 
 
+def held_out_rows(n_examples: int, validation_file: bool) -> int:
+    """The rows of a job's training file run() holds out for validation: none with a validation file."""
+    return 0 if validation_file else auto.held_out(n_examples)
+
+
 def auto_values(n_examples: int, method_type: str = "supervised", target_tokens: int | None = None, *,
                 validation_file: bool = False) -> dict:
     """What "auto" means for each hyperparameter of `method_type`, for a file of n examples (pairs)
     whose answers hold `target_tokens` tokens (supervised: target_tokens_of); without a validation
     file, run() holds some of them out."""
     objective = OBJECTIVE_OF[method_type]
-    held_out = 0 if validation_file else auto.held_out(n_examples)
+    held_out = held_out_rows(n_examples, validation_file)
     values = {"n_epochs": auto.epochs(n_examples, objective, target_tokens, held_out),
               "batch_size": auto.batch_size(n_examples),
               "learning_rate_multiplier": 1.0}
@@ -124,7 +129,7 @@ def resolve(requested: dict, n_examples: int, method_type: str = "supervised",
 def steps_of(resolved: dict, n_examples: int, *, validation_file: bool) -> int:
     """A job's optimizer steps: batches of `batch_size` examples (prompts, pairs) per epoch, over the
     examples left after run() holds some out for validation (none when a validation file is given)."""
-    trained = n_examples - (0 if validation_file else auto.held_out(n_examples))
+    trained = n_examples - held_out_rows(n_examples, validation_file)
     return math.ceil(trained / resolved["batch_size"]) * resolved["n_epochs"]
 
 
@@ -146,7 +151,7 @@ def target_tokens_of(base: str, train_path: str, n_examples: int, *, validation_
     requests for one file wait for one count while other files' requests go on. Raises DataError
     naming the file's path (callers put the file's id in its place), or ModelError when the base
     model cannot be loaded."""
-    held_out = 0 if validation_file else auto.held_out(n_examples)
+    held_out = held_out_rows(n_examples, validation_file)
     key = (base, train_path, auto.tokens_enough(n_examples, held_out), time_limit)
     with _counts_guard:
         counted = _counts.get(key)
@@ -202,7 +207,7 @@ def count_once(base: str, train_path: str, enough: int, time_limit: float | None
 def tokens_counted_in_full(target_tokens: int, n_examples: int, *, validation_file: bool = False) -> bool:
     """Whether target_tokens_of counted the whole file (False: it stopped at auto.tokens_enough, and
     the file holds at least that many)."""
-    held_out = 0 if validation_file else auto.held_out(n_examples)
+    held_out = held_out_rows(n_examples, validation_file)
     return target_tokens < auto.tokens_enough(n_examples, held_out)
 
 

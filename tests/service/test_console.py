@@ -36,19 +36,18 @@ def test_static_assets_and_helper_endpoints(tmp_path, tiny_llama_dir):
             assert urllib.request.urlopen(f"{service.url}/static/{asset}").status == 200
         assert urllib.request.urlopen(f"{service.url}/favicon.ico").status == 200
         client = service.client("helper")
-        path = tmp_path / "t.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in training_rows(12)))
-        with open(path, "rb") as fh:
-            f = client.files.create(file=("t.jsonl", fh), purpose="fine-tune")
+        def upload(name: str, rows: list[dict]):
+            path = tmp_path / name
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            with open(path, "rb") as fh:
+                return client.files.create(file=(name, fh), purpose="fine-tune")
+
+        f = upload("t.jsonl", training_rows(12))
         auto = client.get(f"/slmtune/auto_hyperparameters?training_file={f.id}", cast_to=object)
         assert auto["auto"] == {"n_epochs": 10, "batch_size": 1, "learning_rate_multiplier": 1.0}
         # One-word answers: "auto" epochs count the answers' tokens, with the model's tokenizer, and
         # the job created on the file trains exactly that long (the examples term alone would say 3).
-        short = tmp_path / "short.jsonl"
-        short.write_text("".join(json.dumps(chat_example(f"Is {i} even?", "no" if i % 2 else "yes")) + "\n"
-                                 for i in range(250)))
-        with open(short, "rb") as fh:
-            g = client.files.create(file=("short.jsonl", fh), purpose="fine-tune")
+        g = upload("short.jsonl", [chat_example(f"Is {i} even?", "no" if i % 2 else "yes") for i in range(250)])
         counted = client.get(f"/slmtune/auto_hyperparameters?training_file={g.id}&model={BASE}", cast_to=object)
         assert counted["target_tokens"] > 250 and counted["model"] == BASE
         assert counted["auto"]["n_epochs"] == auto_rule.epochs(250, "sft", counted["target_tokens"],
@@ -58,8 +57,7 @@ def test_static_assets_and_helper_endpoints(tmp_path, tiny_llama_dir):
         events = [e.message for e in client.fine_tuning.jobs.list_events(job.id)]
         assert any(f"answering in {counted['target_tokens']} tokens" in m for m in events)
         # With a validation file nothing is held out: the hint and the job agree on that too.
-        with open(path, "rb") as fh:
-            v = client.files.create(file=("v.jsonl", fh), purpose="fine-tune")
+        v = upload("v.jsonl", training_rows(12))
         validated = client.get(f"/slmtune/auto_hyperparameters?training_file={g.id}&model={BASE}"
                                f"&validation_file={v.id}", cast_to=object)
         assert validated["auto"]["n_epochs"] == auto_rule.epochs(250, "sft", validated["target_tokens"], 0)
@@ -67,11 +65,7 @@ def test_static_assets_and_helper_endpoints(tmp_path, tiny_llama_dir):
         job = client.fine_tuning.jobs.create(model=BASE, training_file=g.id, validation_file=v.id)
         assert job.hyperparameters.n_epochs == validated["auto"]["n_epochs"]
         # A large file is counted only as far as the rule looks (the event says "at least").
-        large = tmp_path / "large.jsonl"
-        large.write_text("".join(json.dumps(chat_example(f"Is {i} even?", "no" if i % 2 else "yes")) + "\n"
-                                 for i in range(3000)))
-        with open(large, "rb") as fh:
-            big = client.files.create(file=("large.jsonl", fh), purpose="fine-tune")
+        big = upload("large.jsonl", [chat_example(f"Is {i} even?", "no" if i % 2 else "yes") for i in range(3000)])
         partial = client.get(f"/slmtune/auto_hyperparameters?training_file={big.id}&model={BASE}", cast_to=object)
         assert partial["target_tokens_text"] == f"at least {partial['target_tokens']}"
         assert auto_rule.tokens_enough(3000, auto_rule.held_out(3000)) <= partial["target_tokens"] < 3 * 3000
@@ -81,11 +75,7 @@ def test_static_assets_and_helper_endpoints(tmp_path, tiny_llama_dir):
         assert any(f"answering in at least {partial['target_tokens']} tokens" in m for m in events)
         # A file none of whose answers fits data.max_length: a 400 naming the file by id, not by the
         # server's path (and again the second time: the failure is remembered, tests/test_auto.py).
-        cut = tmp_path / "cut.jsonl"
-        cut.write_text("".join(json.dumps(chat_example("Why " + "really " * 1500 + "?", "yes")) + "\n"
-                               for _ in range(12)))
-        with open(cut, "rb") as fh:
-            c = client.files.create(file=("cut.jsonl", fh), purpose="fine-tune")
+        c = upload("cut.jsonl", [chat_example("Why " + "really " * 1500 + "?", "yes")] * 12)
         import openai
 
         for _ in range(2):
