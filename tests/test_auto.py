@@ -101,6 +101,32 @@ def test_counting_a_files_answer_tokens_matches_the_datasets_count(tiny_llama_di
     assert 500 <= stopped < 500 + 2 * per_row + 10  # stopped at the row that reached 500
 
 
+def qa_rows(n: int, with_context: int) -> list[dict]:
+    return [{"question": f"What colour is lamp {i}?", "answers": [f"colour {i}"]}
+            | ({"context": f"Lamp {i} is sold in colour {i} only."} if i < with_context else {}) for i in range(n)]
+
+
+@pytest.mark.parametrize("with_context", [0, 150, 300])
+def test_answers_copied_from_the_row_do_not_count_toward_epochs(tiny_llama_dir, tmp_path, with_context):
+    """Extractive QA (an answer copied from the row's context) needs no memorizing: its tokens leave the
+    rule's token term, so a file of such rows gets the examples term alone (QA with context lost 4.7
+    points F1 at the token term's 7 epochs against 1, docs/benchmarks.md); closed-book rows count."""
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(300, with_context))
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    recipe = recipe_from_dict({"model": {"name": str(tiny_llama_dir)}, "method": "lora",
+                               "data": {"train": str(data), "task": "qa", "max_length": 256},
+                               "train": {"seed": 3}, "output": {"dir": str(tmp_path / "run")}})
+    built = build_datasets(recipe.data, tokenizer, seed=3)
+    every_answer = sum(e.n_targets() for e in built.train + built.validation)
+    assert built.n_target_tokens == round(every_answer * (300 - with_context) / 300)
+    assert count_target_tokens(recipe.data, tokenizer) == built.n_target_tokens
+    epochs = recipe.train.resolved_for_data(built.n_examples, "lora", built.n_target_tokens, built.held_out).epochs
+    examples_term = auto.epochs(300)
+    assert (epochs == examples_term) if with_context == 300 else (epochs > examples_term)
+    # The same answers as a chat file (no task: nothing is known to be copied) count whole.
+    assert auto.epochs(300, target_tokens=every_answer, held_out=built.held_out) > examples_term
+
+
 def test_the_service_counts_a_file_once_even_when_it_cannot(tiny_llama_dir, tmp_path, monkeypatch):
     """Uploaded files never change: a (model, file) is counted once per process, and a file that
     cannot be counted (every answer cut by max_length) fails the same way again without counting."""

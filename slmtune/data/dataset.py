@@ -6,6 +6,7 @@ hold out validation, tokenize with the model's template.
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import time
@@ -108,8 +109,12 @@ def count_target_tokens(cfg, tokenizer, enough: int | None = None, time_limit: f
     fmt, records = read_records(cfg.train, cfg.format, cfg.task)
     if fmt in ("preference", "reinforcement"):
         return None
+    share = learned_share(cfg.task, records)  # task rows whose answers are copied do not count (build_datasets)
     if cfg.task:
+        if share == 0:
+            return 0
         records = convert_task_records(cfg.task, records, cfg.train, task_context(cfg.task, records))
+        enough = math.ceil(enough / share) if enough is not None else None
     total = 0
     for i, record in enumerate(records):
         if deadline is not None and time.monotonic() > deadline:
@@ -118,10 +123,21 @@ def count_target_tokens(cfg, tokenizer, enough: int | None = None, time_limit: f
                             "weighted 0?)")
         total += encode(fmt, record.data, tokenizer, cfg.max_length, cfg.system_prompt).n_targets()
         if enough is not None and total >= enough:
-            return total
+            return round(total * share)
     if not total:
         raise DataError(f"{cfg.train}: no example has trainable tokens")
-    return total
+    return round(total * share)
+
+
+def learned_share(task: str | None, records: list[Record]) -> float:
+    """The share of `task`'s rows whose answers the model must learn rather than copy from the row
+    (the task's COPIED_FROM field, e.g. extractive QA's context): "auto" epochs count only their
+    answer tokens. 1.0 without a task (chat files, as a service job's) or when nothing is copied."""
+    field_name = TASKS[task].COPIED_FROM if task else None
+    if not field_name or not records:
+        return 1.0
+    copied = sum(1 for r in records if isinstance(r.data, dict) and r.data.get(field_name))
+    return 1.0 - copied / len(records)
 
 
 def sample_records(records: list[Record], limit: int | None, seed: int) -> list[Record]:
@@ -203,6 +219,7 @@ def build_datasets(cfg, tokenizer, seed: int, *, pairs: bool = False, grader_fie
         val_records = sample_records(val_records, cfg.max_examples, seed)
     n_examples = len(records) + (len(val_records) if held_out else 0)
     validation_rows = [r.data for r in val_records] if cfg.task else []
+    rows_counted = records + (val_records if held_out else [])  # as read, before the task's template
     if cfg.task:
         records = convert_task_records(cfg.task, records, cfg.train, context)
         val_records = convert_task_records(cfg.task, val_records, cfg.validation or cfg.train, context)
@@ -217,7 +234,8 @@ def build_datasets(cfg, tokenizer, seed: int, *, pairs: bool = False, grader_fie
     n_target_tokens = None
     if fmt not in ("preference", "reinforcement"):
         counted = train + (validation if held_out else [])
-        n_target_tokens = sum(example.n_targets() for example in counted)
+        n_target_tokens = round(sum(example.n_targets() for example in counted)
+                                * learned_share(cfg.task, rows_counted))
     # held_out counts rows (as the service's rule does before tokenizing), not the tokenized examples
     # left after rows without trainable tokens are skipped, so both resolve the same epochs.
     return Datasets(fmt, train, validation, records, n_examples=n_examples, held_out=len(val_records) if held_out else 0,

@@ -14,6 +14,9 @@ Every task module has the same parts, meant to be read and edited:
     USES_LOSS                             `slmtune eval` also measures the target-only loss
     METRIC                                the headline metric: benchmarks' tables, train.select_by: metric
                                           (higher is better; domain's perplexity, lower, is not selectable)
+    COPIED_FROM                           the row field answers are copied from (qa: "context"), or None:
+                                          the tokens of rows that have it are not counted by "auto" epochs'
+                                          token term (slmtune/auto.py): copying a span needs no memorizing
     check(row) -> [(code, message[, "warning"])]   used by `slmtune data validate --task`
     context(rows) -> dict, to_example(row, **context), parse(output_text, row, **context), score(...)
 

@@ -23,6 +23,7 @@ INSTRUCTION = "{content}"  # user turns are used as written
 MAX_NEW_TOKENS = 256
 USES_LOSS = True
 METRIC = "rouge_l"
+COPIED_FROM = None
 
 
 def check(row: dict) -> list:

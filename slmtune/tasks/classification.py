@@ -20,6 +20,7 @@ CHOICES = " Answer with exactly one of: {labels}."
 MAX_NEW_TOKENS = 16
 USES_LOSS = False
 METRIC = "macro_f1"
+COPIED_FROM = None
 _PREFIXES = ("label", "answer", "class", "category", "classification", "prediction")
 
 

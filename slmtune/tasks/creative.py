@@ -31,6 +31,7 @@ INSTRUCTION = "{prompt}"
 MAX_NEW_TOKENS = 320
 USES_LOSS = False
 METRIC = "format_adherence"
+COPIED_FROM = None
 
 _NUMBERS = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "

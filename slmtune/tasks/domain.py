@@ -19,6 +19,7 @@ INSTRUCTION = "{text}"  # the training text as is; edit to add a header or a sep
 MAX_NEW_TOKENS = 0  # nothing to generate
 USES_LOSS = True
 METRIC = "perplexity"  # lower is better; nothing generated, so not for train.select_by: metric
+COPIED_FROM = None
 
 
 def check(row: dict) -> list:

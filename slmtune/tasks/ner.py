@@ -24,6 +24,7 @@ NONE = "none"
 MAX_NEW_TOKENS = 128
 USES_LOSS = False
 METRIC = "f1"
+COPIED_FROM = None
 _TAG = re.compile(r"^(O|[BI]-\S.*)$")
 
 

@@ -23,6 +23,7 @@ INSTRUCTION_CLOSED_BOOK = "Question: {question}"
 MAX_NEW_TOKENS = 32
 USES_LOSS = False
 METRIC = "f1"
+COPIED_FROM = "context"  # rows with a context answer with a span of it: "auto" epochs do not count their tokens
 
 
 def answers(row: dict) -> list[str]:

@@ -33,6 +33,7 @@ INSTRUCTION = "{content}"
 MAX_NEW_TOKENS = 128
 USES_LOSS = False
 METRIC = "exact"
+COPIED_FROM = None
 
 
 def check(row: dict) -> list:

@@ -28,6 +28,7 @@ LANGUAGES = {
 MAX_NEW_TOKENS = 256
 USES_LOSS = False
 METRIC = "chrf"
+COPIED_FROM = None
 
 
 def language(code: str) -> str:

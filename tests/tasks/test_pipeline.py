@@ -126,3 +126,16 @@ def test_training_domain_text(tmp_path, tiny_llama_dir):
     result = run(recipe(tiny_llama_dir, train, tmp_path / "run", task="domain"), progress=False)
     assert result.summary["steps"] == 2
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["train_examples"] == 8
+
+
+PARTS = ("NAME", "FORMAT", "FIELDS", "MAX_NEW_TOKENS", "USES_LOSS", "METRIC", "COPIED_FROM", "check", "context",
+         "to_example", "parse", "score")
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_every_task_module_has_the_same_parts(name):
+    """tasks/__init__.py's list of parts, in every module; COPIED_FROM (answers copied from a row field,
+    which "auto" epochs do not count) names a field the task's good row has."""
+    task = TASKS[name]
+    assert [part for part in PARTS if not hasattr(task, part)] == []
+    assert task.NAME == name and task.COPIED_FROM in (None, *GOOD[name])
