@@ -319,6 +319,13 @@ class Store:
             s.add(Checkpoint(id=new_id("ftckpt"), job_id=job_id, step=step, path=path, metrics=metrics,
                              created_at=time.time()))
 
+    def mark_best_checkpoints(self, job_id: str, step: int) -> None:
+        """Flag the job's checkpoints of `step` (the best evaluation's) with metrics["best"]."""
+        with self.session() as s:
+            for checkpoint in s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step)):
+                checkpoint.metrics = dict(checkpoint.metrics or {}) | {"best": True}  # a new dict: JSON columns
+                # do not track changes made in place
+
     def finish(self, job_id: str, worker_id: str, status: str, *, error: dict | None = None,
                message: str = "", **values) -> bool:
         """Final state, written only while the worker still owns a running job."""

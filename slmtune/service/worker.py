@@ -253,6 +253,8 @@ class Worker:
                                    "valid_loss": summary.get("eval_loss"), "final": True,
                                    "result_step": result_step, "best": summary.get("best_step") == result_step}
                                   | {f"valid_{k}": v for k, v in (summary.get("eval_metrics") or {}).items()})
+        if summary.get("best_step") == result_step:
+            self.store.mark_best_checkpoints(job.id, result_step)
         name = job.resolved["fine_tuned_model"]
         chosen = (f" (the weights of step {result_step}, the best validation "
                   f"{metric_label(summary.get('selected_by') or 'eval_loss')})"

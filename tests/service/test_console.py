@@ -248,6 +248,7 @@ def test_console_end_to_end(console_service, browser, tmp_path):
     assert f"{STEPS} training loss point(s)" in by_id(d, "chart-note").text
     assert f"Step {STEPS}/{STEPS}: training loss=" in by_id(d, "event-log").text
     assert f"ckpt-step-{STEPS}" in by_id(d, "checkpoints").text
+    assert "(best)" in by_id(d, "checkpoints").text  # the checkpoints of the best validation loss say so
     assert not by_id(d, "job-cancel").is_enabled() and not by_id(d, "job-pause").is_enabled()
     ft_model = by_id(d, "fine-tuned-model").text
     assert ft_model == f"ft:{BASE}:acme:web:{job_id}"

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from slmtune.service.engines import base_gguf, serves_method
 from slmtune.service.settings import Settings
+from tests.conftest import chat_example
 from tests.service.conftest import BASE, training_rows, wait_for
 
 HP = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 10}
@@ -72,6 +73,39 @@ def test_sqlite_full_cycle(sqlite_service, upload):
     assert client.models.retrieve(job.fine_tuned_model).owned_by == "acme"
     first = client.fine_tuning.jobs.list(limit=1)
     assert [j.id for j in first.data] == [job.id]
+
+
+def test_a_job_whose_validation_loss_rises_serves_its_best_step_and_says_so(sqlite_service, upload):
+    """The #22 promise through the service: full fine-tuning at 10x its rate for 50 epochs memorizes
+    training answers that the validation file contradicts (same questions, other answers), so the
+    validation loss rises (from the first evaluation on). The job's model is the best evaluation's
+    weights; its completion message names that step, and the final checkpoint's metrics say which
+    step it holds and that it is the best."""
+    client = sqlite_service.client()
+    train = upload(client, training_rows(12))
+    contradicting = [chat_example(f"What is fact number {i}?", f"Fact {i}: the kettle weighs {i + 7} grams.")
+                     for i in range(6)]
+    val = upload(client, contradicting, name="val.jsonl")
+    job = create_job(client, train.id, validation_file=val.id, suffix="rise", extra_body={"slmtune_method": "full"},
+                     hp={"n_epochs": 50, "batch_size": 1, "learning_rate_multiplier": 10})
+    job = wait_for(client, job.id, timeout=300)
+    assert job.status == "succeeded", job.error
+
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))  # every page, newest first
+    valid = {e.data["step"]: e.data["valid_loss"] for e in events
+             if e.type == "metrics" and e.data and "valid_loss" in e.data}
+    best = min(valid, key=valid.get)
+    assert len(valid) >= 3 and valid[600] > valid[best]  # 50 epochs x 12 steps; the loss was made to rise
+    assert f"the weights of step {best}, the best validation loss" in events[0].message
+    assert [e.data["best_step"] for e in events if e.data and "best_step" in e.data][0] == best  # newest first
+
+    final = client.fine_tuning.jobs.checkpoints.list(job.id).data[0]
+    assert final.step_number == 600 and final.metrics.final
+    assert final.metrics.result_step == best and final.metrics.best
+    assert final.metrics.valid_loss == pytest.approx(valid[best], abs=1e-6)
+    flagged = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id, limit=100)
+               if c.to_dict()["metrics"].get("best")]
+    assert flagged == [600, best]  # the final (which holds the best weights) and the best step's own
 
 
 def test_step_metrics_csv_gains_openai_reward_columns_for_reinforcement_jobs(tmp_path):

@@ -658,7 +658,7 @@ async function viewJob(jobId) {
     const fmt = v => (v === null || v === undefined ? "—" : Number(v).toFixed(4));
     ckpts.replaceChildren(h("table", {},
       h("thead", {}, h("tr", {}, ["Step", "Checkpoint", "Train loss", "Validation loss", "Created"].map(t => h("th", { scope: "col", text: t })))),
-      h("tbody", {}, list.map(c => h("tr", {}, h("td", { class: "num" }, c.step_number),
+      h("tbody", {}, list.map(c => h("tr", {}, h("td", { class: "num" }, c.metrics.best ? `${c.step_number} (best)` : c.step_number),
         h("td", {}, h("code", {}, c.fine_tuned_model_checkpoint)), h("td", { class: "num" }, fmt(c.metrics.train_loss)),
         h("td", { class: "num" }, fmt(c.metrics.valid_loss)), h("td", {}, when(c.created_at)))))));
   }
