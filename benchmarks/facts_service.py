@@ -6,6 +6,10 @@ answered greedily through chat completions, scored as the acceptance test scores
 
     python benchmarks/facts_service.py '{}' '{"batch_size": 2}'     # the rule, then batch 2
     python benchmarks/facts_service.py --repeats 2 '{}' '{"batch_size": 4}'
+    python benchmarks/facts_service.py '{}' '{"settings": {"train_precision": "fp32", "serve_dtype": "float32"}}'
+
+A cell's "settings" are the service's (slmtune/service/settings.py) for that cell; the rest are the
+job's hyperparameters.
 
 Cells run one after another and alternate when repeated (machine speed drifts); prints a table.
 Needs `slmtune models pull smollm2-135m-instruct`. It reuses the test suite's service harness
@@ -33,19 +37,21 @@ from tests.service.test_facts_service import facts_right  # noqa: E402
 EXAMPLES = REPO / "examples" / "product_facts"
 
 
-def cell(hyperparameters: dict, home: Path) -> dict:
+def cell(requested: dict, home: Path) -> dict:
+    hyperparameters = {k: v for k, v in requested.items() if k != "settings"}
     system = json.loads((EXAMPLES / "train.jsonl").open().readline())["messages"][0]["content"]
     questions = [json.loads(line) for line in (EXAMPLES / "heldout.jsonl").read_text().splitlines()]
     create = {"method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}}
     patch = pytest.MonkeyPatch()
     started = time.time()
     try:
-        with smollm2_job(home, patch, "facts", EXAMPLES / "train.jsonl", timeout=7200, **create) as (client, job):
+        with smollm2_job(home, patch, "facts", EXAMPLES / "train.jsonl", timeout=7200,
+                         settings=requested.get("settings"), **create) as (client, job):
             if job.status != "succeeded":
                 raise SystemExit(f"job {job.id} {job.status}: {job.error}")
             right = facts_right(client, job.fine_tuned_model, system, questions)
             hp = job.hyperparameters
-            return {"requested": json.dumps(hyperparameters), "n_epochs": hp.n_epochs, "batch_size": hp.batch_size,
+            return {"requested": json.dumps(requested), "n_epochs": hp.n_epochs, "batch_size": hp.batch_size,
                     "lr_multiplier": hp.learning_rate_multiplier, "right": right, "of": len(questions),
                     "seconds": round(time.time() - started)}
     finally:

@@ -42,6 +42,19 @@ def tiny_recipe(model_dir, data, out, **train):
     })
 
 
+def test_the_operator_sets_the_precision_jobs_train_in(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLMTUNE_TRAIN_PRECISION", "fp32")
+    settings = Settings(home=tmp_path)
+    assert settings.train_precision == "fp32"
+    made = hyper.build_recipe(base="m", method="lora", train_path="t.jsonl", validation_path=None,
+                              resolved=hyper.resolve({}, 40), seed=1, run_dir="o", n_examples=40, save_every=0,
+                              threads=None, precision=settings.train_precision)
+    assert made.train.precision == "fp32"
+    monkeypatch.setenv("SLMTUNE_TRAIN_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="train_precision"):
+        Settings(home=tmp_path)
+
+
 @pytest.mark.parametrize("n", [8, 40, 75, 300, 2000])
 def test_the_rule_is_one_function_for_the_service_and_recipes(n):
     service = hyper.resolve({}, n)

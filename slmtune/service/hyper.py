@@ -219,6 +219,7 @@ def tokens_text(target_tokens: int, n_examples: int, *, validation_file: bool = 
 
 def build_recipe(*, base: str, method: str, train_path: str, validation_path: str | None, resolved: dict,
                  seed: int, run_dir: str, n_examples: int, save_every: int, threads: int | None,
+                 precision: str = "auto",
                  method_type: str = "supervised", integrations: list[dict] | None = None,
                  mlflow_tracking_uri: str | None = None, grader: dict | None = None,
                  models: dict[str, str] | None = None) -> Recipe:
@@ -236,6 +237,7 @@ def build_recipe(*, base: str, method: str, train_path: str, validation_path: st
         "gradient_accumulation_steps": 1,
         "learning_rate": rate * resolved["learning_rate_multiplier"],
         "seed": seed, "packing": False, "save_every": save_every or per_epoch, "keep_checkpoints": 3,
+        "precision": precision,
     } | ({"num_threads": threads} if threads else {})
     if method_type == "dpo":
         train["objective"] = {"name": "dpo", "beta": resolved["beta"]}

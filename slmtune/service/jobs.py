@@ -195,6 +195,7 @@ def create_job(service: Service, tenant: Tenant, body: JobCreate) -> Job:
             base=settings.models[body.model], method=body.slmtune_method, train_path=train_file.path,
             validation_path=val_file.path if val_file else None, resolved=resolved, seed=seed, run_dir=str(run_dir),
             n_examples=train_file.n_examples, save_every=settings.checkpoint_every, threads=settings.train_threads,
+            precision=settings.train_precision,
             method_type=method_type, integrations=integrations, mlflow_tracking_uri=settings.mlflow_tracking_uri,
             grader=grader, models=settings.models)
     except RecipeError as err:

@@ -20,6 +20,8 @@
                                worker has not sent a heartbeat for the timeout goes back to the queue
     SLMTUNE_CHECKPOINT_EVERY   train.save_every for jobs; 0 = once per epoch (default)
     SLMTUNE_TRAIN_THREADS      torch threads per training process (default: torch's choice)
+    SLMTUNE_TRAIN_PRECISION    jobs' train.precision: auto (bf16 autocast where the hardware has native
+                               bf16; the default), bf16 or fp32
     SLMTUNE_SERVE_THREADS      llama.cpp's decoding threads on the llamacpp backend (default: the CPUs
                                this process may use)
     SLMTUNE_MAX_ATTEMPTS       a job claimed this many times (its workers kept dying) fails (default 5)
@@ -88,6 +90,9 @@ class Settings(BaseSettings):
     checkpoint_every: int = Field(0, ge=0)
     max_attempts: int = Field(5, ge=1)  # a job whose workers died this many times fails
     train_threads: int | None = Field(None, ge=1)
+    # Jobs' train.precision: "auto" autocasts to bf16 where the CPU/GPU has native bf16; "fp32"
+    # trades speed for fp32 numerics on such machines too.
+    train_precision: Literal["auto", "bf16", "fp32"] = "auto"
     serve_threads: int | None = Field(None, ge=1)
     serve: bool = True  # load the first base model and serve fine-tuned models on /v1/chat/completions
     serve_dtype: Literal["auto", "float32", "bfloat16"] = "auto"

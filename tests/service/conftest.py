@@ -103,14 +103,16 @@ SMOLLM2 = "smollm2-135m-instruct"
 
 
 @contextmanager
-def smollm2_job(home: Path, monkeypatch, tenant: str, train_file: Path, *, timeout: float, **create):
-    """For the acceptance tests: a fresh service on the real SmolLM2-135M-Instruct, one job on
-    `train_file` (`create`: jobs.create's other arguments) run to its end; yields (client, job)."""
+def smollm2_job(home: Path, monkeypatch, tenant: str, train_file: Path, *, timeout: float,
+                settings: dict | None = None, **create):
+    """For the acceptance tests: a fresh service (`settings`: Settings fields beyond the defaults) on
+    the real SmolLM2-135M-Instruct, one job on `train_file` (`create`: jobs.create's other
+    arguments) run to its end; yields (client, job)."""
     from slmtune import models
     from tests.test_models import real_home
 
     monkeypatch.setenv("SLMTUNE_HOME", str(real_home()))
-    service = start_service(home, models.pull(SMOLLM2), base=SMOLLM2, train_threads=2)
+    service = start_service(home, models.pull(SMOLLM2), base=SMOLLM2, train_threads=2, **(settings or {}))
     try:
         client = service.client(tenant).with_options(timeout=600)
         with open(train_file, "rb") as f:
