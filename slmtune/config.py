@@ -210,6 +210,9 @@ class GRPOObjective(Section):
 
 OBJECTIVE_CONFIGS = {c.model_fields["name"].default: c
                      for c in (SFTObjective, DPOObjective, ORPOObjective, GRPOObjective)}
+# Training numerics: recipes' train.precision and the service's SLMTUNE_TRAIN_PRECISION for its jobs.
+Precision = Literal["auto", "bf16", "fp32"]
+
 ObjectiveSection = Annotated[Union[tuple(OBJECTIVE_CONFIGS.values())], Field(discriminator="name")]
 PREFERENCE_OBJECTIVES = ("dpo", "orpo")
 
@@ -288,7 +291,7 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables it.")
     seed: int = 42
-    precision: Literal["auto", "bf16", "fp32"] = Field(
+    precision: Precision = Field(
         "auto", description="auto: bf16 autocast where the hardware has native bf16, else fp32."
     )
     packing: Literal["auto"] | bool = Field(

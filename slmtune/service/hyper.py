@@ -20,7 +20,7 @@ import threading
 from jinja2 import TemplateError
 
 from slmtune import auto
-from slmtune.config import DataSection, Recipe, recipe_from_dict
+from slmtune.config import DataSection, Precision, Recipe, recipe_from_dict
 from slmtune.data.dataset import CountTooSlow, count_target_tokens
 from slmtune.data.formats import DataError
 from slmtune.methods import SERVICE_METHODS
@@ -219,7 +219,7 @@ def tokens_text(target_tokens: int, n_examples: int, *, validation_file: bool = 
 
 def build_recipe(*, base: str, method: str, train_path: str, validation_path: str | None, resolved: dict,
                  seed: int, run_dir: str, n_examples: int, save_every: int, threads: int | None,
-                 precision: str = "auto",
+                 precision: Precision = "auto",
                  method_type: str = "supervised", integrations: list[dict] | None = None,
                  mlflow_tracking_uri: str | None = None, grader: dict | None = None,
                  models: dict[str, str] | None = None) -> Recipe:

@@ -68,6 +68,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from slmtune.config import Precision
 from slmtune.models import DEFAULT_MODEL, slmtune_home
 from slmtune.serve import DEFAULT_MAX_TOKENS_PER_OWNER
 
@@ -92,7 +93,7 @@ class Settings(BaseSettings):
     train_threads: int | None = Field(None, ge=1)
     # Jobs' train.precision: "auto" autocasts to bf16 where the CPU/GPU has native bf16; "fp32"
     # trades speed for fp32 numerics on such machines too.
-    train_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    train_precision: Precision = "auto"
     serve_threads: int | None = Field(None, ge=1)
     serve: bool = True  # load the first base model and serve fine-tuned models on /v1/chat/completions
     serve_dtype: Literal["auto", "float32", "bfloat16"] = "auto"

@@ -247,13 +247,14 @@ class Worker:
         summary = run_dir.summary()
         result = write_result_file(self.settings, self.store, job, run_dir)
         result_step = summary.get("result_step") or summary["steps"]
+        best = summary.get("best_step") == result_step
         # The model is the weights of result_step: the best evaluation's when the last step's were worse.
         self.store.add_checkpoint(job.id, summary["steps"], str(run_dir.artifact()),
                                   {"step": summary["steps"], "train_loss": summary.get("final_train_loss"),
                                    "valid_loss": summary.get("eval_loss"), "final": True,
-                                   "result_step": result_step, "best": summary.get("best_step") == result_step}
+                                   "result_step": result_step, "best": best}
                                   | {f"valid_{k}": v for k, v in (summary.get("eval_metrics") or {}).items()})
-        if summary.get("best_step") == result_step:
+        if best:
             self.store.mark_best_checkpoints(job.id, result_step)
         name = job.resolved["fine_tuned_model"]
         chosen = (f" (the weights of step {result_step}, the best validation "
