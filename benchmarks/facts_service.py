@@ -1,15 +1,17 @@
 """Facts taught through the service, one job per cell, side by side: examples/product_facts (25 facts x
 3 conversations) uploaded to a fresh `slmtune api` on SmolLM2-135M-Instruct, a supervised job with
-the cell's hyperparameters (the rest "auto"; seed 42), then the 25 paraphrased held-out questions
+the cell's hyperparameters (the rest "auto"; seed 42 unless the cell sets one), then the 25 paraphrased held-out questions
 answered greedily through chat completions, scored as the acceptance test scores them
 (tests/service/test_facts_service.py).
 
     python benchmarks/facts_service.py '{}' '{"batch_size": 2}'     # the rule, then batch 2
     python benchmarks/facts_service.py --repeats 2 '{}' '{"batch_size": 4}'
     python benchmarks/facts_service.py '{}' '{"settings": {"train_precision": "fp32", "serve_dtype": "float32"}}'
+    python benchmarks/facts_service.py '{"seed": 1}' '{"seed": 1, "settings": {"train_precision": "fp32"}}'
 
-A cell's "settings" are the service's (slmtune/service/settings.py) for that cell; the rest are the
-job's hyperparameters.
+A cell's "settings" are the service's (slmtune/service/settings.py) for that cell, its "seed" the
+job's seed (42 unless given: the held-out split, the adapter's initialization and the order); the
+rest are the job's hyperparameters.
 
 Cells run one after another and alternate when repeated (machine speed drifts); prints a table.
 Needs `slmtune models pull smollm2-135m-instruct`. It reuses the test suite's service harness
@@ -38,7 +40,7 @@ EXAMPLES = REPO / "examples" / "product_facts"
 
 
 def cell(requested: dict, home: Path) -> dict:
-    hyperparameters = {k: v for k, v in requested.items() if k != "settings"}
+    hyperparameters = {k: v for k, v in requested.items() if k not in ("settings", "seed")}
     system = json.loads((EXAMPLES / "train.jsonl").open().readline())["messages"][0]["content"]
     questions = [json.loads(line) for line in (EXAMPLES / "heldout.jsonl").read_text().splitlines()]
     create = {"method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}}
@@ -46,7 +48,8 @@ def cell(requested: dict, home: Path) -> dict:
     started = time.time()
     try:
         with smollm2_job(home, patch, "facts", EXAMPLES / "train.jsonl", timeout=7200,
-                         settings=requested.get("settings"), **create) as (client, job):
+                         settings=requested.get("settings"),
+                         seed=requested.get("seed", 42), **create) as (client, job):
             if job.status != "succeeded":
                 raise SystemExit(f"job {job.id} {job.status}: {job.error}")
             right = facts_right(client, job.fine_tuned_model, system, questions)
@@ -70,10 +73,10 @@ def main() -> None:
                 rows.append(cell(json.loads(text), Path(tmp) / f"home-{repeat}-{i}") | {"repeat": repeat})
                 print(json.dumps(rows[-1]), flush=True)
     print(f"\nmachine: {os.cpu_count()} cores; torch threads 2 (the service's train_threads)")
-    print(f"{'requested':<24}{'epochs':>7}{'batch':>6}{'lr x':>6}{'right':>8}{'seconds':>9}")
+    print(f"{'epochs':>6}{'batch':>6}{'lr x':>6}{'right':>8}{'seconds':>9}  requested")
     for r in rows:
-        print(f"{r['requested']:<24}{r['n_epochs']:>7}{r['batch_size']:>6}{r['lr_multiplier']:>6g}"
-              f"{r['right']:>5}/{r['of']:<2}{r['seconds']:>9}")
+        print(f"{r['n_epochs']:>6}{r['batch_size']:>6}{r['lr_multiplier']:>6g}"
+              f"{r['right']:>5}/{r['of']:<2}{r['seconds']:>9}  {r['requested']}")
 
 
 if __name__ == "__main__":

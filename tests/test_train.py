@@ -331,7 +331,7 @@ def test_step_size_resolution(accelerator, micro, accumulation, expected):
     # A small file without a step size steps every few examples, as a service job of it would.
     small = cfg.resolved_for_data(75, "lora")
     if accumulation is None:
-        assert small.gradient_accumulation_steps is None and small.examples_per_step == auto.batch_size(75) == 2
+        assert small.gradient_accumulation_steps is None and small.examples_per_step == auto.batch_size(75) == 1
     else:
         assert small.gradient_accumulation_steps == accumulation and small.examples_per_step is None
     per_example = TrainSection(examples_per_step=8).resolved(accelerator).resolved_for_data(75, "lora")
@@ -348,8 +348,8 @@ def test_run_saves_the_resolved_step_size(tiny_llama_dir, chat_file, tmp_path):
     from slmtune.config import load_recipe
 
     saved = load_recipe(tmp_path / "run" / "recipe.yaml").train
-    # 24 examples and no step size: 2 examples per step (slmtune/auto.py batch_size), as a service job.
-    assert (saved.micro_batch_size, saved.gradient_accumulation_steps, saved.examples_per_step) == (1, None, 2)
+    # 24 examples and no step size: 1 example per step (slmtune/auto.py batch_size), as a service job.
+    assert (saved.micro_batch_size, saved.gradient_accumulation_steps, saved.examples_per_step) == (1, None, 1)
 
 
 @pytest.mark.parametrize("kernel", ["math", "flash"])

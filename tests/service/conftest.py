@@ -104,7 +104,7 @@ SMOLLM2 = "smollm2-135m-instruct"
 
 @contextmanager
 def smollm2_job(home: Path, monkeypatch, tenant: str, train_file: Path, *, timeout: float,
-                settings: dict | None = None, **create):
+                settings: dict | None = None, seed: int = 42, **create):
     """For the acceptance tests: a fresh service (`settings`: Settings fields beyond the defaults) on
     the real SmolLM2-135M-Instruct, one job on `train_file` (`create`: jobs.create's other
     arguments) run to its end; yields (client, job)."""
@@ -117,7 +117,7 @@ def smollm2_job(home: Path, monkeypatch, tenant: str, train_file: Path, *, timeo
         client = service.client(tenant).with_options(timeout=600)
         with open(train_file, "rb") as f:
             training = client.files.create(file=(train_file.name, f), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(model=SMOLLM2, training_file=training.id, seed=42, **create)
+        job = client.fine_tuning.jobs.create(model=SMOLLM2, training_file=training.id, seed=seed, **create)
         yield client, wait_for(client, job.id, timeout=timeout)
     finally:
         service.stop()

@@ -77,7 +77,7 @@ def test_paused_job_is_not_claimed_until_its_worker_lets_go(tmp_path):
     assert store.claim("b", timeout=30).id == job_id
 
 
-@pytest.mark.parametrize("n, expected", [(10, (10, 1)), (20, (10, 2)), (75, (7, 2)), (99, (6, 2)), (100, (5, 4)), (500, (3, 4)),
+@pytest.mark.parametrize("n, expected", [(10, (10, 1)), (20, (10, 1)), (75, (7, 1)), (99, (6, 1)), (100, (5, 4)), (500, (3, 4)),
                                          (5000, (3, 8))])
 def test_auto_hyperparameters(n, expected):
     values = hyper.resolve({"n_epochs": "auto"}, n)
