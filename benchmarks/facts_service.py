@@ -10,8 +10,9 @@ answered greedily through chat completions, scored as the acceptance test scores
     python benchmarks/facts_service.py '{"seed": 1}' '{"seed": 1, "settings": {"train_precision": "fp32"}}'
 
 A cell's "settings" are the service's (slmtune/service/settings.py) for that cell, its "seed" the
-job's seed (42 unless given: the held-out split, the adapter's initialization and the order); the
-rest are the job's hyperparameters.
+job's seed (42 unless given: the held-out split, the adapter's initialization and the order), its
+"train" recipe keys the API does not expose, merged into the job's recipe (an experiment of what
+"auto" could set, e.g. '{"train": {"neftune_alpha": 5}}'); the rest are the job's hyperparameters.
 
 Cells run one after another and alternate when repeated (machine speed drifts); prints a table.
 Needs `slmtune models pull smollm2-135m-instruct`. It reuses the test suite's service harness
@@ -33,18 +34,29 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the tests package: the service harness and the facts score
 
+from slmtune.service import hyper  # noqa: E402
 from tests.service.conftest import smollm2_job  # noqa: E402
 from tests.service.test_facts_service import facts_right  # noqa: E402
 
 EXAMPLES = REPO / "examples" / "product_facts"
 
 
+def with_train_keys(build_recipe, train: dict):
+    """hyper.build_recipe, its recipe's train section updated with `train`."""
+    def build(**kwargs):
+        recipe = build_recipe(**kwargs)
+        return recipe.model_copy(update={"train": recipe.train.model_copy(update=train)})
+    return build
+
+
 def cell(requested: dict, home: Path) -> dict:
-    hyperparameters = {k: v for k, v in requested.items() if k not in ("settings", "seed")}
+    hyperparameters = {k: v for k, v in requested.items() if k not in ("settings", "seed", "train")}
     system = json.loads((EXAMPLES / "train.jsonl").open().readline())["messages"][0]["content"]
     questions = [json.loads(line) for line in (EXAMPLES / "heldout.jsonl").read_text().splitlines()]
     create = {"method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}}
     patch = pytest.MonkeyPatch()
+    if requested.get("train"):
+        patch.setattr(hyper, "build_recipe", with_train_keys(hyper.build_recipe, requested["train"]))
     started = time.time()
     try:
         with smollm2_job(home, patch, "facts", EXAMPLES / "train.jsonl", timeout=7200,

@@ -289,6 +289,11 @@ class TrainSection(Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps with linear warmup.")
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
+    neftune_alpha: float | None = Field(
+        None, ge=0, description="NEFTune: uniform noise of scale alpha / sqrt(length x hidden) on the input "
+        "embeddings while training (Jain et al. 2023; 5 is the paper's usual value); supervised objective only. "
+        "null: none."
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables it.")
     seed: int = 42
     precision: Precision = Field(
@@ -414,6 +419,10 @@ class TrainSection(Section):
     def _chunks_need_fused_loss(self) -> "TrainSection":
         if self.loss_chunk_tokens is not None and self.cross_entropy == "plain":
             raise ValueError("loss_chunk_tokens sets the chunks of cross_entropy: fused; plain takes all targets at once")
+        # GRPO samples its answers with the policy in training mode, and preference losses compare the
+        # policy with a reference on the same inputs: noise there would change what is measured.
+        if self.neftune_alpha and self.objective.name != "sft":
+            raise ValueError(f"neftune_alpha applies to the sft objective, not {self.objective.name}")
         return self
 
     def resolved(self, accelerator: bool) -> "TrainSection":

@@ -32,6 +32,7 @@ from slmtune.training import events
 from slmtune.training.distributed import SingleProcess
 from slmtune.training.feed import Feed
 from slmtune.training.loss import ObjectiveLoss, autocast_dtype, target_loss_sum
+from slmtune.training.neftune import noisy_embeddings
 from slmtune.training.rundir import CHECKPOINT_STATE, RunDir
 
 def peak_rss_mb() -> float:
@@ -337,7 +338,7 @@ def train(
             return True
         return False
 
-    with StopRequested() as stop:
+    with StopRequested() as stop, noisy_embeddings(model, cfg.neftune_alpha):
         while state.step < total_steps:
             started = time.perf_counter()
             batches = feed.batches_of_step(state.step)
