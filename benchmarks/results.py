@@ -3,6 +3,7 @@
     python benchmarks/results.py                                  # every task, LoRA, + methods on two tasks
     python benchmarks/results.py --tasks ner        # rerun one task; the other rows of docs/results/results.json stay
     python benchmarks/results.py --tasks classification --methods-on     # only its LoRA row; its other methods' rows stay
+    python benchmarks/results.py --tasks classification --methods qlora dora full   # those rows only; LoRA's stays
     python benchmarks/results.py --tasks classification --max-examples 16 --test-limit 4 --runs runs/smoke --out /tmp/r.md
 
 A finished (task, method) pair is reused when its run directory and eval.json already exist, so an
@@ -136,6 +137,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="*", default=TASKS, choices=TASKS)
     parser.add_argument("--methods-on", nargs="*", default=["classification", "qa"], choices=TASKS)
+    parser.add_argument("--methods", nargs="*", default=["lora", *METHOD_SECTIONS], choices=["lora", *METHOD_SECTIONS],
+                        help="methods to run (LoRA on every task, the others on the --methods-on tasks); "
+                             "the published rows of the others stay")
     parser.add_argument("--test-limit", type=int, help="test rows per task (default: TEST_LIMIT)")
     parser.add_argument("--max-examples", type=int, help="override every recipe's data.max_examples (smoke runs)")
     parser.add_argument("--fresh", action="store_true", help="retrain and rescore finished pairs")
@@ -156,7 +160,8 @@ def main() -> None:
         limit = args.test_limit or TEST_LIMIT[task]
         reuse = not args.fresh
         base = evaluate("smollm2-135m-instruct", task, runs / f"{task}-base.json", limit, reuse)
-        for method in ["lora"] + (list(METHOD_SECTIONS) if task in args.methods_on else []):
+        methods = ["lora"] + (list(METHOD_SECTIONS) if task in args.methods_on else [])
+        for method in [m for m in methods if m in args.methods]:
             run_dir = train(task, method, runs / f"{task}-{method}", args.max_examples, reuse)
             scores = runs / f"{task}-{method}-eval.json"
             # A retrained run makes its old scores stale.
@@ -178,8 +183,9 @@ def main() -> None:
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             (runs / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     figures.mkdir(parents=True, exist_ok=True)
-    if not args.table_only and set(args.tasks) != set(TASKS) and published.exists():
-        # A run of some tasks (e.g. `--tasks ner` after changing its recipe) replaces only the rows it made.
+    partial = set(args.tasks) != set(TASKS) or set(args.methods) != {"lora", *METHOD_SECTIONS}
+    if not args.table_only and partial and published.exists():
+        # A run of some tasks or methods (e.g. `--tasks ner` after changing its recipe) replaces only the rows it made.
         made = {(r["task"], r["method"]) for r in rows}
         kept = [r for r in json.loads(published.read_text()) if (r["task"], r["method"]) not in made]
         methods = ["lora", *METHOD_SECTIONS]

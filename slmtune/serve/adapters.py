@@ -207,13 +207,15 @@ class AdapterNames:
         if name in self._loaded and self._loaded[name][0] != source:
             self._unload(name)  # re-registered elsewhere since it was loaded
         if name not in self._loaded:
-            while len(self._loaded) >= self.max_loaded:
-                self._unload(next(iter(self._loaded)))
-                self.evictions += 1
+            # Load before evicting: an adapter that fails to load leaves the loaded ones serving
+            # (one more than the cap is loaded for a moment; adapters are small next to the base).
             handle = self._open(source)
             with self._lock:
                 self._loaded[name] = (source, handle)
             self.loads += 1
+            while len(self._loaded) > self.max_loaded:
+                self._unload(next(iter(self._loaded)))  # the least recently used; the new one is last
+                self.evictions += 1
         with self._lock:
             self._loaded.move_to_end(name)
             return self._loaded[name][1]

@@ -28,6 +28,7 @@ behind tenant checks), store.py (every database operation), worker.py (runs the 
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -44,6 +45,8 @@ from slmtune.service.routes import console, files, graders, jobs, models
 from slmtune.service.serving import ServingGuard
 from slmtune.service.settings import Settings
 from slmtune.service.store import new_id
+
+log = logging.getLogger(__name__)
 
 
 # The console is same-origin script and CSS only; nothing may frame it or sniff types.
@@ -110,6 +113,8 @@ def engine_problem(service: Service) -> str | None:
     """Why the serving engine is not ready (None: ready, or this service does not serve)."""
     if not service.settings.serve:
         return None
+    if service.engine_error is not None:
+        return service.engine_error
     if service.engine is None:
         return "the base model is still loading"
     return None if service.engine.running else "the engine thread is not running"
@@ -148,12 +153,18 @@ def create_service_app(settings: Settings, *, engine=None) -> FastAPI:
         started_engine = None
         if service.engine is None and settings.serve and settings.models:
             name, path = next(iter(settings.models.items()))
-            service.engine = started_engine = await asyncio.to_thread(load_engine, settings, name, path)
+            try:
+                service.engine = started_engine = await asyncio.to_thread(load_engine, settings, name, path)
+            except Exception as err:  # noqa: BLE001 - a broken base must not take the fine-tuning API down with it
+                log.exception("the serving engine for %s did not load; serving nothing", name)
+                service.engine_error = f"The serving engine for `{name}` failed to load: {type(err).__name__}: {err}"
         if service.engine is not None:
             # The serving app's admin routes are never reachable through the guard; its token is random.
             serve_app = create_app(service.engine, admin_token=new_id("admin", 24))
             app.mount("/", ServingGuard(service, serve_app))
             service.engine.start()
+        elif service.engine_error is not None:
+            app.mount("/", ServingGuard(service, None))  # chat requests: 503 with the reason
         service.start_workers()
         try:
             yield

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import uuid
@@ -59,9 +60,16 @@ def base_gguf(settings: Settings, name: str, model: str) -> Path:
     name at other weights converts them instead of serving the old ones."""
     source = Path(resolve(model))
     path = settings.service_dir / "gguf" / f"{name}-{settings.serve_gguf_quant}-{weights_fingerprint(source)}.gguf"
-    if not path.is_file():
-        _publish(path, lambda tmp: write_gguf(load_model(model), load_tokenizer(model), tmp,
-                                              settings.serve_gguf_quant, name=name))
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Converting loads the weights in float32: replicas starting together on one volume take turns,
+    # and the ones that waited find the file written (flock: released if the holder dies).
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.is_file():
+            _publish(path, lambda tmp: write_gguf(load_model(model), load_tokenizer(model), tmp,
+                                                  settings.serve_gguf_quant, name=name))
     return path
 
 

@@ -2,7 +2,8 @@
 
 `ServingGuard` wraps the slmtune/serve app (ASGI): it authenticates the key, reads the body's
 `model` (a base model or one of the tenant's succeeded fine-tuned models, registered with the
-engine on first use) and then hands the request to the serving app unchanged.
+engine on first use) and then hands the request to the serving app unchanged. With no serving app
+(the engine failed to load at startup) it answers 503 with the reason; the fine-tuning API stays up.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ SERVED_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
 class ServingGuard:
-    def __init__(self, service: Service, inner):
+    def __init__(self, service: Service, inner):  # inner: the serving app, None when the engine failed
         self.service, self.inner = service, inner
 
     async def __call__(self, scope, receive, send):
@@ -33,6 +34,10 @@ class ServingGuard:
             tenant = await asyncio.to_thread(tenant_of, self.service, headers.get("authorization"))
         except ApiError as err:
             return await send_error(send, err)
+        if self.inner is None:
+            return await send_error(send, ApiError(
+                503, f"{self.service.engine_error}. Fine-tuning jobs still run; the server's log has the details.",
+                type="server_error", code="engine_unavailable"))
         chunks, more = [], True
         while more:
             message = await receive()

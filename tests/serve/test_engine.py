@@ -70,6 +70,28 @@ def test_adapters_unload_down_to_the_plain_base_and_load_again(tiny_llama_dir, t
         engine.stop()
 
 
+def test_an_adapter_that_fails_to_load_evicts_none_of_the_loaded_ones(tiny_llama_dir, tmp_path):
+    good = perturbed_adapter(tiny_llama_dir, tmp_path / "good", seed=1)
+    broken = perturbed_adapter(tiny_llama_dir, tmp_path / "broken", seed=2)
+    engine = Engine.load(str(tiny_llama_dir), {"good": str(good), "broken": str(broken)},
+                         max_loaded_adapters=1).start()
+    try:
+        def ask(model):
+            request = engine.chat_request(model, [{"role": "user", "content": "hello"}],
+                                          SamplingParams(temperature=0, max_tokens=8))
+            return engine.generate(request, timeout=60).text
+
+        first = ask("good")
+        # Registered while valid, corrupted on disk afterwards (a half-copied upload, a full disk).
+        (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+        with pytest.raises(AdapterError, match="'broken'.*could not be loaded"):
+            ask("broken")
+        assert engine.registry.loaded() == ["good"] and engine.stats()["adapter_evictions"] == 0
+        assert ask("good") == first and engine.stats()["adapter_loads"] == 1  # still loaded: not loaded again
+    finally:
+        engine.stop()
+
+
 def test_registration_checks(tiny_llama_dir, tmp_path):
     registry = AdapterRegistry(model=None, base_model=str(tiny_llama_dir))
     with pytest.raises(AdapterError, match="neither a run directory"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import httpx2 as httpx
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -32,5 +34,28 @@ def test_the_fine_tuning_service(tmp_path, tiny_llama_dir, upload):
             conn.exec_driver_sql("UPDATE slm_alembic_version SET version_num = 'old'")
         not_ready = httpx.get(service.url + "/readyz", timeout=30)
         assert not_ready.status_code == 503 and "old" in not_ready.json()["checks"]["database"]
+    finally:
+        service.stop()
+
+
+def test_a_base_that_fails_to_load_leaves_the_fine_tuning_api_up_and_says_why(tmp_path, tiny_llama_dir, upload):
+    broken = tmp_path / "broken-base"
+    shutil.copytree(tiny_llama_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"damaged")  # a half-copied or corrupted model volume
+    service = start_service(tmp_path / "home", broken, workers=0)
+    try:
+        assert httpx.get(service.url + "/healthz", timeout=30).status_code == 200
+        ready = httpx.get(service.url + "/readyz", timeout=30)
+        assert ready.status_code == 503 and "failed to load" in ready.json()["checks"]["engine"]
+        client = service.client("acme")
+        f = upload(client, training_rows(12))
+        assert [x.id for x in client.files.list().data] == [f.id]  # the fine-tuning API answers
+        chat = httpx.post(service.url + "/v1/chat/completions", timeout=30,
+                          headers={"Authorization": f"Bearer {client.api_key}"},
+                          json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 503 and chat.json()["error"]["code"] == "engine_unavailable"
+        assert "`tiny` failed to load" in chat.json()["error"]["message"]
+        anonymous = httpx.post(service.url + "/v1/chat/completions", timeout=30, json={"model": "tiny"})
+        assert anonymous.status_code == 401  # the reason is for tenants only
     finally:
         service.stop()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import threading
 
 import openai
 import pytest
 from safetensors.torch import load_file, save_file
 
+from slmtune.service import engines
 from slmtune.service.engines import base_gguf, serves_method
 from slmtune.service.settings import Settings
 from tests.conftest import chat_example
@@ -499,3 +501,25 @@ def test_the_llamacpp_base_is_converted_once_per_weights(tmp_path, tiny_llama_di
     save_file({k: v + 1 for k, v in weights.items()}, model / "model.safetensors", metadata={"format": "pt"})
     second = base_gguf(settings, "base", str(model))
     assert second != first and second.read_bytes() != first.read_bytes()
+
+
+def test_replicas_starting_together_convert_the_llamacpp_base_once(tmp_path, tiny_llama_dir, monkeypatch):
+    """Converting loads the base in float32: API replicas sharing the service folder take turns, and
+    the ones that waited serve the file the first one wrote."""
+    settings = Settings(home=tmp_path / "home", serve_backend="llamacpp", serve_gguf_quant="f32")
+    conversions = []
+    real_write = engines.write_gguf
+
+    def counted(*args, **kwargs):
+        conversions.append(threading.get_ident())
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(engines, "write_gguf", counted)
+    paths = []
+    replicas = [threading.Thread(target=lambda: paths.append(base_gguf(settings, "base", str(tiny_llama_dir))))
+                for _ in range(3)]
+    for replica in replicas:
+        replica.start()
+    for replica in replicas:
+        replica.join(120)
+    assert len(conversions) == 1 and len(set(paths)) == 1 and len(paths) == 3 and paths[0].is_file()
