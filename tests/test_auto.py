@@ -13,7 +13,7 @@ from slmtune import auto, models
 from slmtune.cli import main as cli_main
 from slmtune.config import load_recipe, recipe_from_dict
 from slmtune.data.dataset import CountTooSlow, build_datasets, count_target_tokens
-from slmtune.data.formats import MAX_MESSAGES, DataError
+from slmtune.data.formats import MAX_MESSAGES, DataError, check_example
 from slmtune.data.validate import read_records
 from slmtune.evaluate import evaluate
 from slmtune.models import load_tokenizer
@@ -201,6 +201,31 @@ def test_a_chat_example_of_too_many_messages_is_an_error(tmp_path):
     data = write_jsonl(tmp_path / "long.jsonl", [{"messages": turns}] * 10)
     with pytest.raises(DataError, match=f"long.jsonl:1: error too_many_messages: `messages` holds {MAX_MESSAGES + 2} messages"):
         read_records(data)
+
+
+def _turns(n: int, last: str = "user") -> list[dict]:
+    roles = ["user", "assistant"] * n
+    return [{"role": role, "content": "hi"} for role in roles[:n - 1]] + [{"role": last, "content": "hi"}]
+
+
+# Every format whose rows hold a list of messages has the same cap: (format, a row of n messages).
+MESSAGE_LISTS = {
+    "chat": lambda n: {"messages": _turns(n, "assistant")},
+    "preference, OpenAI's shape": lambda n: {"input": {"messages": _turns(n)},
+                                             "preferred_output": [{"role": "assistant", "content": "a"}],
+                                             "non_preferred_output": [{"role": "assistant", "content": "b"}]},
+    "preference, prompt/chosen/rejected": lambda n: {"prompt": _turns(n), "chosen": "a", "rejected": "b"},
+    "reinforcement": lambda n: {"messages": _turns(n)},
+}
+
+
+@pytest.mark.parametrize("kind", MESSAGE_LISTS)
+def test_every_message_list_holds_at_most_max_messages(kind):
+    fmt = kind.split(",")[0]
+    assert check_example(fmt, MESSAGE_LISTS[kind](MAX_MESSAGES + 1)) == [
+        ("too_many_messages", f"{'the prompt' if fmt == 'preference' else '`messages`'} holds {MAX_MESSAGES + 1} "
+                              f"messages, more than the {MAX_MESSAGES} an example may have")]
+    assert check_example(fmt, MESSAGE_LISTS[kind](MAX_MESSAGES - 1)) == []  # (odd: a prompt ends with the user's turn)
 
 
 # (rows, answer, validation file): 40 facts, the examples term (clamped to 10); 250 short answers,

@@ -40,6 +40,8 @@ class Record:
 MAX_LINE_BYTES = 32 * 2**20  # one example; longer lines are reported, never held in memory whole
 # Messages of one chat example: tokenizing renders the conversation once per turn, so a row's cost
 # grows with the square of its messages (1,024: about 2 s; an unbounded row could take hours).
+# Preference prompts and reinforcement prompts are rendered once, but hold the same cap: a row's
+# problems are listed per message, and no real prompt comes near it.
 MAX_MESSAGES = 1024
 
 
@@ -95,6 +97,10 @@ def detect_format(data: Any) -> str | None:
     return None
 
 
+def too_many_messages(what: str, n: int) -> tuple[str, str]:
+    return ("too_many_messages", f"{what} holds {n} messages, more than the {MAX_MESSAGES} an example may have")
+
+
 def _nonblank_str(value: Any) -> bool:
     return isinstance(value, str) and value.strip() != ""
 
@@ -108,8 +114,7 @@ def check_example(fmt: str, data: dict) -> list[tuple[str, str]]:
         if not isinstance(messages, list) or not messages:
             return [("missing_messages", "`messages` must be a non-empty list")]
         if len(messages) > MAX_MESSAGES:
-            return [("too_many_messages", f"`messages` holds {len(messages)} messages, more than the "
-                                          f"{MAX_MESSAGES} an example may have")]
+            return [too_many_messages("`messages`", len(messages))]
         has_assistant = False
         for i, msg in enumerate(messages):
             if not isinstance(msg, dict):
@@ -189,6 +194,8 @@ def check_preference(data: dict) -> list[tuple[str, str]]:
         # A chosen/rejected string is the assistant's answer; a list holds it as its last message.
         outputs = [[{"role": "assistant", "content": o}] if isinstance(o, str) else
                    (o[-1:] if isinstance(o, list) and o else o) for o in outputs]
+    if len(prompt) > MAX_MESSAGES:
+        return [too_many_messages("the prompt", len(prompt))]
     problems = []
     for i, message in enumerate(prompt):
         if not isinstance(message, dict):
@@ -237,6 +244,8 @@ def check_reinforcement(data: dict, grader_fields: set[str]) -> list[tuple[str, 
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         return [("missing_messages", "`messages` must be a non-empty list")]
+    if len(messages) > MAX_MESSAGES:
+        return [too_many_messages("`messages`", len(messages))]
     problems = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):

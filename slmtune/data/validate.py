@@ -14,8 +14,8 @@ Codes (errors unless marked):
   unknown_role          role is not system, user, assistant or tool
   empty_content         content is missing, not a string, or blank (an assistant turn with tool_calls may
                         have none)
-  too_many_messages     a chat example of more than 1,024 messages (formats.MAX_MESSAGES: tokenizing
-                        renders the conversation once per turn)
+  too_many_messages     a chat example, preference prompt or reinforcement prompt of more than 1,024
+                        messages (formats.MAX_MESSAGES: tokenizing renders a conversation once per turn)
   Function calling (slmtune/data/tools.py):
   invalid_tools         `tools` is not a list of {"type": "function", "function": {name, parameters}}
                         specs (a bad name, a `parameters` that is not a JSON schema, a repeated name)
