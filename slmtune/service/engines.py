@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from slmtune.models import load_model, load_tokenizer, resolve
 from slmtune.serve.engine import Engine
 from slmtune.service.settings import Settings
 from slmtune.training.rundir import RunDir
+
+FINGERPRINT_HEX = 10  # hex digits of weights_fingerprint in a converted base's file name
 
 
 def load_engine(settings: Settings, name: str, model: str):
@@ -70,6 +73,12 @@ def base_gguf(settings: Settings, name: str, model: str) -> Path:
         if not path.is_file():
             _publish(path, lambda tmp: write_gguf(load_model(model), load_tokenizer(model), tmp,
                                                   settings.serve_gguf_quant, name=name))
+            # Conversions of earlier weights under this name go: a replica still serving one keeps
+            # its open (mapped) file until it restarts, and then converts or finds the new one.
+            ours = re.compile(re.escape(f"{name}-{settings.serve_gguf_quant}-") + rf"[0-9a-f]{{{FINGERPRINT_HEX}}}\.gguf")
+            for stale in path.parent.iterdir():
+                if stale != path and ours.fullmatch(stale.name):
+                    stale.unlink(missing_ok=True)
     return path
 
 
@@ -81,7 +90,7 @@ def weights_fingerprint(model_dir: Path) -> str:
         if model_dir.is_dir() else []
     parts = [str(model_dir.resolve() if model_dir.is_dir() else model_dir)]
     parts += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
-    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:10]
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:FINGERPRINT_HEX]
 
 
 def serves_method(settings: Settings, method: str) -> bool:

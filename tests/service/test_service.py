@@ -499,8 +499,10 @@ def test_the_llamacpp_base_is_converted_once_per_weights(tmp_path, tiny_llama_di
     assert base_gguf(settings, "base", str(model)) == first and first.stat().st_mtime_ns == converted_at
     weights = load_file(model / "model.safetensors")
     save_file({k: v + 1 for k, v in weights.items()}, model / "model.safetensors", metadata={"format": "pt"})
+    first_bytes = first.read_bytes()
     second = base_gguf(settings, "base", str(model))
-    assert second != first and second.read_bytes() != first.read_bytes()
+    assert second != first and second.read_bytes() != first_bytes
+    assert not first.exists()  # the stale conversion is deleted, not left to fill the disk
 
 
 def test_replicas_starting_together_convert_the_llamacpp_base_once(tmp_path, tiny_llama_dir, monkeypatch):
