@@ -1,7 +1,8 @@
 """Health, readiness and Prometheus metrics for both servers (`slmtune serve`, `slmtune api`).
 
     GET /healthz   200 while the process serves HTTP (liveness)
-    GET /readyz    200 when every readiness check passes, else 503 naming the failing ones
+    GET /readyz    200 when every readiness check passes, else 503 naming the failing ones; what does
+                   not work while the app serves on is listed under "degraded"
     GET /metrics   Prometheus text format (prometheus-client)
 
 `install_health(app, checks, collect)` adds the three routes and an ASGI middleware that times every
@@ -69,8 +70,11 @@ class RequestTimer:
 
 
 def install_health(app: FastAPI, checks: dict[str, ReadinessCheck],
-                   collect: Callable[[], Iterable[Metric]] | None = None) -> CollectorRegistry:
-    """Add /healthz, /readyz, /metrics and request timing to `app`; returns its metrics registry."""
+                   collect: Callable[[], Iterable[Metric]] | None = None,
+                   degraded: dict[str, ReadinessCheck] | None = None) -> CollectorRegistry:
+    """Add /healthz, /readyz, /metrics and request timing to `app`; returns its metrics registry.
+    `degraded` checks name what does not work while the app still serves: /readyz lists their
+    reasons under "degraded" and stays 200."""
     registry = CollectorRegistry()
     latency = Histogram("slmtune_http_request_seconds", "HTTP request latency", ["method", "route", "status"],
                         buckets=LATENCY_BUCKETS, registry=registry)
@@ -93,6 +97,9 @@ def install_health(app: FastAPI, checks: dict[str, ReadinessCheck],
                 results[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         failing = {name: reason for name, reason in results.items() if reason}
         body = {"status": "ready" if not failing else "not ready", "checks": {n: r or "ok" for n, r in results.items()}}
+        notes = {name: reason for name, check in (degraded or {}).items() if (reason := check())}
+        if notes:
+            body["degraded"] = notes
         return JSONResponse(body, status_code=503 if failing else 200)
 
     @app.get("/metrics", include_in_schema=False)

@@ -125,7 +125,8 @@ def resolve_adapter(name: str, path: str | Path, base_model: str | None = None) 
 
 class AdapterNames:
     """The bookkeeping every adapter registry shares: the allow-list name -> AdapterSource and the
-    least-recently-used set loaded on the model (name -> (source, the backend's handle)).
+    least-recently-used set loaded on the model (name -> (source, the backend's handle)): `max_loaded`
+    at most, one more while a new adapter loads (the least recently used goes once it has loaded).
 
     register/remove/list are safe from any thread; sync(), _ensure_loaded() and the subclass's use()
     touch the model and must only be called from the thread that owns it (the engine thread). A

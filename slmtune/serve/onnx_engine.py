@@ -96,7 +96,13 @@ class OnnxAdapters(AdapterNames):
     def _close(self, name: str, slot: str) -> None:
         try:
             self.genai.unload(slot)
-        except Exception:  # noqa: BLE001 - still held by a Generator: tried again before the next load
+            return
+        except Exception:  # noqa: BLE001 - held by a Generator: maybe only through a reference cycle
+            pass
+        gc.collect()
+        try:
+            self.genai.unload(slot)
+        except Exception:  # noqa: BLE001 - still held by a live Generator: tried again before the next load
             log.warning("onnxruntime-genai could not unload adapter %s (%s) yet", name, slot)
             self.pending_unloads.append((name, slot))
 

@@ -47,6 +47,7 @@ from slmtune.service.settings import Settings
 from slmtune.service.store import new_id
 
 log = logging.getLogger(__name__)
+ENGINE_RETRY_MAX_SECONDS = 600
 
 
 # The console is same-origin script and CSS only; nothing may frame it or sniff types.
@@ -110,14 +111,49 @@ class UploadGuard:
 
 
 def engine_problem(service: Service) -> str | None:
-    """Why the serving engine is not ready (None: ready, or this service does not serve)."""
-    if not service.settings.serve:
+    """Why the serving engine is not ready (None: ready, or this service does not serve). A base that
+    failed to load is not one: the replica serves the fine-tuning API meanwhile (engine_degraded)."""
+    if not service.settings.serve or service.engine_error is not None:
         return None
-    if service.engine_error is not None:
-        return service.engine_error
     if service.engine is None:
         return "the base model is still loading"
     return None if service.engine.running else "the engine thread is not running"
+
+
+def engine_degraded(service: Service) -> str | None:
+    """Why chat requests get a 503 while the rest of the API serves: the base failed to load (retried)."""
+    return service.engine_error
+
+
+def serve_engine(service: Service, guard: ServingGuard, engine) -> None:
+    """Start `engine` and route chat requests to it through `guard`."""
+    engine.start()
+    service.engine, service.engine_error = engine, None
+    # The serving app's admin routes are never reachable through the guard; its token is random.
+    guard.inner = create_app(engine, admin_token=new_id("admin", 24))
+
+
+async def load_and_serve(service: Service, guard: ServingGuard, name: str, path: str) -> bool:
+    """Load the base `name` and serve it; False (the reason in service.engine_error) when it fails."""
+    try:
+        engine = await asyncio.to_thread(load_engine, service.settings, name, path)
+    except Exception as err:  # noqa: BLE001 - a broken base must not take the fine-tuning API down with it
+        log.exception("the serving engine for %s did not load; chat requests get 503 until it does", name)
+        service.engine_error = f"The serving engine for `{name}` failed to load: {type(err).__name__}: {err}"
+        return False
+    serve_engine(service, guard, engine)
+    return True
+
+
+async def retry_engine(service: Service, guard: ServingGuard, name: str, path: str) -> None:
+    """Try the failed base again, settings.engine_retry_seconds apart, doubling up to ten minutes."""
+    delay = service.settings.engine_retry_seconds
+    while True:
+        await asyncio.sleep(delay)
+        if await load_and_serve(service, guard, name, path):
+            log.info("the serving engine for %s loaded", name)
+            return
+        delay = min(ENGINE_RETRY_MAX_SECONDS, delay * 2)
 
 
 def service_metrics(service: Service) -> list:
@@ -150,28 +186,23 @@ def create_service_app(settings: Settings, *, engine=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         await asyncio.to_thread(service.store.migrate)
         (settings.service_dir / "files").mkdir(parents=True, exist_ok=True)
-        started_engine = None
-        if service.engine is None and settings.serve and settings.models:
-            name, path = next(iter(settings.models.items()))
-            try:
-                service.engine = started_engine = await asyncio.to_thread(load_engine, settings, name, path)
-            except Exception as err:  # noqa: BLE001 - a broken base must not take the fine-tuning API down with it
-                log.exception("the serving engine for %s did not load; serving nothing", name)
-                service.engine_error = f"The serving engine for `{name}` failed to load: {type(err).__name__}: {err}"
-        if service.engine is not None:
-            # The serving app's admin routes are never reachable through the guard; its token is random.
-            serve_app = create_app(service.engine, admin_token=new_id("admin", 24))
-            app.mount("/", ServingGuard(service, serve_app))
-            service.engine.start()
-        elif service.engine_error is not None:
-            app.mount("/", ServingGuard(service, None))  # chat requests: 503 with the reason
+        given_engine, retrying = service.engine, None
+        if given_engine is not None or (settings.serve and settings.models):
+            guard = ServingGuard(service, None)  # its serving app is set once the engine runs
+            app.mount("/", guard)
+            if given_engine is not None:
+                serve_engine(service, guard, given_engine)
+            elif not await load_and_serve(service, guard, *next(iter(settings.models.items()))):
+                retrying = asyncio.create_task(retry_engine(service, guard, *next(iter(settings.models.items()))))
         service.start_workers()
         try:
             yield
         finally:
+            if retrying is not None:
+                retrying.cancel()
             await asyncio.to_thread(service.stop_workers)
-            if started_engine is not None:
-                await asyncio.to_thread(started_engine.stop)
+            if service.engine is not None and service.engine is not given_engine:
+                await asyncio.to_thread(service.engine.stop)
             service.store.close()
 
     # The OpenAPI schema and its pages describe every route to anyone; off unless asked for.
@@ -190,7 +221,7 @@ def create_service_app(settings: Settings, *, engine=None) -> FastAPI:
         return response
 
     install_health(app, {"database": service.store.migration_problem, "engine": lambda: engine_problem(service)},
-                   lambda: service_metrics(service))
+                   lambda: service_metrics(service), degraded={"engine": lambda: engine_degraded(service)})
 
     for module in (files, jobs, graders, models, console):
         app.include_router(module.router)

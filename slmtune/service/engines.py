@@ -62,22 +62,25 @@ def base_gguf(settings: Settings, name: str, model: str) -> Path:
     service/gguf/: the file name carries a fingerprint of the weights, so pointing SLMTUNE_MODELS'
     name at other weights converts them instead of serving the old ones."""
     source = Path(resolve(model))
-    path = settings.service_dir / "gguf" / f"{name}-{settings.serve_gguf_quant}-{weights_fingerprint(source)}.gguf"
+    stem = settings.service_dir / "gguf" / f"{name}-{settings.serve_gguf_quant}"
+    path = stem.with_name(f"{stem.name}-{weights_fingerprint(source)}.gguf")
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Converting loads the weights in float32: replicas starting together on one volume take turns,
-    # and the ones that waited find the file written (flock: released if the holder dies).
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+    # Converting loads the weights in float32: replicas starting together on one volume take turns
+    # (one lock per name and quant), and the ones that waited find the file written (flock: released
+    # if the holder dies). The fingerprint is taken again under the lock: the weights may have changed.
+    with open(stem.with_name(f".{stem.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        path = stem.with_name(f"{stem.name}-{weights_fingerprint(source)}.gguf")
         if not path.is_file():
             _publish(path, lambda tmp: write_gguf(load_model(model), load_tokenizer(model), tmp,
                                                   settings.serve_gguf_quant, name=name))
-            # Conversions of earlier weights under this name go: a replica still serving one keeps
-            # its open (mapped) file until it restarts, and then converts or finds the new one.
-            ours = re.compile(re.escape(f"{name}-{settings.serve_gguf_quant}-") + rf"[0-9a-f]{{{FINGERPRINT_HEX}}}\.gguf")
+            # Conversions of earlier weights under this name go: a replica serving one keeps its open
+            # (mapped) file; one about to open it fails to load and is retried (service/app.py).
+            earlier = re.compile(re.escape(f"{stem.name}-") + rf"[0-9a-f]{{{FINGERPRINT_HEX}}}\.gguf")
             for stale in path.parent.iterdir():
-                if stale != path and ours.fullmatch(stale.name):
+                if stale != path and earlier.fullmatch(stale.name):
                     stale.unlink(missing_ok=True)
     return path
 

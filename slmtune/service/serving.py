@@ -3,7 +3,7 @@
 `ServingGuard` wraps the slmtune/serve app (ASGI): it authenticates the key, reads the body's
 `model` (a base model or one of the tenant's succeeded fine-tuned models, registered with the
 engine on first use) and then hands the request to the serving app unchanged. With no serving app
-(the engine failed to load at startup) it answers 503 with the reason; the fine-tuning API stays up.
+(the base failed to load; service/app.py retries it) it answers 503; the fine-tuning API stays up.
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ class ServingGuard:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
-            return await self.inner(scope, receive, send)
+            if self.inner is not None:
+                return await self.inner(scope, receive, send)
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1013})  # 1013: try again later
+            return
         path = scope["path"]
         if path not in SERVED_PATHS:
             return await send_error(send, ApiError(404, f"Unknown path {path}", code="not_found"))
@@ -34,9 +38,10 @@ class ServingGuard:
             tenant = await asyncio.to_thread(tenant_of, self.service, headers.get("authorization"))
         except ApiError as err:
             return await send_error(send, err)
-        if self.inner is None:
+        if self.inner is None:  # the base failed to load (its reason, which may hold paths, is the operator's)
             return await send_error(send, ApiError(
-                503, f"{self.service.engine_error}. Fine-tuning jobs still run; the server's log has the details.",
+                503, "The serving engine is not available: its base model failed to load and is retried. "
+                     "Fine-tuning jobs still run; the operator finds the reason in the server's log and /readyz.",
                 type="server_error", code="engine_unavailable"))
         chunks, more = [], True
         while more:

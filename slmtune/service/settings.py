@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     train_precision: Precision = "auto"
     serve_threads: int | None = Field(None, ge=1)
     serve: bool = True  # load the first base model and serve fine-tuned models on /v1/chat/completions
+    # A base that fails to load is tried again after this many seconds, doubling up to ten minutes
+    # (a volume mounted late, a download that failed); meanwhile the fine-tuning API serves.
+    engine_retry_seconds: float = Field(30.0, gt=0)
     serve_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     serve_backend: Literal["torch", "llamacpp"] = "torch"
     serve_gguf_quant: Literal["f32", "f16", "bf16", "q8_0"] = "q8_0"
