@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 
 import httpx2 as httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from slmtune.service.serving import ServingGuard
 from tests.service.conftest import start_service, training_rows
 
 
@@ -70,3 +72,17 @@ def test_a_base_that_fails_to_load_leaves_the_fine_tuning_api_up_and_is_retried(
         assert answered.json()["choices"][0]["message"]["content"] is not None
     finally:
         service.stop()
+
+
+def test_with_no_serving_app_a_websocket_is_closed_not_crashed():
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    asyncio.run(ServingGuard(service=None, inner=None)({"type": "websocket", "path": "/v1/chat/completions"},
+                                                        receive, send))
+    assert sent == [{"type": "websocket.close", "code": 1013}]
