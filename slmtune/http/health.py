@@ -87,17 +87,21 @@ def install_health(app: FastAPI, checks: dict[str, ReadinessCheck],
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", include_in_schema=False)
-    async def readyz():
+    async def reasons(named_checks: dict[str, ReadinessCheck]) -> dict[str, str | None]:
         results = {}
-        for name, check in checks.items():
+        for name, check in named_checks.items():
             try:
                 results[name] = await asyncio.to_thread(check)
             except Exception as err:  # noqa: BLE001 - a failing check is a reason, not a 500
                 results[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        return results
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz():
+        results = await reasons(checks)
         failing = {name: reason for name, reason in results.items() if reason}
         body = {"status": "ready" if not failing else "not ready", "checks": {n: r or "ok" for n, r in results.items()}}
-        notes = {name: reason for name, check in (degraded or {}).items() if (reason := check())}
+        notes = {name: reason for name, reason in (await reasons(degraded or {})).items() if reason}
         if notes:
             body["degraded"] = notes
         return JSONResponse(body, status_code=503 if failing else 200)

@@ -96,15 +96,11 @@ class OnnxAdapters(AdapterNames):
     def _close(self, name: str, slot: str) -> None:
         try:
             self.genai.unload(slot)
-            return
-        except Exception:  # noqa: BLE001 - held by a Generator: maybe only through a reference cycle
-            pass
-        gc.collect()
-        try:
-            self.genai.unload(slot)
-        except Exception:  # noqa: BLE001 - still held by a live Generator: tried again before the next load
-            log.warning("onnxruntime-genai could not unload adapter %s (%s) yet", name, slot)
+        except Exception:  # noqa: BLE001 - held by a Generator, maybe only through a reference cycle
             self.pending_unloads.append((name, slot))
+            self.retry_unloads()  # at once: the garbage collector may free it; else before the next load
+            if (name, slot) in self.pending_unloads:
+                log.warning("onnxruntime-genai could not unload adapter %s (%s) yet", name, slot)
 
     def retry_unloads(self) -> None:
         """Unload the evicted adapters that are still loaded (before each load, so that loaded ones

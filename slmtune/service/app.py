@@ -190,10 +190,11 @@ def create_service_app(settings: Settings, *, engine=None) -> FastAPI:
         if given_engine is not None or (settings.serve and settings.models):
             guard = ServingGuard(service, None)  # its serving app is set once the engine runs
             app.mount("/", guard)
+            base = next(iter(settings.models.items()), None)  # (name, path) of the first model
             if given_engine is not None:
                 serve_engine(service, guard, given_engine)
-            elif not await load_and_serve(service, guard, *next(iter(settings.models.items()))):
-                retrying = asyncio.create_task(retry_engine(service, guard, *next(iter(settings.models.items()))))
+            elif not await load_and_serve(service, guard, *base):
+                retrying = asyncio.create_task(retry_engine(service, guard, *base))
         service.start_workers()
         try:
             yield

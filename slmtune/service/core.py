@@ -45,7 +45,7 @@ class Service:
         self.settings = settings
         self.store = Store(settings.db_url)
         self.engine = engine
-        self.engine_error: str | None = None  # why the engine failed to load at startup (then it serves nothing)
+        self.engine_error: str | None = None  # why the base failed to load (retried; None once it loads)
         self.workers: list[subprocess.Popen] = []
         self.workers_stopping = threading.Event()
 

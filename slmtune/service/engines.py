@@ -63,7 +63,11 @@ def base_gguf(settings: Settings, name: str, model: str) -> Path:
     name at other weights converts them instead of serving the old ones."""
     source = Path(resolve(model))
     stem = settings.service_dir / "gguf" / f"{name}-{settings.serve_gguf_quant}"
-    path = stem.with_name(f"{stem.name}-{weights_fingerprint(source)}.gguf")
+
+    def converted() -> Path:  # the file of the weights as they are now
+        return stem.with_name(f"{stem.name}-{weights_fingerprint(source)}.gguf")
+
+    path = converted()
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +76,7 @@ def base_gguf(settings: Settings, name: str, model: str) -> Path:
     # if the holder dies). The fingerprint is taken again under the lock: the weights may have changed.
     with open(stem.with_name(f".{stem.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        path = stem.with_name(f"{stem.name}-{weights_fingerprint(source)}.gguf")
+        path = converted()
         if not path.is_file():
             _publish(path, lambda tmp: write_gguf(load_model(model), load_tokenizer(model), tmp,
                                                   settings.serve_gguf_quant, name=name))
