@@ -290,7 +290,7 @@ class TrainSection(Section):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     neftune_alpha: float | None = Field(
-        None, ge=0, description="NEFTune: uniform noise of scale alpha / sqrt(length x hidden) on the input "
+        None, ge=0, description="NEFTune: uniform noise of scale alpha / sqrt(example length x hidden) on the input "
         "embeddings while training (Jain et al. 2023; 5 is the paper's usual value); supervised objective only. "
         "null: none."
     )

@@ -9,7 +9,9 @@ import torch
 
 from slmtune.config import RecipeError, recipe_from_dict
 from slmtune.models import load_model
-from slmtune.training.neftune import embedding_noise_scale, noisy_embeddings
+from slmtune.data.batching import collate
+from slmtune.data.tokenize import Example
+from slmtune.training.neftune import embedding_noise_scale, example_lengths, noisy_embeddings
 from slmtune.training import events
 from slmtune.training.rundir import RunDir
 from slmtune.training.run import run
@@ -35,6 +37,38 @@ def test_noise_is_uniform_at_the_papers_scale_in_training_mode_only(tiny_llama_d
     assert noise.mean().abs() < 0.05 * scale and noise.std() == pytest.approx(scale / math.sqrt(3), rel=0.05)
     model.train()
     assert torch.equal(embeddings(ids), clean)  # the hook is removed after the block
+
+
+def test_example_lengths_from_position_ids():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 0], [0, 1, 2, 3, 4, 5, 6]])
+    assert example_lengths(positions).tolist() == [[3, 3, 3, 2, 2, 1, 1], [7] * 7]
+
+
+@torch.no_grad()
+def test_each_example_gets_its_own_scale_packed_or_padded(tiny_llama_dir):
+    """Two examples of 10 and 30 tokens packed into one row, or padded into two: each token's noise
+    spans its own example's scale alpha / sqrt(L d), not the row's."""
+    model = load_model(str(tiny_llama_dir))
+    embeddings, decoder = model.get_input_embeddings(), model.get_decoder()
+    generator = torch.Generator().manual_seed(0)
+    examples = [Example(torch.randint(5, 100, (n,), generator=generator).tolist(), [-100] * n) for n in (10, 30)]
+    alpha, hidden = 5.0, model.config.hidden_size
+    bounds = {n: embedding_noise_scale(alpha, n, hidden) for n in (10, 30)}
+    for packed, rows in ((True, [examples]), (False, [[e] for e in examples])):
+        batch = collate(rows, pad_id=0, packed=packed)
+        clean = embeddings(batch["input_ids"])
+        seen = []
+        with noisy_embeddings(model, alpha):
+            model.train()
+            recorder = embeddings.register_forward_hook(lambda module, inputs, output: seen.append(output))
+            decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+            recorder.remove()
+            model.eval()
+        noise = (seen[0] - clean).abs()
+        spans = [(0, 0, 10), (0, 10, 30)] if packed else [(0, 0, 10), (1, 0, 30)]
+        for (row, start, n) in spans:
+            part = noise[row, start:start + n]
+            assert bounds[n] * 0.9 < part.max() <= bounds[n] * (1 + 1e-5), (packed, n)
 
 
 def losses(run_dir) -> list[float]:
