@@ -34,7 +34,7 @@ from slmtune.data.dataset import pairs_from_task_examples
 from slmtune.data.formats import detect_format
 from slmtune.data.tokenize import Pair, encode_pair
 from slmtune.data.validate import read_records
-from slmtune.scoring import DEFAULT_BATCH_SIZE, answer_rows, generate_batched
+from slmtune.scoring import DEFAULT_BATCH_SIZE, answer_rows, generate_batched, metric_interval
 from slmtune.grader_sandbox import run_python
 from slmtune.graders import check_grader, grade, item_fields
 from slmtune.models import end_of_turn_ids
@@ -292,6 +292,10 @@ def evaluate(
     rows_data = [r.data for r in rows]
     predictions = answers.predictions if answers is not None else [None] * len(rows)
     metrics = module.score(predictions, rows_data, losses=losses)
+    interval = None
+    if answers is not None:  # what the rows' number allows the headline metric; loss metrics are not resampled
+        interval = metric_interval(lambda p, r: module.score(p, r, losses=losses).get(module.METRIC),
+                                   predictions, rows_data)
     if pairs:
         if module.FORMAT != "chat":
             raise DataError(f"--pairs: task {task} has no answers to pair (it trains on plain text)")
@@ -311,6 +315,7 @@ def evaluate(
         "batch_size": batch_size,
         "max_new_tokens": budget,
         "metrics": metrics,
+        "interval": interval and {"metric": module.METRIC} | interval,
         "seconds": round(time.perf_counter() - start, 3),
         "examples": [
             {"line": r.line, "prompt": p[-1]["content"] if p else "", "output": o, "prediction": pred,
@@ -341,6 +346,11 @@ def format_table(report: dict) -> str:
     lines = [f"{report['task']} on {report['data']} ({report['n_examples']} examples, {report['seconds']:.1f} s)",
              f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 10}"]
     lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    interval = report.get("interval")
+    if interval:
+        lines.append(f"{interval['metric']} {interval['level']:.0%} interval: {interval['low']:.4f} - "
+                     f"{interval['high']:.4f} (bootstrap over the {report['n_examples']} rows, "
+                     f"{interval['resamples']} resamples: what this many rows can tell apart)")
     return "\n".join(lines)
 
 

@@ -8,10 +8,15 @@ run's checkpoint selection by task metric (`train.select_by: metric`, on the val
 
 Rows become prompts through the task's template (as in training); answers are greedy, batched,
 through slmtune.generation.complete (what serving uses too); the task parses each answer.
+`metric_interval` says how far a score on this many rows can be trusted (a bootstrap over the rows).
 """
 
 from __future__ import annotations
 
+import math
+import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +27,10 @@ from slmtune.tasks import TASKS
 from slmtune.tasks.common import split_last_assistant
 
 DEFAULT_BATCH_SIZE = 8
+INTERVAL_LEVEL = 0.95
+INTERVAL_RESAMPLES = 1000
+INTERVAL_MIN_RESAMPLES = 200  # fewer (a slow metric on a large file): no interval rather than a rough one
+INTERVAL_SECONDS = 10.0
 
 
 @dataclass
@@ -81,3 +90,32 @@ def score_rows(model, tokenizer, task: str, rows: list[dict], context: dict, *, 
         answers = answer_rows(model, tokenizer, task, rows, context, system_prompt=system_prompt,
                               batch_size=batch_size)
     return TASKS[task].score(answers.predictions, rows)
+
+
+def metric_interval(metric: Callable[[list, list], float | None], predictions: list, rows: list, *,
+                    resamples: int = INTERVAL_RESAMPLES, seconds: float = INTERVAL_SECONDS,
+                    seed: int = 0) -> dict | None:
+    """A 95% percentile-bootstrap interval of `metric(predictions, rows)`: the rows drawn with
+    replacement `resamples` times (seeded, so a report is reproducible), the metric recomputed on each
+    draw. It is what the test file's size allows, not the model's variation between training seeds.
+    None with fewer than 2 rows, a metric that is not a number, or when fewer than
+    INTERVAL_MIN_RESAMPLES draws fit in `seconds`."""
+    n = len(rows)
+    if n < 2:
+        return None
+    rng, values, deadline = random.Random(seed), [], time.monotonic() + seconds
+    for _ in range(resamples):
+        picks = [rng.randrange(n) for _ in range(n)]
+        value = metric([predictions[i] for i in picks], [rows[i] for i in picks])
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+            return None
+        values.append(float(value))
+        if time.monotonic() > deadline:
+            break
+    if len(values) < INTERVAL_MIN_RESAMPLES:
+        return None
+    values.sort()
+    tail = (1 - INTERVAL_LEVEL) / 2
+    low = values[math.floor(tail * (len(values) - 1))]
+    high = values[math.ceil((1 - tail) * (len(values) - 1))]
+    return {"level": INTERVAL_LEVEL, "low": low, "high": high, "resamples": len(values), "method": "bootstrap"}

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from slmtune.cli import main
 from slmtune.config import recipe_from_dict
 from slmtune.data.tokenize import IGNORE, encode
-from slmtune.evaluate import evaluate
-from slmtune.scoring import generate_batched, states_fact
+from slmtune.evaluate import evaluate, format_table
+from slmtune.scoring import generate_batched, metric_interval, states_fact
 from slmtune.models import load_model, load_tokenizer
 from slmtune.training.run import run
 from tests.conftest import write_jsonl
@@ -154,3 +154,40 @@ def test_tools_eval_offers_the_tools_and_scores_calls(tiny_llama_dir, tmp_path, 
 ])
 def test_a_held_out_answer_states_its_fact_case_insensitively(answer, expected, right):
     assert states_fact(answer, expected) is right
+
+
+def test_metric_interval_is_a_seeded_bootstrap_of_the_rows():
+    accuracy = lambda predictions, rows: sum(p == r for p, r in zip(predictions, rows)) / len(rows)  # noqa: E731
+    rows = ["a"] * 100
+    predictions = ["a"] * 90 + ["b"] * 10
+    interval = metric_interval(accuracy, predictions, rows)
+    assert interval == metric_interval(accuracy, predictions, rows)  # seeded: a report is reproducible
+    assert interval["resamples"] == 1000 and interval["level"] == 0.95
+    # 90 of 100: the binomial's normal interval is 0.90 +- 1.96 * 0.03 = 0.841 - 0.959.
+    assert interval["low"] == pytest.approx(0.841, abs=0.015) and interval["high"] == pytest.approx(0.959, abs=0.015)
+    # Ten times the rows: about a third of the width.
+    wide = interval["high"] - interval["low"]
+    narrow = metric_interval(accuracy, predictions * 10, rows * 10)
+    assert (narrow["high"] - narrow["low"]) == pytest.approx(wide / math.sqrt(10), rel=0.2)
+    # All right: nothing to resample away. Too few rows, or a metric that is not a number: no interval.
+    assert metric_interval(accuracy, rows, rows)["low"] == 1.0
+    assert metric_interval(accuracy, ["a"], ["a"]) is None
+    assert metric_interval(lambda p, r: None, predictions, rows) is None
+    # A metric too slow for the time limit gives no interval rather than a rough one.
+    assert metric_interval(accuracy, predictions, rows, seconds=0.0) is None
+
+
+def test_eval_reports_the_headline_metrics_interval(classification_run, tmp_path, capsys):
+    test = write_jsonl(tmp_path / "test.jsonl", shared_rows("classification", "test", 20))
+    report = evaluate(str(classification_run), str(test), limit=12, max_new_tokens=4, output=tmp_path / "e.json",
+                      progress=False).report
+    interval = report["interval"]
+    assert interval["metric"] == "macro_f1" and interval["method"] == "bootstrap"
+    assert 0.0 <= interval["low"] <= interval["high"] <= 1.0
+    assert json.loads((tmp_path / "e.json").read_text())["interval"] == interval
+    assert "macro_f1 95% interval:" in format_table(report)
+    # Nothing generated (perplexity from losses alone): no interval.
+    rows = [{"text": r["text"][:200]} for r in shared_rows("domain", "validation", 3)]
+    domain = evaluate(str(classification_run), str(write_jsonl(tmp_path / "d.jsonl", rows)), task="domain",
+                      output=tmp_path / "d.json", progress=False).report
+    assert domain["interval"] is None
