@@ -293,8 +293,10 @@ def evaluate(
     predictions = answers.predictions if answers is not None else [None] * len(rows)
     metrics = module.score(predictions, rows_data, losses=losses)
     interval = None
-    if answers is not None:  # what the rows' number allows the headline metric; loss metrics are not resampled
-        interval = metric_interval(lambda p, r: module.score(p, r, losses=losses).get(module.METRIC),
+    # What the rows' number allows the headline metric. Loss metrics are not resampled: the losses are
+    # per batch of the original rows, so a resample must not be scored with them.
+    if answers is not None:
+        interval = metric_interval(lambda p, r: module.score(p, r).get(module.METRIC),
                                    predictions, rows_data)
     if pairs:
         if module.FORMAT != "chat":

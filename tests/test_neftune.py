@@ -64,6 +64,11 @@ def test_each_example_gets_its_own_scale_packed_or_padded(tiny_llama_dir):
             decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
             recorder.remove()
             model.eval()
+            if packed:  # an embedding call after the decoder's (prompt tuning) takes the row's length
+                model.train()
+                outside = (embeddings(batch["input_ids"]) - clean).abs()
+                model.eval()
+                assert outside.max() <= embedding_noise_scale(alpha, 40, hidden) * (1 + 1e-5)
         noise = (seen[0] - clean).abs()
         spans = [(0, 0, 10), (0, 10, 30)] if packed else [(0, 0, 10), (1, 0, 30)]
         for (row, start, n) in spans:

@@ -7,8 +7,9 @@ position ids the decoder is called with (each example counts from 0), so a packe
 examples gives each its own scale and packing does not change the noise: the same example gets
 the same scale packed or padded. (TRL's and transformers' `neftune_noise_alpha` take the padded
 row's length instead, which shrinks the noise of short examples in a long batch.) A forward
-without position ids falls back to the row's length. Only modules in training mode are perturbed:
-evaluation and generation (model.eval()) see the clean embeddings.
+without position ids, or an embedding call outside the decoder's (prompt tuning), falls back to the
+row's length. Only modules in training mode are perturbed: evaluation and generation (model.eval())
+see the clean embeddings.
 
     train: {neftune_alpha: 5}
 """
@@ -55,6 +56,11 @@ def noisy_embeddings(model: torch.nn.Module, alpha: float | None) -> Iterator[No
         # The embedding layer sees only token ids: the decoder's call says where examples start.
         seen["position_ids"] = kwargs.get("position_ids")
 
+    def forget_positions(module: torch.nn.Module, args, output) -> None:
+        # An embedding call outside the decoder (prompt tuning embeds before it) must not take the
+        # previous forward's positions.
+        seen["position_ids"] = None
+
     def add_noise(module: torch.nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         if not module.training:
             return output
@@ -67,6 +73,7 @@ def noisy_embeddings(model: torch.nn.Module, alpha: float | None) -> Iterator[No
         return output + torch.empty_like(output).uniform_(-1, 1) * scale
 
     handles = [decoder.register_forward_pre_hook(remember_positions, with_kwargs=True),
+               decoder.register_forward_hook(forget_positions, always_call=True),
                embeddings.register_forward_hook(add_noise)]
     try:
         yield
