@@ -4,6 +4,7 @@ metric; per dataset the best cell, the cell the rule picks, and the gap.
 
     python benchmarks/auto_sweep.py                                 # the whole grid (hours on 2 cores)
     python benchmarks/auto_sweep.py --datasets intents --methods lora --epochs 3 6 --rates 3e-4 1e-3
+    python benchmarks/auto_sweep.py --datasets intents --methods full --no-grid   # the rule's cell alone
     python benchmarks/auto_sweep.py --table-only                    # the table of every cell measured so far
 
 Every cell is a `slmtune train` process (SmolLM2-135M-Instruct, the dataset's data section, the
@@ -192,6 +193,7 @@ def main() -> None:
     parser.add_argument("--epochs", nargs="+", type=float, help="override the grid's epochs")
     parser.add_argument("--rates", nargs="+", type=float, help="override the grid's learning rates")
     parser.add_argument("--no-auto", action="store_true", help="skip the rule's own cell")
+    parser.add_argument("--no-grid", action="store_true", help="only the rule's own cell")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="JSON lines of measured cells")
     parser.add_argument("--table-only", action="store_true", help="print the table of --results and stop")
@@ -210,7 +212,8 @@ def main() -> None:
                 ds = DATASETS[name]
                 for method in args.methods:
                     grid = GRID[method]
-                    cells = [(e, r) for e in (args.epochs or grid["epochs"]) for r in (args.rates or grid["rates"])]
+                    cells = [] if args.no_grid else [
+                        (e, r) for e in (args.epochs or grid["epochs"]) for r in (args.rates or grid["rates"])]
                     for epochs, rate in cells + ([] if args.no_auto else [("auto", "auto")]):
                         requested = f"{epochs}x{rate}"
                         if (name, method, requested) in done:
