@@ -97,7 +97,8 @@ def metric_interval(metric: Callable[[list, list], float | None], predictions: l
                     seed: int = 0) -> dict | None:
     """A 95% percentile-bootstrap interval of `metric(predictions, rows)`: the rows drawn with
     replacement `resamples` times (seeded: the same draws every time; a run cut short by `seconds`
-    uses a prefix of them, and the report says how many), the metric recomputed on each draw. It is what the test file's size allows, not the model's variation between training seeds.
+    uses a prefix of them, and the report says how many), the metric recomputed on each draw. It is
+    what the test file's size allows, not the model's variation between training seeds.
     None with fewer than 2 rows, a metric that is not a number, or when fewer than
     INTERVAL_MIN_RESAMPLES draws fit in `seconds`."""
     n = len(rows)

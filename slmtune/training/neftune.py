@@ -17,7 +17,6 @@ see the clean embeddings.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 
 import torch
@@ -25,9 +24,10 @@ import torch
 from slmtune.methods.peft_common import unwrap
 
 
-def embedding_noise_scale(alpha: float, length: int, hidden: int) -> float:
-    """The half-width s of the uniform noise on an example of `length` tokens of `hidden` dimensions."""
-    return alpha / math.sqrt(length * hidden)
+def embedding_noise_scale(alpha: float, length, hidden: int):
+    """The half-width s of the uniform noise on an example of `length` tokens of `hidden` dimensions;
+    `length` an int, or a tensor of lengths (one scale each)."""
+    return alpha / (length * hidden) ** 0.5
 
 
 def example_lengths(position_ids: torch.Tensor) -> torch.Tensor:
@@ -66,8 +66,8 @@ def noisy_embeddings(model: torch.nn.Module, alpha: float | None) -> Iterator[No
             return output
         positions, hidden = seen["position_ids"], output.size(-1)
         if positions is not None and positions.shape == output.shape[:-1]:
-            scale = alpha / torch.sqrt(example_lengths(positions).to(output.device, torch.float32) * hidden)
-            scale = scale.unsqueeze(-1).to(output.dtype)
+            lengths = example_lengths(positions).to(output.device, torch.float32)
+            scale = embedding_noise_scale(alpha, lengths, hidden).unsqueeze(-1).to(output.dtype)
         else:
             scale = embedding_noise_scale(alpha, output.size(-2), hidden)
         return output + torch.empty_like(output).uniform_(-1, 1) * scale
