@@ -11,8 +11,9 @@ answered greedily through chat completions, scored as the acceptance test scores
 
 A cell's "settings" are the service's (slmtune/service/settings.py) for that cell, its "seed" the
 job's seed (42 unless given: the held-out split, the adapter's initialization and the order), its
-"train" recipe keys the API does not expose, merged into the job's recipe (an experiment of what
-"auto" could set, e.g. '{"train": {"neftune_alpha": 5}}'); the rest are the job's hyperparameters.
+"train" and "method" recipe keys the API does not expose, merged into the job's recipe (an experiment
+of what "auto" could set, e.g. '{"train": {"neftune_alpha": 5}}' or '{"method": {"lora_r": 64,
+"lora_alpha": 128}}'); the rest are the job's hyperparameters.
 
 Cells run one after another and alternate when repeated (machine speed drifts); prints a table.
 Needs `slmtune models pull smollm2-135m-instruct`. It reuses the test suite's service harness
@@ -41,22 +42,30 @@ from tests.service.test_facts_service import facts_right  # noqa: E402
 EXAMPLES = REPO / "examples" / "product_facts"
 
 
-def with_train_keys(build_recipe, train: dict):
-    """hyper.build_recipe, its recipe's train section updated with `train`."""
+RECIPE_SECTIONS = ("train", "method")  # the recipe sections a cell may update
+
+
+def with_recipe_keys(build_recipe, sections: dict):
+    """hyper.build_recipe, its recipe's sections updated with `sections` ({"train": {...}, ...}),
+    validated as a recipe file's keys are (a misspelt key is an error, not a silent no-op)."""
     def build(**kwargs):
         recipe = build_recipe(**kwargs)
-        return recipe.model_copy(update={"train": recipe.train.model_copy(update=train)})
+        data = recipe.model_dump()
+        for name, keys in sections.items():
+            data[name] = {**data[name], **keys}
+        return type(recipe).model_validate(data)
     return build
 
 
 def cell(requested: dict, home: Path) -> dict:
-    hyperparameters = {k: v for k, v in requested.items() if k not in ("settings", "seed", "train")}
+    hyperparameters = {k: v for k, v in requested.items() if k not in ("settings", "seed", *RECIPE_SECTIONS)}
     system = json.loads((EXAMPLES / "train.jsonl").open().readline())["messages"][0]["content"]
     questions = [json.loads(line) for line in (EXAMPLES / "heldout.jsonl").read_text().splitlines()]
     create = {"method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}}
     patch = pytest.MonkeyPatch()
-    if requested.get("train"):
-        patch.setattr(hyper, "build_recipe", with_train_keys(hyper.build_recipe, requested["train"]))
+    sections = {name: requested[name] for name in RECIPE_SECTIONS if requested.get(name)}
+    if sections:
+        patch.setattr(hyper, "build_recipe", with_recipe_keys(hyper.build_recipe, sections))
     started = time.time()
     try:
         with smollm2_job(home, patch, "facts", EXAMPLES / "train.jsonl", timeout=7200,

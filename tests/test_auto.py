@@ -23,6 +23,7 @@ from slmtune.service.models import File
 from slmtune.service.settings import Settings
 from slmtune.training import events
 from slmtune.training import run as train_run
+from slmtune.training.loop import TimeBudget
 from slmtune.training.run import run
 from tests.conftest import REPO, chat_example, write_jsonl
 from tests.test_models import real_home
@@ -474,6 +475,19 @@ def test_a_time_budget_ends_the_run_near_it(tiny_llama_dir, tmp_path, budget):
     assert result.summary["steps"] == result.summary["planned_steps"] > auto.eval_every(1)
     lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(e["event"] == "warning" and "time budget" in e["message"] for e in lines)
+
+
+def test_a_time_budget_plans_after_calibration_and_once_more_at_half_time():
+    """The planning itself, on given times: the end-to-end run above checks it against a clock."""
+    budget = TimeBudget(10.0)
+    assert not budget.replan_due(2, 1.0)  # still calibrating
+    assert budget.replan_due(3, 1.5) and budget.plan(3, 1.5) == 3 + 17  # 0.5 s a step, 8.5 s left
+    assert not budget.replan_due(9, 4.9) and budget.replan_due(9, 5.0)  # half the budget
+    assert budget.plan(10, 7.5) == 10 + 3  # the machine slowed to 0.75 s a step: 2.5 s left
+    assert not budget.replan_due(12, 9.0)  # planned twice: no more
+    late = TimeBudget(1.0)
+    late.plan(3, 1.5)
+    assert late.plan(4, 2.0) == 5  # over budget already: one more step, never fewer than done
 
 
 def test_durations_parse_and_bad_ones_are_clear():

@@ -23,7 +23,7 @@ def test_train_quick_flags_writes_exactly_the_expected_files(tiny_llama_dir, cha
     ]
     # keep_checkpoints=2 newest step checkpoints, each complete
     steps = sorted({f.split("/")[1] for f in checkpoint_files})
-    assert len(steps) == 2 and all(s.startswith("step-") for s in steps)
+    assert steps == ["step-000002", "step-000004"]  # every 2 steps before the last (its weights are the run's)
     for step in steps:
         assert {f.split("/", 2)[2] for f in checkpoint_files if f.split("/")[1] == step} == {
             "adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
@@ -36,6 +36,7 @@ def test_train_quick_flags_writes_exactly_the_expected_files(tiny_llama_dir, cha
     assert "save_every: 2" in recipe and str(chat_file) in recipe
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_second"} <= set(metrics[0])
+    assert [m["step"] for m in metrics if m["event"] == "step"] == [1, 2, 3, 4, 5]
     assert "Done:" in capsys.readouterr().err
 
 

@@ -42,7 +42,8 @@ def test_eval_run_dir_writes_eval_json_with_the_runs_task(classification_run, tm
     report = json.loads((classification_run / "eval.json").read_text())
     assert report["task"] == "classification" and report["n_examples"] == 6 and report["max_new_tokens"] == 4
     assert set(report["metrics"]) >= {"accuracy", "macro_f1", "per_class"}
-    assert 0.0 <= report["metrics"]["accuracy"] <= 1.0
+    right = sum(e["prediction"] == e["reference"] for e in report["examples"])
+    assert report["metrics"]["accuracy"] == pytest.approx(right / 6)  # of the answers it reports
     first = report["examples"][0]
     assert first["line"] == 1 and first["reference"] == shared_rows("classification", "test", 1)[0]["label"]
     # the prompt is the training prompt: the label set comes from the run's training file

@@ -176,8 +176,11 @@ def test_a_run_reports_rewards_and_saves_the_grader_inline(tiny_llama_dir, tmp_p
     for key in ("reward", "reward_std", "zero_spread_groups", "completion_length", "reward/similar", "reward/exact",
                 "generate_seconds"):
         assert key in step.metrics
-    assert 0.0 <= step.metrics["reward"] <= 1.0
     evaluation = result.summary["eval_metrics"]
+    for metrics in (step.metrics, evaluation):  # the grader's formula holds for means of its parts
+        assert 0.0 <= metrics["reward"] <= 1.0
+        assert metrics["reward"] == pytest.approx(0.5 * metrics["reward/similar"] + 0.5 * metrics["reward/exact"],
+                                                  abs=2e-6)  # each logged to 6 decimals
     assert result.summary["eval_loss"] == pytest.approx(1 - evaluation["reward"])
     assert {"reward", "reward/similar", "reward/exact", "completion_length"} <= evaluation.keys()
     assert result.summary["objective"] == "grpo" and (run_dir.path / "adapter").is_dir()

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -308,7 +309,7 @@ def test_adapter_methods_train_on_a_bf16_base(tiny_llama_dir, chat_file, tmp_pat
         "output": {"dir": str(tmp_path / "run")}})
     result = run(recipe, progress=False)
     assert result.summary["frozen_dtype"] == "bfloat16"
-    assert result.summary["final_train_loss"] == pytest.approx(result.summary["final_train_loss"])  # not NaN
+    assert math.isfinite(result.summary["final_train_loss"])
     saved = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
     assert saved and all(t.dtype == torch.float32 for t in saved.values())
 

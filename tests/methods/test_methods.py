@@ -135,6 +135,8 @@ def test_merged_model_equals_base_plus_adapter(case, tiny_llama_dir, chat_file, 
             base = load_model(str(tiny_llama_dir))
         reference = PeftModel.from_pretrained(base, str(result.run_dir / "adapter"))
     torch.testing.assert_close(logits_of(merged, ids), logits_of(reference, ids), rtol=1e-4, atol=1e-4)
+    # and the merge changed the base: a merge that dropped the adapter would equal the untrained model
+    assert not torch.allclose(logits_of(merged, ids), logits_of(load_model(str(tiny_llama_dir)), ids), atol=1e-3)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
 
 

@@ -200,12 +200,14 @@ def test_one_poisoned_row_fails_alone_and_its_batch_mates_answer(tiny_llama_dir)
         return engine.chat_request(engine.base_name, [{"role": "user", "content": text}],
                                    SamplingParams(temperature=0 if seed is None else 1.0, seed=seed, max_tokens=6))
 
-    alone = ask("hello")
+    alone, other_alone = ask("hello"), ask("a question")
     engine.run_group(engine.base_name, [alone])
+    engine.run_group(engine.base_name, [other_alone])
     good, poisoned, other = ask("hello"), ask("hi", seed=2**80), ask("a question")
     engine.run_group(engine.base_name, [good, poisoned, other])
-    assert poisoned.error is not None and poisoned.done.is_set()
-    assert good.error is None and other.error is None and good.text == alone.text
+    assert isinstance(poisoned.error, ValueError) and poisoned.done.is_set()  # torch refuses the seed
+    assert good.error is None and other.error is None
+    assert (good.text, other.text) == (alone.text, other_alone.text)
     assert good.finish_reason in ("stop", "length") and other.completion_tokens > 0
 
 

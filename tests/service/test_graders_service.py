@@ -7,6 +7,7 @@ from __future__ import annotations
 import openai
 import pytest
 
+from slmtune.graders import FIRST_NUMBER
 from tests.service.conftest import BASE
 
 EXACT = {"type": "string_check", "name": "exact", "operation": "eq", "input": "{{sample.output_text}}",
@@ -51,6 +52,11 @@ def test_a_score_model_grader_asks_the_served_model(sqlite_service):
               "input": [{"role": "user", "content": "Rate {{sample.output_text}} from 0 to 1."}],
               "sampling_params": {"max_completions_tokens": 8, "seed": 1}}
     run = client.fine_tuning.alpha.graders.run(grader=grader, model_sample="Paris")
-    # The tiny random model answers noise: either a number it wrote (clamped) or a parse error.
-    assert 0.0 <= run.reward <= 1.0
     assert run.metadata.errors.model_grader_server_error is False
+    # The tiny random model answers noise: the grader's reward is what its answer to the rendered
+    # prompt says, the first number clamped to the range, or 0 with a parse error.
+    answer = client.chat.completions.create(model=BASE, max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": "Rate Paris from 0 to 1."}]).choices[0].message.content
+    found = FIRST_NUMBER.search(answer)
+    assert run.metadata.errors.model_grader_parse_error is (found is None)
+    assert run.reward == (min(1.0, max(0.0, float(found.group()))) if found else 0.0)

@@ -7,6 +7,7 @@ import json
 import openai
 import pytest
 
+from slmtune import auto
 from tests.conftest import REPO
 from tests.service.conftest import BASE, SMOLLM2, smollm2_job, training_rows, wait_for
 from tests.test_preference import openai_pair
@@ -39,7 +40,9 @@ def test_auto_dpo_hyperparameters_are_resolved(sqlite_service, upload):
     f = upload(client, [openai_pair(i) for i in range(12)], name="pairs.jsonl")
     job = client.fine_tuning.jobs.create(model=BASE, training_file=f.id, method={"type": "dpo"})
     hp = job.method.dpo.hyperparameters
-    assert hp.beta > 0 and hp.n_epochs >= 1 and hp.batch_size >= 1 and hp.learning_rate_multiplier > 0
+    # the auto rule's values for 12 pairs: 30 pair passes clamp to 10 epochs, one pair a step, beta 0.1
+    assert (hp.n_epochs, hp.batch_size, hp.beta, hp.learning_rate_multiplier) == (
+        auto.epochs(12, "dpo"), auto.batch_size(12), auto.DPO_BETA, 1.0) == (10, 1, 0.1, 1.0)
     client.fine_tuning.jobs.cancel(job.id)
 
 

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from slmtune.service import hyper
+from slmtune.service import store as store_module
 from slmtune.service.models import Job
 from slmtune.service.store import Store, new_id
 
@@ -49,16 +50,22 @@ def test_concurrent_claims_take_each_job_once(tmp_path):
     assert sorted(j for _, j in claimed) == sorted(ids)  # every job once, none twice
 
 
-def test_heartbeat_ownership_and_requeue(tmp_path):
+def test_heartbeat_ownership_and_requeue(tmp_path, monkeypatch):
     store = make_store(tmp_path)
     job_id = add_job(store)
+    now = [time.time()]
+    monkeypatch.setattr(store_module.time, "time", lambda: now[0])  # the store's clock, advanced by hand
     assert store.claim("a", timeout=30).id == job_id
     assert store.claim("b", timeout=30) is None  # running: nobody else takes it
     assert store.heartbeat(job_id, "a") == "running"
     assert store.heartbeat(job_id, "b") is None
-    time.sleep(0.3)
-    assert store.requeue_stale(timeout=0.2) == [job_id]
-    job = store.claim("b", timeout=0.2)
+    now[0] += 20
+    assert store.requeue_stale(timeout=30) == []  # a heartbeat 20 s old is alive at a 30 s timeout
+    assert store.heartbeat(job_id, "a") == "running"
+    now[0] += 31
+    assert store.requeue_stale(timeout=30) == [job_id]
+    assert store.requeue_stale(timeout=30) == []  # once
+    job = store.claim("b", timeout=30)
     assert job.id == job_id and job.attempts == 2
     assert store.heartbeat(job_id, "a") is None  # the old owner learns it lost the job
     assert not store.finish(job_id, "a", "succeeded")  # and cannot write a result
