@@ -15,6 +15,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# What `slmtune train` uses when train.num_threads is unset: torch's default, the physical cores.
+MACHINE_THREADS = torch.get_num_threads()
+# Unit tests run one thread each: tiny models gain nothing from more, and results stay comparable.
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,6 +111,15 @@ def chat_file(tmp_path):
     rows = [chat_example(f"What is fact number {i}?", f"Fact {i} is that the lamp lasts {i} hours.")
             for i in range(24)]
     return write_jsonl(tmp_path / "train.jsonl", rows)
+
+
+@pytest.fixture
+def machine_threads():
+    """Train with the thread count a user's `slmtune train` gets (bf16 sums differ with the number
+    of threads, so a real model's results are the command line's only at its thread count)."""
+    torch.set_num_threads(MACHINE_THREADS)
+    yield MACHINE_THREADS
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,11 @@ import openai
 import pytest
 from safetensors.torch import load_file, save_file
 
+from slmtune.chat import generate_reply
 from slmtune.service import engines
 from slmtune.service.engines import base_gguf, serves_method
 from slmtune.service.settings import Settings
+from slmtune.training.rundir import load_for_inference
 from tests.conftest import chat_example
 from tests.service.conftest import BASE, training_rows, wait_for
 
@@ -64,9 +66,13 @@ def full_cycle(service, upload, tenant="acme", validation=False):
     assert step_3["step"] == "3" and third.metrics.train_loss == pytest.approx(float(step_3["train_loss"]), rel=1e-4)
 
     assert job.fine_tuned_model in [m.id for m in client.models.list()]
-    reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=8, temperature=0,
-                                           messages=[{"role": "user", "content": "What is fact number 3?"}])
-    assert reply.choices[0].message.content is not None and reply.model == job.fine_tuned_model
+    question = [{"role": "user", "content": "What is fact number 3?"}]
+    reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=8, temperature=0, messages=question)
+    assert reply.model == job.fine_tuned_model
+    # The served model is the job's run: the same greedy answer as `slmtune chat <run dir>` gives offline.
+    model, tokenizer = load_for_inference(service.app.state.service.store.get_job(job.id).run_dir)
+    offline = generate_reply(model, tokenizer, question, max_new_tokens=8)
+    assert offline and reply.choices[0].message.content.strip() == offline
     return job
 
 
